@@ -1,0 +1,447 @@
+"""Typed configuration: nested frozen dataclasses, dotted overrides, validation before compile.
+
+A run is described by one `Config`. Experiment files in `experiments/` define
+`get_config(arg: str | None) -> Config`; the CLI applies repeatable `--set key.path=value`
+overrides and then `validate()` checks everything that can be checked without compiling: unknown
+keys (with the closest valid key), wrong types, and impossible combinations (heads not dividing the
+width, a mesh that does not match the device count, a batch the data-parallel axes cannot split,
+a patch grid that does not tile the latent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The Transfusion transformer (Llama-style blocks) and its image patch in/out layers."""
+
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_layers: int = 16
+    n_heads: int = 12
+    n_kv_heads: int = 0  # 0 = same as n_heads (multi-head); fewer = grouped-query attention
+    mlp_dim: int = 0  # 0 = Llama rule: 8/3 * d_model rounded up to a multiple of 256
+    rope_theta: float = 10_000.0
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    # Image latents (the VAE's output grid) and how they become transformer positions.
+    latent_size: int = 32  # h = w of the latent grid
+    latent_channels: int = 8  # C of the latent (Transfusion's VAE: 8)
+    patch_size: int = 2  # p x p latent pixels per transformer position
+    patch_encoder: str = "linear"  # "linear" or "unet" (Transfusion §3.2)
+    unet_channels: tuple[int, ...] = (64, 128)  # widths of the U-Net down/up stages
+    # Numerics, memory, kernels.
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # master weights
+    scan_layers: bool = True
+    remat_policy: str = "dots_no_batch"  # see tfx_jax.models.transformer.REMAT_POLICIES
+    attention_impl: str = "xla"  # see tfx_jax.models.attention.IMPLEMENTATIONS
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_dim:
+            return self.mlp_dim
+        return 256 * math.ceil(8 * self.d_model / 3 / 256)
+
+    @property
+    def num_patches(self) -> int:
+        """N: transformer positions per image."""
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """P: floats per patch vector."""
+        return self.patch_size * self.patch_size * self.latent_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """DDPM on image latents (Ho et al. 2020) with the cosine schedule (Nichol & Dhariwal 2021)."""
+
+    num_timesteps: int = 1000
+    schedule: str = "cosine"  # "cosine" or "linear"
+    loss_weight: float = 5.0  # λ in L = L_LM + λ·L_DDPM (Transfusion §3.3: λ = 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the trainer reads and how sequences are packed."""
+
+    source: str = "synthetic"  # "synthetic" until the data pipeline lands
+    seq_len: int = 1024
+    global_batch_size: int = 32
+    max_images_per_row: int = 0  # 0 = the most that fit: seq_len // (num_patches + 2)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay (Transfusion §4.1 recipe)."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 4000
+    decay_steps: int = 0  # 0 = train.steps
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data x fsdp x tensor; -1 fills) and the logical-name -> mesh-axis rules."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # The ONLY place logical axis names meet mesh axes. Parameters use the short names,
+    # activations the `act_*` names, so the batch axis and the fsdp-sharded weight axis never
+    # collide on one tensor.
+    rules: tuple[tuple[str, Any], ...] = (
+        ("act_batch", ("data", "fsdp")),
+        ("act_length", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("patch", None),
+        ("layers", None),
+        ("conv_in", None),
+        ("conv_out", None),
+        ("norm", None),
+    )
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return ("data", "fsdp", "tensor")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100_000
+    seed: int = 0
+    log_every: int = 10
+    z_loss: float = 0.0  # PaLM z-loss coefficient on log Z of the LM softmax (0 = off)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "unnamed"
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def max_images_per_row(self) -> int:
+        return self.data.max_images_per_row or self.data.seq_len // (self.model.num_patches + 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the key, the value, and what to do."""
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(options)}."
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _parse_value(key: str, raw: str, typ: Any) -> Any:
+    """Parses a string from the command line as the field's declared type."""
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        elif typ is int:
+            return int(raw)
+        elif typ is float:
+            return float(raw)
+        elif typ is str:
+            return raw
+        elif typing.get_origin(typ) is tuple:
+            text = raw.strip()
+            if text.startswith(("[", "(")):
+                items = json.loads(text.replace("(", "[").replace(")", "]"))
+            else:
+                items = [s.strip() for s in text.split(",") if s.strip()]
+            args = typing.get_args(typ)
+            if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str, bool):
+                return tuple(_parse_value(key, str(v), args[0]) for v in items)
+            return _to_tuple(items)
+    except (ValueError, json.JSONDecodeError):
+        pass
+    raise ConfigError(f"{key}={raw!r}: expected a value of type {getattr(typ, '__name__', typ)}.")
+
+
+def _check_type(key: str, value: Any, typ: Any) -> None:
+    origin = typing.get_origin(typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if origin is tuple:
+        ok = isinstance(value, tuple)
+    elif dataclasses.is_dataclass(typ):
+        ok = isinstance(value, typ)
+    elif typ is Any:
+        ok = True
+    else:
+        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"{key}={value!r}: expected {getattr(typ, '__name__', typ)}, got {type(value).__name__}."
+        )
+
+
+def replace_path(cfg: Any, key: str, value: Any, _prefix: str = "") -> Any:
+    """Returns `cfg` with the dotted `key` set to `value` (a string is parsed as the field type).
+
+    Raises:
+      ConfigError: unknown key (naming the closest valid one) or a value of the wrong type.
+    """
+    head, _, rest = key.partition(".")
+    full = f"{_prefix}{head}"
+    types = _field_types(type(cfg))
+    if head not in types:
+        raise ConfigError(f"Unknown config key '{full}'.{_closest(head, list(types))}")
+    typ = types[head]
+    if rest:
+        if not dataclasses.is_dataclass(typ):
+            raise ConfigError(f"Config key '{full}' is a {typ.__name__}, it has no '{rest}'.")
+        new = replace_path(getattr(cfg, head), rest, value, _prefix=full + ".")
+    elif dataclasses.is_dataclass(typ):
+        raise ConfigError(f"Config key '{full}' is a section; set one of its fields ({full}.x=...).")
+    else:
+        new = _parse_value(full, value, typ) if isinstance(value, str) else value
+        _check_type(full, new, typ)
+    return dataclasses.replace(cfg, **{head: new})
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Applies `key.path=value` strings in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like key.path=value.")
+        key, value = item.split("=", 1)
+        cfg = replace_path(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Loads `get_config(arg)` from a Python file; `path:arg` passes `arg` (big_vision style)."""
+    path = str(path)
+    arg = None
+    if ":" in Path(path).name:
+        path, arg = path.rsplit(":", 1)
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"Config file '{file}' does not exist (see experiments/ for examples).")
+    spec = importlib.util.spec_from_file_location(f"tfx_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"Config file '{file}' must define get_config(arg=None) -> Config.")
+    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"get_config() in '{file}' returned {type(cfg).__name__}, not Config.")
+    return apply_overrides(cfg, overrides)
+
+
+def from_dict(d: dict[str, Any], cls: type = Config, _prefix: str = "") -> Any:
+    """Rebuilds a config from `to_dict()` output (e.g. a checkpoint's saved config)."""
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in types:
+            raise ConfigError(f"Unknown config key '{_prefix}{key}'.{_closest(key, list(types))}")
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            value = from_dict(value, typ, _prefix=f"{_prefix}{key}.")
+        elif typing.get_origin(typ) is tuple:
+            value = _to_tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- validation
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Fills the one -1 in the mesh shape so the product equals `num_devices`."""
+    shape = list(mesh.shape)
+    names = mesh.axis_names
+    for name, size in zip(names, shape, strict=True):
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{name}={size}: sizes must be positive or -1 (fill).")
+    if shape.count(-1) > 1:
+        raise ConfigError(f"mesh={dict(zip(names, shape, strict=True))}: at most one axis may be -1.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh={dict(zip(names, shape, strict=True))}: the fixed axes ({known}) do not "
+                f"divide the {num_devices} devices."
+            )
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ConfigError(
+            f"mesh={dict(zip(names, shape, strict=True))} has {math.prod(shape)} devices but "
+            f"{num_devices} are available: make the product {num_devices} or set one axis to -1."
+        )
+    return tuple(shape)
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    """Raises ConfigError for any combination that cannot run. Cheap: no compilation."""
+    m, d, o = cfg.model, cfg.data, cfg.optimizer
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "latent_size", "patch_size"):
+        need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive.")
+    need(
+        m.d_model % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}.",
+    )
+    need(
+        m.n_heads % m.kv_heads == 0,
+        f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}.",
+    )
+    need(m.head_dim % 2 == 0, f"model.d_model/n_heads={m.head_dim} must be even for RoPE.")
+    need(
+        m.latent_size % m.patch_size == 0,
+        f"model.patch_size={m.patch_size} does not tile model.latent_size={m.latent_size}: "
+        f"the patch grid must divide the latent.",
+    )
+    need(
+        m.patch_encoder in ("linear", "unet"),
+        f"model.patch_encoder={m.patch_encoder!r}: use 'linear' or 'unet'.",
+    )
+    if m.patch_encoder == "unet":
+        factor = 2 ** (len(m.unet_channels) - 1)
+        need(
+            len(m.unet_channels) >= 1 and factor == m.patch_size,
+            f"model.unet_channels={m.unet_channels} downsamples by {factor} but "
+            f"model.patch_size={m.patch_size}: a U-Net with k stages patches by 2^(k-1).",
+        )
+    need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: use one of {DTYPES}.")
+    need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: use one of {DTYPES}.")
+
+    from tfx_jax.models.attention import IMPLEMENTATIONS
+    from tfx_jax.models.transformer import REMAT_POLICIES
+
+    need(
+        m.attention_impl in IMPLEMENTATIONS,
+        f"model.attention_impl={m.attention_impl!r}: use one of {sorted(IMPLEMENTATIONS)}.",
+    )
+    need(
+        m.remat_policy in REMAT_POLICIES,
+        f"model.remat_policy={m.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}.",
+    )
+    dc = cfg.diffusion
+    need(dc.schedule in ("cosine", "linear"), f"diffusion.schedule={dc.schedule!r}: cosine|linear.")
+    need(dc.num_timesteps > 1, f"diffusion.num_timesteps={dc.num_timesteps} must be > 1.")
+    need(dc.loss_weight >= 0, f"diffusion.loss_weight={dc.loss_weight} must be >= 0.")
+    need(
+        d.seq_len >= m.num_patches + 2,
+        f"data.seq_len={d.seq_len} cannot hold one image (BOI + {m.num_patches} patches + EOI).",
+    )
+    need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0.")
+    need(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1.")
+    need(
+        d.global_batch_size % o.grad_accum_steps == 0,
+        f"data.global_batch_size={d.global_batch_size} is not divisible by "
+        f"optimizer.grad_accum_steps={o.grad_accum_steps}.",
+    )
+    need(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
+    need(cfg.train.steps > 0, f"train.steps={cfg.train.steps} must be > 0.")
+    if num_devices is not None:
+        data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
+        micro = d.global_batch_size // o.grad_accum_steps
+        need(
+            micro % (data * fsdp) == 0,
+            f"data.global_batch_size={d.global_batch_size} (micro-batch {micro} with "
+            f"grad_accum_steps={o.grad_accum_steps}) is not divisible by the batch-parallel size "
+            f"mesh.data*mesh.fsdp={data * fsdp}.",
+        )
+        need(
+            m.n_heads % tensor == 0 and m.kv_heads % tensor == 0,
+            f"mesh.tensor={tensor} must divide model.n_heads={m.n_heads} and the kv heads "
+            f"({m.kv_heads}).",
+        )
+        need(
+            m.hidden_dim % tensor == 0 and m.vocab_size % tensor == 0,
+            f"mesh.tensor={tensor} must divide the MLP width ({m.hidden_dim}) and "
+            f"model.vocab_size={m.vocab_size}.",
+        )
+        need(
+            m.d_model % fsdp == 0,
+            f"mesh.fsdp={fsdp} must divide model.d_model={m.d_model} (weights are sharded on it).",
+        )

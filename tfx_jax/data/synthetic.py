@@ -1,0 +1,137 @@
+"""Synthetic packed batches: learnable text patterns and structured latents, no files needed.
+
+Used by tests (exact layouts, overfitting) and as the `synthetic` data source. Each document is
+  BOS, text, [BOI, I patches, EOI, text]*, EOS
+packed first-fit into rows of `seq_len`, in the batch format of `tfx_jax.layout`. Text follows
+an arithmetic progression (a model can learn it); each latent is a smooth pattern whose
+frequency depends on the document's progression step (so images are learnable and conditioned on
+the preceding text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
+
+FIRST_TEXT_ID = 6  # ids below are reserved (pad, bos, eos, unk, boi, eoi)
+
+
+def _latent(rng: np.random.Generator, step: int, size: int, channels: int) -> np.ndarray:
+    yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+    phase = rng.uniform(0, 2 * np.pi, channels)
+    freq = 1.0 + step
+    lat = np.sin(2 * np.pi * freq * (xx[..., None] + yy[..., None]) / 2 + phase)
+    return (lat * 1.2).astype(np.float32)
+
+
+def make_document(
+    rng: np.random.Generator,
+    vocab_size: int,
+    latent_size: int,
+    latent_channels: int,
+    patch_size: int,
+    max_len: int,
+    max_images: int = 2,
+) -> tuple[list[int], list[int], list[np.ndarray]]:
+    """One document: (tokens with -1 at patch slots, image id per token, list of latents)."""
+    n_patches = (latent_size // patch_size) ** 2
+    step = int(rng.integers(1, 4))
+    value = int(rng.integers(0, vocab_size - FIRST_TEXT_ID))
+
+    def text(n: int) -> list[int]:
+        nonlocal value
+        out = []
+        for _ in range(n):
+            out.append(FIRST_TEXT_ID + value)
+            value = (value + step) % (vocab_size - FIRST_TEXT_ID)
+        return out
+
+    tokens = [BOS_ID] + text(int(rng.integers(3, 12)))
+    image_ids = [0] * len(tokens)
+    latents = []
+    for k in range(int(rng.integers(0, max_images + 1))):
+        if len(tokens) + n_patches + 2 + 4 > max_len:
+            break
+        lat = _latent(rng, step, latent_size, latent_channels)
+        latents.append(lat)
+        tokens += [BOI_ID] + [-1] * n_patches + [EOI_ID]
+        image_ids += [0] + [k + 1] * n_patches + [0]
+        more = text(int(rng.integers(1, 6)))
+        tokens += more
+        image_ids += [0] * len(more)
+    tokens.append(EOS_ID)
+    image_ids.append(0)
+    return tokens[:max_len], image_ids[:max_len], latents
+
+
+def _patchify_np(lat: np.ndarray, p: int) -> np.ndarray:
+    h, w, c = lat.shape
+    x = lat.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape((h // p) * (w // p), p * p * c)
+
+
+def packed_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    seq_len: int,
+    vocab_size: int,
+    latent_size: int,
+    latent_channels: int,
+    patch_size: int,
+    max_images_per_row: int | None = None,
+) -> dict[str, np.ndarray]:
+    """A batch of rows, each packed with whole documents until the next one does not fit."""
+    P = patch_size * patch_size * latent_channels
+    n_patches = (latent_size // patch_size) ** 2
+    max_images = max_images_per_row or seq_len // (n_patches + 2)
+    out = {
+        "tokens": np.zeros((batch_size, seq_len), np.int32),
+        "segment_ids": np.zeros((batch_size, seq_len), np.int32),
+        "positions": np.zeros((batch_size, seq_len), np.int32),
+        "image_ids": np.zeros((batch_size, seq_len), np.int32),
+        "patches": np.zeros((batch_size, seq_len, P), np.float32),
+    }
+    for b in range(batch_size):
+        cursor, seg, images_in_row = 0, 0, 0
+        while True:
+            toks, imgs, lats = make_document(
+                rng, vocab_size, latent_size, latent_channels, patch_size, seq_len
+            )
+            n = len(toks)
+            if cursor + n > seq_len or images_in_row + len(lats) > max_images:
+                break
+            seg += 1
+            sl = slice(cursor, cursor + n)
+            toks_np, imgs_np = np.asarray(toks), np.asarray(imgs)
+            out["tokens"][b, sl] = np.where(toks_np < 0, 0, toks_np)
+            out["segment_ids"][b, sl] = seg
+            out["positions"][b, sl] = np.arange(n)
+            out["image_ids"][b, sl] = imgs_np
+            for k, lat in enumerate(lats):
+                idx = np.flatnonzero(imgs_np == k + 1) + cursor
+                out["patches"][b, idx] = _patchify_np(lat, patch_size)
+            cursor += n
+            images_in_row += len(lats)
+    return out
+
+
+def batches(
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    vocab_size: int,
+    latent_size: int,
+    latent_channels: int,
+    patch_size: int,
+    max_images_per_row: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """An endless deterministic stream of packed batches."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield packed_batch(
+            rng, batch_size, seq_len, vocab_size, latent_size, latent_channels, patch_size,
+            max_images_per_row,
+        )  # fmt: skip

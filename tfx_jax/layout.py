@@ -1,0 +1,112 @@
+"""The packed batch: what one training row holds and how images are found in it.
+
+A batch is a dict of arrays with a leading batch dim B and sequence length T:
+
+  tokens       int32 [B, T]     text token ids (anything at image positions; it is ignored)
+  segment_ids  int32 [B, T]     packed document id, 1, 2, ...; 0 = padding
+  positions    int32 [B, T]     position inside the document (RoPE uses these)
+  image_ids    int32 [B, T]     0 for text; k >= 1 for the patches of the k-th image of a document
+  patches      float32 [B,T,P]  clean latent patch vectors at image positions, zeros elsewhere
+
+`image_ids > 0` is the modality mask. Each image is a contiguous run of I = num_patches positions
+wrapped by BOI ... EOI text tokens, and never split across rows. A (segment, image) pair is unique
+in a row, so the model can find image *slots* (at most M per row) without extra metadata: that is
+what `image_slots` computes, vectorised and with no data-dependent shapes.
+
+Legend: B batch, T length, M image slots per row, I patches per image, P patch dim, h/w/C latent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "patches")
+
+
+def image_starts(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.Array:
+    """True at the first patch of every image block."""
+    is_img = image_ids_BT > 0
+    prev_img = jnp.pad(image_ids_BT[:, :-1], ((0, 0), (1, 0)))
+    prev_seg = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
+    changed = (image_ids_BT != prev_img) | (segment_ids_BT != prev_seg)
+    return is_img & changed
+
+
+def image_slots(
+    segment_ids_BT: jax.Array, image_ids_BT: jax.Array, max_images: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Assigns each image block in a row to a slot 0..M-1, in order of appearance.
+
+    Returns:
+      slot_BT: the slot of each image position, -1 for text/padding (and for images past M).
+      start_BM: index of the first patch of each slot (0 for empty slots).
+      valid_BM: whether the slot holds an image.
+    """
+    starts_BT = image_starts(segment_ids_BT, image_ids_BT)
+    slot_BT = jnp.cumsum(starts_BT.astype(jnp.int32), axis=1) - 1
+    slot_BT = jnp.where((image_ids_BT > 0) & (slot_BT < max_images), slot_BT, -1)
+    # start_BM[b, m] = the index t where slot m starts; an argmax over a [B, M, T] compare keeps
+    # this a pure elementwise+reduce op that the SPMD partitioner splits along B.
+    hit_BMT = starts_BT[:, None, :] & (slot_BT[:, None, :] == jnp.arange(max_images)[None, :, None])
+    valid_BM = hit_BMT.any(axis=-1)
+    start_BM = jnp.argmax(hit_BMT, axis=-1).astype(jnp.int32)
+    return slot_BT, start_BM, valid_BM
+
+
+def gather_image_tokens(x_BTX: jax.Array, start_BM: jax.Array, num_patches: int) -> jax.Array:
+    """Reads each slot's I consecutive positions: [B, T, X] -> [B, M, I, X]."""
+    B, M = start_BM.shape
+    idx_BMI = start_BM[:, :, None] + jnp.arange(num_patches)[None, None, :]
+    idx_BMI = jnp.clip(idx_BMI, 0, x_BTX.shape[1] - 1)
+    out = jnp.take_along_axis(x_BTX, idx_BMI.reshape(B, M * num_patches, 1), axis=1)
+    return out.reshape(B, M, num_patches, x_BTX.shape[-1])
+
+
+def scatter_image_tokens(
+    x_BTX: jax.Array, img_BMIX: jax.Array, slot_BT: jax.Array, start_BM: jax.Array
+) -> jax.Array:
+    """Writes slot vectors into their sequence positions (a gather seen from the sequence side)."""
+    B, M, I, X = img_BMIX.shape
+    T = x_BTX.shape[1]
+    slot = jnp.maximum(slot_BT, 0)
+    offset_BT = jnp.arange(T)[None, :] - jnp.take_along_axis(start_BM, slot, axis=1)
+    flat_BT = jnp.clip(slot * I + offset_BT, 0, M * I - 1)
+    picked = jnp.take_along_axis(img_BMIX.reshape(B, M * I, X), flat_BT[:, :, None], axis=1)
+    return jnp.where((slot_BT >= 0)[:, :, None], picked.astype(x_BTX.dtype), x_BTX)
+
+
+def text_target_mask(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.Array:
+    """Where next-token cross-entropy applies: position t predicts token t+1.
+
+    Only when both t and t+1 are text in the same (non-padding) document: no loss on padding, across
+    documents, for predicting image patches, or from the last patch (the EOI after an image block is
+    implied by the fixed patch count). The last position has no target.
+    """
+    seg_next = jnp.pad(segment_ids_BT[:, 1:], ((0, 0), (0, 1)))
+    img_next = jnp.pad(image_ids_BT[:, 1:], ((0, 0), (0, 1)), constant_values=1)
+    return (
+        (segment_ids_BT > 0)
+        & (seg_next == segment_ids_BT)
+        & (image_ids_BT == 0)
+        & (img_next == 0)
+    )
+
+
+def patchify(lat_BMhwC: jax.Array, patch_size: int) -> jax.Array:
+    """[..., h, w, C] -> [..., (h/p)*(w/p), p*p*C], rows of patches in raster order."""
+    *lead, h, w, C = lat_BMhwC.shape
+    p = patch_size
+    x = lat_BMhwC.reshape(*lead, h // p, p, w // p, p, C)
+    x = jnp.moveaxis(x, -4, -3)  # [..., h/p, w/p, p, p, C]
+    return x.reshape(*lead, (h // p) * (w // p), p * p * C)
+
+
+def unpatchify(x_BMIP: jax.Array, patch_size: int, channels: int) -> jax.Array:
+    """Inverse of `patchify` for a square grid."""
+    *lead, n, _ = x_BMIP.shape
+    g = int(round(n**0.5))
+    p = patch_size
+    x = x_BMIP.reshape(*lead, g, g, p, p, channels)
+    x = jnp.moveaxis(x, -3, -4)  # [..., g, p, g, p, C]
+    return x.reshape(*lead, g * p, g * p, channels)

@@ -1,0 +1,1 @@
+"""Models: the Transfusion transformer and the image VAE."""

@@ -1,0 +1,78 @@
+"""Attention implementations behind one seam.
+
+An implementation is a pair of pure functions:
+  prepare(segment_ids, image_ids) -> aux   # once per forward, outside the layer scan
+  apply(q_BTNH, k_BSKH, v_BSKH, aux) -> o_BTNH
+
+so a kernel can precompute whatever form of the mask it wants (dense, key ranges, block lists).
+`xla` is the reference that runs everywhere; `cudnn` is the fused GPU kernel (12x the default on
+an H100, see ENVIRONMENT.md); `dot_product` is jax.nn's default dispatch. Block-sparse kernels
+(splash attention on TPU, tokamax on GPU) register here with `register`.
+
+Legend: B batch, T query length, S key length, N query heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tfx_jax.models.mask import attention_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+    prepare: Callable[..., Any]
+    apply: Callable[..., jax.Array]
+
+
+IMPLEMENTATIONS: dict[str, AttentionImpl] = {}
+
+
+def register(name: str, prepare: Callable[..., Any], apply: Callable[..., jax.Array]) -> None:
+    IMPLEMENTATIONS[name] = AttentionImpl(prepare, apply)
+
+
+def get(name: str) -> AttentionImpl:
+    if name not in IMPLEMENTATIONS:
+        raise KeyError(f"attention implementation {name!r}: use one of {sorted(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[name]
+
+
+def dense_mask(segment_ids: jax.Array, image_ids: jax.Array, **index: Any) -> jax.Array:
+    """[B, 1, T, S] boolean mask, broadcast over heads."""
+    return attention_mask(segment_ids, segment_ids, image_ids, image_ids, **index)[:, None]
+
+
+def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1TS: jax.Array):
+    """Reference attention: einsum + fp32 softmax; grouped-query heads share K/V."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+    logits_BKGTS = logits_BKGTS * (H**-0.5)
+    big_neg = jnp.finfo(jnp.float32).min
+    logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, big_neg)
+    probs = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return o_BTKGH.reshape(B, T, N, H)
+
+
+def _jax_nn(implementation: str | None):
+    def apply(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
+        # One combined mask, never `is_causal=True` as well: jax ANDs them, which would erase the
+        # bidirectional image blocks (ENVIRONMENT.md).
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, implementation=implementation
+        )
+
+    return apply
+
+
+register("xla", dense_mask, xla_attention)
+register("dot_product", dense_mask, _jax_nn(None))
+register("cudnn", dense_mask, _jax_nn("cudnn"))
