@@ -1,7 +1,7 @@
 """A tiny Transfusion that trains in seconds on a laptop CPU (tests, demo, smoke runs).
 
-    python -m tfx_jax train --config experiments/tiny.py --workdir runs/tiny
-    python -m tfx_jax train --config experiments/tiny.py:unet --workdir runs/tiny_unet
+python -m tfx_jax train --config experiments/tiny.py --workdir runs/tiny
+python -m tfx_jax train --config experiments/tiny.py:unet --workdir runs/tiny_unet
 """
 
 from tfx_jax.config import (

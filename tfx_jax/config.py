@@ -199,9 +199,11 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _closest(name: str, options: Sequence[str]) -> str:
+def _closest(name: str, options: Sequence[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(options)}."
+    if match:
+        return f" Did you mean '{prefix}{match[0]}'?"
+    return f" Valid keys: {', '.join(prefix + o for o in options)}."
 
 
 def _to_tuple(value: Any) -> Any:
@@ -252,7 +254,8 @@ def _check_type(key: str, value: Any, typ: Any) -> None:
         ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(
-            f"{key}={value!r}: expected {getattr(typ, '__name__', typ)}, got {type(value).__name__}."
+            f"{key}={value!r}: expected {getattr(typ, '__name__', typ)}, "
+            f"got {type(value).__name__}."
         )
 
 
@@ -266,14 +269,16 @@ def replace_path(cfg: Any, key: str, value: Any, _prefix: str = "") -> Any:
     full = f"{_prefix}{head}"
     types = _field_types(type(cfg))
     if head not in types:
-        raise ConfigError(f"Unknown config key '{full}'.{_closest(head, list(types))}")
+        raise ConfigError(f"Unknown config key '{full}'.{_closest(head, list(types), _prefix)}")
     typ = types[head]
     if rest:
         if not dataclasses.is_dataclass(typ):
             raise ConfigError(f"Config key '{full}' is a {typ.__name__}, it has no '{rest}'.")
         new = replace_path(getattr(cfg, head), rest, value, _prefix=full + ".")
     elif dataclasses.is_dataclass(typ):
-        raise ConfigError(f"Config key '{full}' is a section; set one of its fields ({full}.x=...).")
+        raise ConfigError(
+            f"Config key '{full}' is a section; set one of its fields ({full}.x=...)."
+        )
     else:
         new = _parse_value(full, value, typ) if isinstance(value, str) else value
         _check_type(full, new, typ)
@@ -316,7 +321,9 @@ def from_dict(d: dict[str, Any], cls: type = Config, _prefix: str = "") -> Any:
     kwargs = {}
     for key, value in d.items():
         if key not in types:
-            raise ConfigError(f"Unknown config key '{_prefix}{key}'.{_closest(key, list(types))}")
+            raise ConfigError(
+                f"Unknown config key '{_prefix}{key}'.{_closest(key, list(types), _prefix)}"
+            )
         typ = types[key]
         if dataclasses.is_dataclass(typ):
             value = from_dict(value, typ, _prefix=f"{_prefix}{key}.")
@@ -339,7 +346,9 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, ...]:
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{name}={size}: sizes must be positive or -1 (fill).")
     if shape.count(-1) > 1:
-        raise ConfigError(f"mesh={dict(zip(names, shape, strict=True))}: at most one axis may be -1.")
+        raise ConfigError(
+            f"mesh={dict(zip(names, shape, strict=True))}: at most one axis may be -1."
+        )
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:

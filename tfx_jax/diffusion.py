@@ -48,7 +48,7 @@ def make_schedule(name: str, num_timesteps: int) -> Schedule:
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (Ho et al. 2020, eq. 4); `t` broadcasts against x0's lead dims."""
+    """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (Ho et al. 2020, eq. 4); `t` indexes x0's leading dims."""
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t]
     abar = abar.reshape(abar.shape + (1,) * (x0.ndim - abar.ndim))
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise

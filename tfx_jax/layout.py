@@ -86,10 +86,7 @@ def text_target_mask(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.
     seg_next = jnp.pad(segment_ids_BT[:, 1:], ((0, 0), (0, 1)))
     img_next = jnp.pad(image_ids_BT[:, 1:], ((0, 0), (0, 1)), constant_values=1)
     return (
-        (segment_ids_BT > 0)
-        & (seg_next == segment_ids_BT)
-        & (image_ids_BT == 0)
-        & (img_next == 0)
+        (segment_ids_BT > 0) & (seg_next == segment_ids_BT) & (image_ids_BT == 0) & (img_next == 0)
     )
 
 

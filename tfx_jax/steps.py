@@ -56,8 +56,15 @@ def forward_losses(
 
     logits_BTV, eps_hat_BMhwC = model.apply(
         {"params": params},
-        batch["tokens"], seg, batch["positions"], img, slot_BT, start_BM, xt_BMhwC, t_BMI,
-    )  # fmt: skip
+        batch["tokens"],
+        seg,
+        batch["positions"],
+        img,
+        slot_BT,
+        start_BM,
+        xt_BMhwC,
+        t_BMI,
+    )
     text_mask_BT = layout.text_target_mask(seg, img)
     lm, ce, n_text = losses.lm_loss(logits_BTV, batch["tokens"], text_mask_BT, cfg.train.z_loss)
     ddpm, _, n_img = losses.diffusion_loss(eps_hat_BMhwC, eps_BMhwC, valid_BM)
@@ -111,15 +118,17 @@ def make_train_step(
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             zeros_m = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype),
-                jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[0][1]),
-            )  # fmt: skip
+                jax.eval_shape(
+                    lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[0][1]
+                ),
+            )
             (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
             grads = jax.tree.map(lambda g: g / accum, grads)
             counts = ("text_tokens", "images", "tokens")
             metrics = {k: v if k in counts else v / accum for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = lr_fn(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

@@ -47,12 +47,15 @@ def dummy_inputs(cfg: Config, batch: int = 1) -> tuple[jax.Array, ...]:
     m, T, M = cfg.model, cfg.data.seq_len, cfg.max_images_per_row
     ints = jnp.zeros((batch, T), jnp.int32)
     return (
-        ints, ints, ints, ints,  # tokens, segment_ids, positions, image_ids
+        ints,
+        ints,
+        ints,
+        ints,  # tokens, segment_ids, positions, image_ids
         ints - 1,  # slot_BT
         jnp.zeros((batch, M), jnp.int32),  # start_BM
         jnp.zeros((batch, M, m.latent_size, m.latent_size, m.latent_channels), jnp.float32),
         jnp.zeros((batch, M, m.num_patches), jnp.int32),  # t_BMI
-    )  # fmt: skip
+    )
 
 
 def batch_spec(cfg: Config, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -162,9 +165,15 @@ def make_batches(cfg: Config) -> Iterator[dict[str, np.ndarray]]:
         m = cfg.model
         per_process = cfg.data.global_batch_size // jax.process_count()
         return synthetic.batches(
-            cfg.data.seed + jax.process_index(), per_process, cfg.data.seq_len, m.vocab_size,
-            m.latent_size, m.latent_channels, m.patch_size, cfg.max_images_per_row,
-        )  # fmt: skip
+            cfg.data.seed + jax.process_index(),
+            per_process,
+            cfg.data.seq_len,
+            m.vocab_size,
+            m.latent_size,
+            m.latent_channels,
+            m.patch_size,
+            cfg.max_images_per_row,
+        )
     raise ValueError(f"data.source={cfg.data.source!r}: unknown source (available: 'synthetic').")
 
 
@@ -179,7 +188,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 def train(
     cfg: Config, workdir: str | Path, batches: Iterator[dict[str, np.ndarray]] | None = None
 ) -> list[dict[str, float]]:
-    """Trains `cfg.train.steps` steps; returns the logged metrics (also in workdir/metrics.jsonl)."""
+    """Trains `cfg.train.steps` steps; returns the logged metrics (also workdir/metrics.jsonl)."""
     from tqdm.auto import tqdm
 
     workdir = Path(workdir)
@@ -190,8 +199,10 @@ def train(
     trainer = Trainer(cfg)
     log.info(
         "mesh %s over %d devices; %s parameters",
-        dict(trainer.mesh.shape), trainer.mesh.size, f"{param_count(trainer.state.params):,}",
-    )  # fmt: skip
+        dict(trainer.mesh.shape),
+        trainer.mesh.size,
+        f"{param_count(trainer.state.params):,}",
+    )
     t0 = time.time()
     compiled = trainer.compile()
     mem = compiled.memory_analysis()

@@ -132,6 +132,12 @@ def batches(
     rng = np.random.default_rng(seed)
     while True:
         yield packed_batch(
-            rng, batch_size, seq_len, vocab_size, latent_size, latent_channels, patch_size,
+            rng,
+            batch_size,
+            seq_len,
+            vocab_size,
+            latent_size,
+            latent_channels,
+            patch_size,
             max_images_per_row,
-        )  # fmt: skip
+        )

@@ -95,8 +95,12 @@ class Attention(nn.Module):
         q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
         k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_length", "act_heads", None))
-        k_BTKH = nn.with_logical_constraint(k_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
-        v_BTKH = nn.with_logical_constraint(v_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
+        k_BTKH = nn.with_logical_constraint(
+            k_BTKH, ("act_batch", "act_length", "act_kv_heads", None)
+        )
+        v_BTKH = nn.with_logical_constraint(
+            v_BTKH, ("act_batch", "act_length", "act_kv_heads", None)
+        )
 
         o_BTNH = attention.get(cfg.attention_impl).apply(q_BTNH, k_BTKH, v_BTKH, mask_aux)
         o_BTNH = nn.with_logical_constraint(o_BTNH, ("act_batch", "act_length", "act_heads", None))
@@ -121,9 +125,13 @@ class SwiGLU(nn.Module):
 
         def dense(name, features, names):
             return nn.Dense(
-                features, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                kernel_init=_init(names), name=name,
-            )  # fmt: skip
+                features,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=pdtype,
+                kernel_init=_init(names),
+                name=name,
+            )
 
         gate_BTF = dense("gate", cfg.hidden_dim, ("embed", "mlp"))(x_BTD)
         up_BTF = dense("up", cfg.hidden_dim, ("embed", "mlp"))(x_BTD)

@@ -57,7 +57,9 @@ def key_ranges(segment_ids: jax.Array, image_ids: jax.Array) -> tuple[jax.Array,
     """
     B, T = segment_ids.shape
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    seg_start = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+    seg_start = jnp.pad(
+        segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=True
+    )
     doc_start = jax.lax.cummax(jnp.where(seg_start, idx, 0), axis=1)
     # Image end: the index after the last patch of this block (scan from the right).
     img = image_ids

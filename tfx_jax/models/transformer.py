@@ -31,7 +31,8 @@ REMAT_POLICIES = {
     "none": None,  # no remat: keep every activation (fastest, most memory)
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+    # keep weight matmuls (the usual best trade-off for transformers)
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -98,7 +99,9 @@ class Transfusion(nn.Module):
                 ),
                 name="lm_head",
             )(x_BTD)
-        logits_BTV = nn.with_logical_constraint(logits_BTV, ("act_batch", "act_length", "act_vocab"))
+        logits_BTV = nn.with_logical_constraint(
+            logits_BTV, ("act_batch", "act_length", "act_vocab")
+        )
 
         h_BMID = gather_image_tokens(x_BTD, start_BM, cfg.num_patches)
         eps_BMhwC = PatchDecoder(cfg, name="patch_out")(h_BMID, temb_BMID, skips)

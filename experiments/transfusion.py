@@ -1,0 +1,63 @@
+"""The Transfusion paper's model sizes (Zhou et al. 2024, Table 1 / §4.1).
+
+    python -m tfx_jax train --config experiments/transfusion.py:0.76b --workdir gs://bucket/run
+    python -m tfx_jax config --config experiments/transfusion.py:7b --workdir /tmp/x  # inspect
+
+Images: 256x256 through an 8x VAE with 8 latent channels -> a 32x32x8 latent, 2x2 patches ->
+256 positions per image. The 7B model uses U-Net down/up blocks as in the paper; the smaller ones
+a linear patch projection (switch with --set model.patch_encoder=unet).
+"""
+
+from tfx_jax.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DiffusionConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
+
+# name: (layers, d_model, heads)
+SIZES = {
+    "0.16b": (16, 768, 12),
+    "0.37b": (24, 1024, 16),
+    "0.76b": (24, 1536, 24),
+    "1.4b": (24, 2048, 16),
+    "7b": (32, 4096, 32),
+}
+
+
+def get_config(arg: str = "0.16b") -> Config:
+    if arg not in SIZES:
+        raise ValueError(
+            f"experiments/transfusion.py: unknown size {arg!r}; use one of {list(SIZES)}"
+        )
+    layers, width, heads = SIZES[arg]
+    model = ModelConfig(
+        vocab_size=32_000,
+        d_model=width,
+        n_layers=layers,
+        n_heads=heads,
+        latent_size=32,
+        latent_channels=8,
+        patch_size=2,
+        patch_encoder="unet" if arg == "7b" else "linear",
+        unet_channels=(256, 512),
+        dtype="bfloat16",
+        remat_policy="dots_no_batch",
+        attention_impl="xla",
+    )
+    return Config(
+        name=f"transfusion_{arg}",
+        model=model,
+        diffusion=DiffusionConfig(num_timesteps=1000, schedule="cosine", loss_weight=5.0),
+        data=DataConfig(source="synthetic", seq_len=4096, global_batch_size=512),
+        optimizer=OptimizerConfig(
+            learning_rate=3e-4, warmup_steps=4000, min_lr_ratio=0.05, weight_decay=0.1
+        ),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        checkpoint=CheckpointConfig(every_steps=1000, keep=3),
+        train=TrainConfig(steps=250_000, log_every=50),
+    )
