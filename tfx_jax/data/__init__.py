@@ -1,0 +1,1 @@
+"""Data: the embedded "shapes" dataset, its text corpus, judge and TFDS builder, and pipelines."""
