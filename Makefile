@@ -24,8 +24,28 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/python -m tfx_jax demo --workdir $(WORKDIR)
 
-test: venv
+test: venv .venv-hf
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+# PyTorch + transformers, only for tests/test_export.py (it runs tests/hf_logits.py here to load
+# the Hugging Face export). A separate Python 3.11 venv: the torch 2.13.0 CPU wheel on these
+# machines is cp311-only, and torch in .venv (3.12) would pull GBs of CUDA packages. The exact
+# torch pin is what keeps pip on that wheel; transformers < 5 keeps the slow SentencePiece
+# LlamaTokenizer; protobuf lets AutoTokenizer convert tokenizer.model to the fast tokenizer.
+HF_VENV := .venv-hf
+HF_PYTHON ?= $(shell for p in python3.11 python3; do \
+            $$p -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1 && echo $$p && break; done)
+HF_PACKAGES := 'torch==2.13.0' 'transformers>=4.45,<5' 'safetensors>=0.4' 'sentencepiece>=0.2,<0.3' \
+               'numpy>=1.26,<3' 'protobuf>=4'
+
+.PHONY: .venv-hf
+.venv-hf: $(HF_VENV)/.installed
+
+$(HF_VENV)/.installed: Makefile
+	@test -n "$(HF_PYTHON)" || { echo "No Python 3.11 found for $(HF_VENV) (torch 2.13.0 CPU is cp311): run 'make HF_PYTHON=/path/to/python3.11 .venv-hf'"; exit 1; }
+	@test -x $(HF_VENV)/bin/python || $(HF_PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/pip install -q $(HF_PACKAGES)
+	@touch $@
 
 lint: venv
 	$(BIN)/ruff format --check tfx_jax tests experiments benchmarks

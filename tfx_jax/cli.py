@@ -9,13 +9,56 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from tfx_jax.config import Config, ConfigError, load_config, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "tiny.py"
+DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.py"
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-host (jax.distributed)")
+    g.add_argument(
+        "--distributed",
+        choices=["off", "auto", "explicit"],
+        default=os.environ.get("TFX_DISTRIBUTED", "off"),
+        help="auto: jax.distributed.initialize() detects the cluster (TPU pods, SLURM); "
+        "explicit: use the three flags below (or TFX_COORDINATOR / TFX_NUM_PROCESSES / "
+        "TFX_PROCESS_ID)",
+    )
+    g.add_argument("--coordinator", default=os.environ.get("TFX_COORDINATOR"), help="host:port")
+    g.add_argument("--num-processes", type=int, default=_env_int("TFX_NUM_PROCESSES"))
+    g.add_argument("--process-id", type=int, default=_env_int("TFX_PROCESS_ID"))
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Joins the multi-process job before any JAX computation (no-op when off)."""
+    import jax
+
+    mode = getattr(args, "distributed", "off")
+    if mode == "auto":
+        jax.distributed.initialize()
+    elif mode == "explicit":
+        missing = [
+            f"--{n.replace('_', '-')}"
+            for n in ("coordinator", "num_processes", "process_id")
+            if getattr(args, n) is None
+        ]
+        if missing:
+            raise ConfigError(f"--distributed explicit needs {', '.join(missing)}.")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
 
 
 def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -34,6 +77,7 @@ def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> Non
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set model.n_layers=4 (repeatable)",
     )
+    _add_distributed(p)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -43,7 +87,55 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_train(args: argparse.Namespace) -> None:
     from tfx_jax import train
 
-    train.train(_load(args), args.workdir)
+    train.train(_load(args), args.workdir, resume=args.resume, init_from=args.init_from)
+
+
+def load_checkpoint_params(workdir: str, step: int | None = None):
+    """(cfg, params, step) from a run's checkpoint, restored sharded over this host's devices."""
+    from etils import epath
+
+    from tfx_jax.checkpoint import Checkpointer, saved_config
+    from tfx_jax.train import Trainer
+
+    root = epath.Path(workdir)
+    root = root / "checkpoints" if (root / "checkpoints").exists() else root
+    ckpt = Checkpointer(root, async_save=False, create=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f"{root}: no complete checkpoint to load.")
+    cfg = saved_config(ckpt.read_meta(step))
+    trainer = Trainer(cfg)
+    state, _ = ckpt.restore(step, trainer.abstract_state())
+    ckpt.close()
+    return cfg, state.params, step
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from tfx_jax import export
+    from tfx_jax.data import prepare
+
+    cfg, params, step = load_checkpoint_params(args.workdir, args.step)
+    out = args.out or f"{args.workdir}/export/step_{step}"
+    if args.format == "params":
+        tok = prepare.tokenizer_path(cfg)
+        vae = prepare.vae_dir(cfg)
+        path = export.export_params(
+            cfg,
+            params,
+            out,
+            dtype=args.dtype,
+            tokenizer_path=tok if tok.exists() else None,
+            vae_dir=vae if (vae / "vae.json").exists() else None,
+        )
+    else:
+        tok = prepare.tokenizer_path(cfg)
+        try:
+            path = export.export_hf_llama(
+                cfg, params, out, tokenizer_path=tok if tok.exists() else None, dtype=args.dtype
+            )
+        except ValueError as e:  # the architecture has no Llama equivalent
+            raise ConfigError(f"cannot export to the Hugging Face Llama layout: {e}") from e
+    print(f"exported step {step} ({args.format}, {args.dtype}) to {path}")
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -54,10 +146,43 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(cfg.to_json())
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    import jax
+
+    from tfx_jax.data import prepare
+
+    cfg = _load(args)
+    validate(cfg, num_devices=jax.device_count())
+    {
+        "build": prepare.build_dataset,
+        "tokenizer": prepare.build_tokenizer,
+        "latents": prepare.encode_latents,
+        "all": prepare.prepare_all,
+    }[args.stage](cfg)
+
+
+def cmd_vae(args: argparse.Namespace) -> None:
+    import jax
+
+    from tfx_jax.data import prepare
+
+    cfg = _load(args)
+    validate(cfg, num_devices=jax.device_count())
+    prepare.train_vae(cfg)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
+    import jax
+
     from tfx_jax import train
 
     cfg = _load(args)
+    validate(cfg, num_devices=jax.device_count())
+    if cfg.data.source == "shapes":
+        from tfx_jax.data import prepare
+
+        print(f"tfx_jax demo: preparing the embedded shapes data in {cfg.data.data_dir}/")
+        prepare.prepare_all(cfg)
     print(
         f"tfx_jax demo: training '{cfg.name}' for {cfg.train.steps} steps on "
         f"{cfg.data.source} data (packed text + image latents)."
@@ -76,8 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model", description="Train a model.")
+    p = sub.add_parser(
+        "train",
+        help="train a model (resumes from the workdir's checkpoints)",
+        description="Train a model. Starts from, in order: the newest complete checkpoint in "
+        "--workdir, --resume PATH (full state and data position), --init-from PATH (params "
+        "only), or fresh. SIGTERM saves at the next step boundary and exits 0.",
+    )
     _add_common(p)
+    p.add_argument("--resume", help="another run's workdir or checkpoint dir to continue from")
+    p.add_argument("--init-from", help="a checkpoint whose params initialise a fresh run")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
@@ -87,6 +220,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p, config_required=False)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser(
+        "data",
+        help="prepare data: build | tokenizer | latents | all",
+        description="Build the embedded TFDS dataset, train the tokenizer, encode latents with "
+        "the trained VAE, or run every missing stage ('all').",
+    )
+    p.add_argument("stage", choices=["build", "tokenizer", "latents", "all"])
+    _add_common(p, config_required=False)
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser(
+        "vae",
+        help="train the image VAE on the dataset's images",
+        description="Train the KL-VAE; saves params, scale factor and held-out PSNR.",
+    )
+    _add_common(p, config_required=False)
+    p.set_defaults(fn=cmd_vae)
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint: params-only safetensors, or the text backbone as HF Llama",
+        description="Export a run's checkpoint for evaluation. --format params: model.safetensors "
+        "+ config.json + tokenizer + VAE, loadable by generate/eval without optimizer state. "
+        "--format hf: the text backbone in the Hugging Face Llama layout (refused, with the "
+        "reason, when the architecture has no Llama equivalent, e.g. QK-norm).",
+    )
+    p.add_argument("--workdir", required=True, help="the run (or its checkpoints directory)")
+    p.add_argument("--step", type=int, default=None, help="default: the latest complete step")
+    p.add_argument("--format", choices=["params", "hf"], default="params")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--out", default=None, help="default: WORKDIR/export/step_N")
+    _add_distributed(p)
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser(
         "config",
@@ -106,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
+        init_distributed(args)
         args.fn(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

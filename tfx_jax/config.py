@@ -82,17 +82,48 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     schedule: str = "cosine"  # "cosine" or "linear"
     loss_weight: float = 5.0  # λ in L = L_LM + λ·L_DDPM (Transfusion §3.3: λ = 5)
+    # Classifier-free guidance (Ho & Salimans 2022): the data pipeline drops a caption example's
+    # caption with this probability (BOS, image block, EOS), so the model learns ε(x_t | ∅).
+    p_uncond: float = 0.1
+    # Transfusion §4.3: images that precede their caption train with t <= 500 of 1000.
+    noise_limit_image_first: bool = False
+    # "standard" (one t per image) or "rolling": rolling diffusion over patch rows (Ruhe et al.
+    # 2024; tfx_jax.rolling), each row at its own level inside a window of `rolling_window` rows.
+    mode: str = "standard"
+    rolling_window: int = 4
+    rolling_init_prob: float = 0.1  # share of images trained on the init (first-window) schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What the trainer reads and how sequences are packed."""
 
-    source: str = "synthetic"  # "synthetic" until the data pipeline lands
+    source: str = "synthetic"  # "synthetic" (no files) or "shapes" (the embedded TFDS dataset)
+    data_dir: str = "data_cache"  # TFDS data, tokenizer, VAE and latents (local or gs://)
+    tfds_config: str = "default"  # tfx_shapes builder config: default | default_64px | tiny
+    image_size: int = 32
+    vocab_model: str = "bpe"  # SentencePiece model type: bpe | unigram
     seq_len: int = 1024
     global_batch_size: int = 32
     max_images_per_row: int = 0  # 0 = the most that fit: seq_len // (num_patches + 2)
+    caption_first_prob: float = 0.8  # Transfusion §4.1: caption before its image 80% of the time
+    overlong: str = "drop"  # an example longer than seq_len: "drop" (counted) or "truncate"
+    on_error: str = "skip"  # an unreadable record: "skip" (counted) or "raise"
+    packing_bins: int = 64
+    worker_count: int = 0  # Grain prefetch processes (0 = in-process)
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The frozen image autoencoder (trained by `python -m tfx_jax vae`)."""
+
+    downsample: int = 4  # 4 or 8; latent side = data.image_size / downsample = model.latent_size
+    channels: tuple[int, ...] = (32, 64, 128)
+    steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +184,10 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 1000
-    keep: int = 3
+    every_steps: int = 1000  # also saved at the last step and on SIGTERM
+    keep: int = 3  # the newest N are kept ...
+    keep_every: int = 0  # ... plus every K-th step forever (0 = none)
+    async_save: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +197,11 @@ class TrainConfig:
     log_every: int = 10
     z_loss: float = 0.0  # PaLM z-loss coefficient on log Z of the LM softmax (0 = off)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device kind
+    eval_every: int = 0  # evaluate on the held-out split every N steps (0 = never)
+    eval_batches: int = 4
+    nan_policy: str = "skip"  # non-finite loss: "skip" the update (counted) or "stop"
+    profile_start: int = 0  # JAX profiler trace for steps [start, start + profile_steps)
+    profile_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +210,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     data: DataConfig = DataConfig()
+    vae: VAEConfig = VAEConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -418,11 +457,43 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(dc.schedule in ("cosine", "linear"), f"diffusion.schedule={dc.schedule!r}: cosine|linear.")
     need(dc.num_timesteps > 1, f"diffusion.num_timesteps={dc.num_timesteps} must be > 1.")
     need(dc.loss_weight >= 0, f"diffusion.loss_weight={dc.loss_weight} must be >= 0.")
+    need(0.0 <= dc.p_uncond <= 1.0, f"diffusion.p_uncond={dc.p_uncond} must be in [0, 1].")
+    need(dc.mode in ("standard", "rolling"), f"diffusion.mode={dc.mode!r}: standard | rolling.")
+    if dc.mode == "rolling":
+        need(
+            1 <= dc.rolling_window <= m.latent_size // m.patch_size,
+            f"diffusion.rolling_window={dc.rolling_window} must be in [1, "
+            f"{m.latent_size // m.patch_size}] (rows of the patch grid).",
+        )
+        need(
+            m.patch_encoder == "linear",
+            "diffusion.mode=rolling needs model.patch_encoder=linear: the sampler runs the model "
+            "on a window of patch rows, and the U-Net's convolutions would mix rows it cannot see.",
+        )
+        need(0.0 <= dc.rolling_init_prob <= 1.0, "diffusion.rolling_init_prob must be in [0, 1].")
     need(
         d.seq_len >= m.num_patches + 2,
         f"data.seq_len={d.seq_len} cannot hold one image (BOI + {m.num_patches} patches + EOI).",
     )
     need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0.")
+    need(d.source in ("synthetic", "shapes"), f"data.source={d.source!r}: synthetic | shapes.")
+    need(d.overlong in ("drop", "truncate"), f"data.overlong={d.overlong!r}: drop | truncate.")
+    need(d.on_error in ("skip", "raise"), f"data.on_error={d.on_error!r}: skip | raise.")
+    need(0.0 <= d.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1].")
+    need(
+        not d.max_images_per_row or d.max_images_per_row >= d.seq_len // (m.num_patches + 2),
+        f"data.max_images_per_row={d.max_images_per_row} is fewer than a row can hold "
+        f"({d.seq_len // (m.num_patches + 2)}): packing would produce rows the model cannot see "
+        "every image of. Use 0 (automatic).",
+    )
+    if d.source == "shapes":
+        v = cfg.vae
+        need(v.downsample in (4, 8), f"vae.downsample={v.downsample}: use 4 or 8.")
+        need(
+            d.image_size // v.downsample == m.latent_size and d.image_size % v.downsample == 0,
+            f"data.image_size={d.image_size} / vae.downsample={v.downsample} must equal "
+            f"model.latent_size={m.latent_size}.",
+        )
     need(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1.")
     need(
         d.global_batch_size % o.grad_accum_steps == 0,
@@ -431,6 +502,12 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     )
     need(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
     need(cfg.train.steps > 0, f"train.steps={cfg.train.steps} must be > 0.")
+    need(
+        cfg.train.nan_policy in ("skip", "stop"),
+        f"train.nan_policy={cfg.train.nan_policy!r}: skip | stop.",
+    )
+    need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be > 0.")
+    need(cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0.")
     if num_devices is not None:
         data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
         micro = d.global_batch_size // o.grad_accum_steps

@@ -2,7 +2,12 @@
 
 A batch is a dict of arrays with a leading batch dim B and sequence length T:
 
-  tokens       int32 [B, T]     text token ids (anything at image positions; it is ignored)
+  tokens       int32 [B, T]     text token ids; at image positions the model ignores it and it
+                                carries a per-patch flag instead: IMAGE_FIRST_MARK (1) on the
+                                patches of an image that precedes its caption (the data pipeline
+                                sets it with `SequenceSpec.mark_image_first`; the train step caps
+                                those images' noise when `diffusion.noise_limit_image_first`,
+                                Transfusion §4.3), 0 otherwise (synthetic batches: always 0)
   segment_ids  int32 [B, T]     packed document id, 1, 2, ...; 0 = padding
   positions    int32 [B, T]     position inside the document (RoPE uses these)
   image_ids    int32 [B, T]     0 for text; k >= 1 for the patches of the k-th image of a document
@@ -22,6 +27,10 @@ import jax
 import jax.numpy as jnp
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "patches")
+# The `tokens` value at the patches of an image that precedes its caption (see the docstring).
+# Kept inside `tokens`, which the model ignores at image positions, so the batch keeps five
+# fields: the stock packer, the batch shardings and checkpoints need no change.
+IMAGE_FIRST_MARK = 1
 
 
 def image_starts(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.Array:
@@ -76,6 +85,13 @@ def scatter_image_tokens(
     return jnp.where((slot_BT >= 0)[:, :, None], picked.astype(x_BTX.dtype), x_BTX)
 
 
+def image_first(tokens_BT: jax.Array, image_ids_BT: jax.Array, start_BM: jax.Array) -> jax.Array:
+    """[B, M] bool: whether each slot holds an image that precedes its caption (the flag on its
+    first patch); False for empty slots."""
+    flag_BM = jnp.take_along_axis(tokens_BT, start_BM, axis=1) == IMAGE_FIRST_MARK
+    return flag_BM & (jnp.take_along_axis(image_ids_BT, start_BM, axis=1) > 0)
+
+
 def text_target_mask(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.Array:
     """Where next-token cross-entropy applies: position t predicts token t+1.
 
@@ -99,11 +115,14 @@ def patchify(lat_BMhwC: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(*lead, (h // p) * (w // p), p * p * C)
 
 
-def unpatchify(x_BMIP: jax.Array, patch_size: int, channels: int) -> jax.Array:
-    """Inverse of `patchify` for a square grid."""
+def unpatchify(
+    x_BMIP: jax.Array, patch_size: int, channels: int, grid: tuple[int, int] | None = None
+) -> jax.Array:
+    """Inverse of `patchify`: a square grid, or `grid` = (rows, cols) of patches (e.g. a window
+    of patch rows in rolling diffusion)."""
     *lead, n, _ = x_BMIP.shape
-    g = int(round(n**0.5))
+    gh, gw = grid or (int(round(n**0.5)),) * 2
     p = patch_size
-    x = x_BMIP.reshape(*lead, g, g, p, p, channels)
-    x = jnp.moveaxis(x, -3, -4)  # [..., g, p, g, p, C]
-    return x.reshape(*lead, g * p, g * p, channels)
+    x = x_BMIP.reshape(*lead, gh, gw, p, p, channels)
+    x = jnp.moveaxis(x, -3, -4)  # [..., gh, p, gw, p, C]
+    return x.reshape(*lead, gh * p, gw * p, channels)

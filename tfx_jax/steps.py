@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tfx_jax import diffusion, layout, losses
+from tfx_jax import diffusion, layout, losses, rolling
 from tfx_jax.config import Config
 
 
@@ -29,6 +29,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    skipped: jax.Array  # updates skipped because the loss or gradient was not finite
 
 
 def forward_losses(
@@ -38,8 +39,9 @@ def forward_losses(
     schedule: diffusion.Schedule,
     batch: dict[str, jax.Array],
     rng: jax.Array,
+    with_details: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The total loss of one (micro-)batch and its metrics."""
+    """The total loss of one (micro-)batch and its metrics (per-image details if asked)."""
     m = cfg.model
     M = cfg.max_images_per_row
     seg, img = batch["segment_ids"], batch["image_ids"]
@@ -49,17 +51,33 @@ def forward_losses(
 
     t_rng, noise_rng = jax.random.split(rng)
     B = seg.shape[0]
+    dc = cfg.diffusion
     t_BM = jax.random.randint(t_rng, (B, M), 0, schedule.num_timesteps)
+    if dc.noise_limit_image_first:
+        # Transfusion §4.3: an image followed by its caption gets t <= 500 (of 1000), drawn
+        # uniformly in that range, so the caption is learned from a recognisable image.
+        cap = 500 * schedule.num_timesteps // 1000
+        limited_BM = jax.random.randint(jax.random.fold_in(t_rng, 1), (B, M), 0, cap + 1)
+        t_BM = jnp.where(layout.image_first(batch["tokens"], img, start_BM), limited_BM, t_BM)
     eps_BMhwC = jax.random.normal(noise_rng, x0_BMhwC.shape, jnp.float32)
-    xt_BMhwC = diffusion.q_sample(schedule, x0_BMhwC, t_BM, eps_BMhwC)
-    t_BMI = jnp.broadcast_to(t_BM[:, :, None], (B, M, m.num_patches))
+    attn_img = img
+    if dc.mode == "rolling":  # every patch row at its own noise level (tfx_jax.rolling)
+        roll = rolling.training_inputs(
+            jax.random.fold_in(t_rng, 2), schedule, x0_BMhwC, eps_BMhwC, img, slot_BT, start_BM,
+            m.patch_size, dc.rolling_window, dc.rolling_init_prob,
+        )  # fmt: skip
+        xt_BMhwC, t_BMI, t_BM = roll["xt_BMhwC"], roll["t_BMI"], roll["t_BM"]
+        attn_img = roll["attn_image_ids_BT"]
+    else:
+        xt_BMhwC = diffusion.q_sample(schedule, x0_BMhwC, t_BM, eps_BMhwC)
+        t_BMI = jnp.broadcast_to(t_BM[:, :, None], (B, M, m.num_patches))
 
     logits_BTV, eps_hat_BMhwC = model.apply(
         {"params": params},
         batch["tokens"],
         seg,
         batch["positions"],
-        img,
+        attn_img,
         slot_BT,
         start_BM,
         xt_BMhwC,
@@ -67,7 +85,12 @@ def forward_losses(
     )
     text_mask_BT = layout.text_target_mask(seg, img)
     lm, ce, n_text = losses.lm_loss(logits_BTV, batch["tokens"], text_mask_BT, cfg.train.z_loss)
-    ddpm, _, n_img = losses.diffusion_loss(eps_hat_BMhwC, eps_BMhwC, valid_BM)
+    if dc.mode == "rolling":
+        ddpm, per_image_BM, n_img = rolling.windowed_diffusion_loss(
+            eps_hat_BMhwC, eps_BMhwC, roll["weight_BMI"], valid_BM, m.patch_size
+        )
+    else:
+        ddpm, per_image_BM, n_img = losses.diffusion_loss(eps_hat_BMhwC, eps_BMhwC, valid_BM)
     total = lm + cfg.diffusion.loss_weight * ddpm
     metrics = {
         "loss": total,
@@ -77,6 +100,8 @@ def forward_losses(
         "images": n_img,
         "tokens": (seg > 0).sum().astype(jnp.float32),
     }
+    if with_details:
+        metrics["t_BM"], metrics["per_image_BM"], metrics["valid_BM"] = t_BM, per_image_BM, valid_BM
     return total, metrics
 
 
@@ -128,19 +153,42 @@ def make_train_step(
             metrics = {k: v if k in counts else v / accum for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient never reaches the weights: keep the old params and
+        # optimizer state, count it (train.nan_policy decides whether the loop goes on).
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics["grad_norm"] = grad_norm
         metrics["lr"] = lr_fn(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics["finite"] = finite.astype(jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (1 - finite.astype(jnp.int32)),
+        )
+        metrics["skipped"] = new_state.skipped
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model: nn.Module, cfg: Config) -> Callable:
-    """Returns eval_step(params, batch, rng) -> metrics (same losses, no gradient)."""
+def make_eval_step(model: nn.Module, cfg: Config, num_buckets: int = 10) -> Callable:
+    """Returns eval_step(params, batch, rng) -> metrics (no gradient).
+
+    Besides the losses it returns, per timestep bucket b (t in [b·T/n, (b+1)·T/n)), the sum of
+    per-image diffusion losses and the image count, so the caller can average over batches.
+    """
     schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    width = schedule.num_timesteps / num_buckets
 
     def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-        return forward_losses(params, model, cfg, schedule, batch, rng)[1]
+        _, m = forward_losses(params, model, cfg, schedule, batch, rng, with_details=True)
+        bucket_BM = jnp.floor(m.pop("t_BM") / width).astype(jnp.int32)
+        per_image, valid = m.pop("per_image_BM"), m.pop("valid_BM").astype(jnp.float32)
+        onehot_BMK = jax.nn.one_hot(bucket_BM, num_buckets) * valid[..., None]
+        m["bucket_loss_sum"] = (onehot_BMK * per_image[..., None]).sum(axis=(0, 1))
+        m["bucket_count"] = onehot_BMK.sum(axis=(0, 1))
+        return m
 
     return eval_step

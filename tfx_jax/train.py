@@ -1,18 +1,25 @@
-"""`python -m tfx_jax train`: set up the mesh, create sharded state, compile once, run the loop.
+"""`python -m tfx_jax train`: mesh → sharded state → compiled step → a loop that never loses work.
 
-Read top to bottom: mesh → model/optimizer → sharded state (eval_shape → jit(init,
-out_shardings)) → jitted step with explicit in/out shardings and donated state (lowered and
-compiled once, memory logged) → loop with a progress bar and a JSONL metrics file.
+Read top to bottom:
+  setup      mesh, model, optimizer; state created already sharded (eval_shape → jit(init,
+             out_shardings)); steps jitted with explicit in/out shardings and donated state,
+             lowered and compiled once, memory logged
+  resume     checkpoint in the workdir → --resume PATH → --init-from PATH (params only) → fresh;
+             an incompatible config fails naming the differing keys
+  loop       progress bar, JSONL + TensorBoard metrics, eval every N steps, async checkpoints
+             every N steps and at the end; SIGTERM saves at the next step boundary and exits 0
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import math
+import os
+import signal
 import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -20,15 +27,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh
 
 from tfx_jax import sharding
-from tfx_jax.config import Config, validate
+from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
+from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.optim import learning_rate_schedule, make_optimizer
 from tfx_jax.steps import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("tfx_jax")
+
+# Fault injection for the crash-resume tests: the process SIGKILLs itself after this step.
+KILL_AT_STEP_ENV = "TFX_FAULT_KILL_AT_STEP"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised with train.nan_policy=stop; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -79,7 +95,8 @@ def create_train_state(
 
     def init_fn(rng):
         params = model.init(rng, *dummy_inputs(cfg))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero)
 
     with mesh_context(mesh, cfg):
         abstract = jax.eval_shape(init_fn, rng)
@@ -98,7 +115,7 @@ class Trainer:
     """The compiled pieces of one run: model, optimizer, sharded state, jitted steps."""
 
     def __init__(self, cfg: Config, mesh: Mesh | None = None):
-        validate(cfg, num_devices=len(mesh.devices.flat) if mesh else jax.device_count())
+        validate(cfg, num_devices=mesh.size if mesh else jax.device_count())
         self.cfg = cfg
         self.mesh = mesh or sharding.make_mesh(cfg.mesh)
         self.model = Transfusion(cfg.model)
@@ -153,31 +170,100 @@ class Trainer:
         with mesh_context(self.mesh, self.cfg):
             return self._eval_step(self.state.params, batch, rng)
 
+    def abstract_state(self) -> Any:
+        """Restore target: the state's shapes with this mesh's shardings."""
+        return abstract_like(self.state, self.state_shardings)
+
 
 # ----------------------------------------------------------------------------- data
 
 
-def make_batches(cfg: Config) -> Iterator[dict[str, np.ndarray]]:
-    """This process's batches for the configured source."""
+def make_batches(cfg: Config, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
+    """This process's batches for the configured source (checkpointable iterators)."""
     if cfg.data.source == "synthetic":
         from tfx_jax.data import synthetic
 
         m = cfg.model
-        per_process = cfg.data.global_batch_size // jax.process_count()
+        seed = cfg.data.seed + (0 if split == "train" else 10_000)
         return synthetic.batches(
-            cfg.data.seed + jax.process_index(),
-            per_process,
+            seed,
+            cfg.data.global_batch_size,
             cfg.data.seq_len,
             m.vocab_size,
             m.latent_size,
             m.latent_channels,
             m.patch_size,
             cfg.max_images_per_row,
+            jax.process_index(),
+            jax.process_count(),
         )
-    raise ValueError(f"data.source={cfg.data.source!r}: unknown source (available: 'synthetic').")
+    if cfg.data.source == "shapes":
+        from tfx_jax.data import prepare
+
+        if split == "train":
+            return prepare.shapes_batches(cfg)
+        return prepare.shapes_batches(cfg, split, shuffle=False, num_epochs=None)
+    raise ValueError(f"data.source={cfg.data.source!r}: use 'synthetic' or 'shapes'.")
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], num: int) -> dict:
+    """Held-out text perplexity and diffusion loss per timestep bucket, averaged over batches."""
+    totals: dict[str, Any] = {}
+    for i in range(num):
+        m = jax.device_get(trainer.eval_step(next(batches), jax.random.key(10_000 + i)))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+    out = {
+        "eval/lm_loss": float(totals["lm_loss"] / num),
+        "eval/diffusion_loss": float(totals["diffusion_loss"] / num),
+    }
+    out["eval/perplexity"] = float(math.exp(min(out["eval/lm_loss"], 50.0)))
+    n_buckets = len(totals["bucket_count"])
+    T = trainer.cfg.diffusion.num_timesteps
+    for b in range(n_buckets):
+        if totals["bucket_count"][b] > 0:
+            lo = b * T // n_buckets
+            key = f"eval/diffusion_loss_t{lo:04d}"
+            out[key] = float(totals["bucket_loss_sum"][b] / totals["bucket_count"][b])
+    return out
 
 
 # ----------------------------------------------------------------------------- loop
+
+
+def check_workdir_writable(workdir: epath.Path) -> None:
+    """Fails before any compile if the workdir cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe_{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e}); choose another.") from e
+
+
+class _Preemption:
+    """SIGTERM (TPU maintenance events, spot VM reclaim) → save at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+            self.requested = True
+
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to install
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -185,24 +271,101 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
+def _meta(cfg: Config, step: int) -> dict[str, Any]:
+    from tfx_jax.data import prepare
+
+    meta: dict[str, Any] = {"config": cfg.to_dict(), "step": step, "seed": cfg.train.seed}
+    if cfg.data.source == "shapes":
+        meta["tokenizer"] = str(prepare.tokenizer_path(cfg))
+        meta["vae"] = str(prepare.vae_dir(cfg))
+    return meta
+
+
+def restore_into(
+    trainer: Trainer, ckpt: Checkpointer, step: int, data_iter: Any, params_only: bool = False
+) -> dict:
+    """Restores `step` onto this trainer's mesh (any shape or device count)."""
+    meta = ckpt.read_meta(step)
+    diffs = config_differences(meta["config"], trainer.cfg)
+    if diffs:
+        raise ConfigError(
+            f"checkpoint {ckpt.directory} step {step} was trained with a different config; "
+            "resuming would change the experiment. Differing keys: " + "; ".join(diffs)
+        )
+    data_dir = ckpt.directory / str(step) / "data"
+    can_restore_data = (
+        not params_only
+        and data_iter is not None
+        and hasattr(data_iter, "get_state")
+        and data_dir.exists()
+    )
+    ours = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if can_restore_data and not (data_dir / ours).exists():
+        # Saved with another process count. The synthetic stream is defined globally, so any
+        # process's position is ours; a sharded Grain pipeline cannot be remapped exactly.
+        saved = sorted(data_dir.glob("process_*.json"))
+        if saved and type(data_iter).__name__ == "SyntheticIterator":
+            data_iter.set_state(saved[0].read_text().encode())
+        else:
+            log.warning(
+                "data position was saved with another process count (%s); the input pipeline "
+                "restarts from its seed",
+                [p.name for p in saved],
+            )
+        can_restore_data = False
+    state, meta = ckpt.restore(
+        step, trainer.abstract_state(), data_iter if can_restore_data else None
+    )
+    if params_only:
+        trainer.state = trainer.state.replace(params=state.params)
+    else:
+        trainer.state = state
+    return meta
+
+
 def train(
-    cfg: Config, workdir: str | Path, batches: Iterator[dict[str, np.ndarray]] | None = None
+    cfg: Config,
+    workdir: str | epath.PathLike,
+    batches: Iterator[dict[str, np.ndarray]] | None = None,
+    resume: str | None = None,
+    init_from: str | None = None,
 ) -> list[dict[str, float]]:
-    """Trains `cfg.train.steps` steps; returns the logged metrics (also workdir/metrics.jsonl)."""
+    """Trains to `cfg.train.steps`, resuming if possible; returns the logged metrics."""
     from tqdm.auto import tqdm
 
-    workdir = Path(workdir)
+    from tfx_jax import metric_writers
+
+    workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
+    check_workdir_writable(workdir)
+    validate(cfg, num_devices=jax.device_count())
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json())
+
     trainer = Trainer(cfg)
     log.info(
-        "mesh %s over %d devices; %s parameters",
+        "mesh %s over %d devices (%d processes); %s parameters",
         dict(trainer.mesh.shape),
         trainer.mesh.size,
+        jax.process_count(),
         f"{param_count(trainer.state.params):,}",
     )
+    data_iter = batches if batches is not None else make_batches(cfg)
+    ck = cfg.checkpoint
+    ckpt = Checkpointer(workdir / "checkpoints", ck.keep, ck.keep_every, ck.async_save)
+
+    decision = decide_resume(workdir, resume, init_from)
+    if decision.kind == "workdir":
+        restore_into(trainer, ckpt, decision.step, data_iter)
+        log.info("resumed from %s step %d", decision.path, decision.step)
+    elif decision.kind in ("resume", "init_from"):
+        other = Checkpointer(decision.path, async_save=False, create=False)
+        restore_into(
+            trainer, other, decision.step, data_iter, params_only=decision.kind == "init_from"
+        )
+        other.close()
+        log.info("%s %s step %d", decision.kind, decision.path, decision.step)
+
     t0 = time.time()
     compiled = trainer.compile()
     mem = compiled.memory_analysis()
@@ -213,28 +376,86 @@ def train(
             mem.argument_size_in_bytes / 2**20,
             mem.temp_size_in_bytes / 2**20,
         )
-    batches = batches if batches is not None else make_batches(cfg)
+
+    writer = metric_writers.make_writers(str(workdir), is_main)
+    eval_iter = make_batches(cfg, "validation") if cfg.train.eval_every else None
+    flops_per_step, peak = _flops_and_peak(cfg)
+    profiler = _profiler(cfg, workdir, is_main)
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+
+    start = int(trainer.state.step)
     history: list[dict[str, float]] = []
-    metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
-    bar = tqdm(total=cfg.train.steps, desc="train", disable=not is_main, dynamic_ncols=True)
-    tokens_since, t_last = 0.0, time.time()
-    for step in range(1, cfg.train.steps + 1):
-        metrics = trainer.train_step(next(batches))
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.time()
-            tokens_since += host["tokens"]
-            host["tokens_per_s"] = host["tokens"] * cfg.train.log_every / max(now - t_last, 1e-9)
-            host["step"] = step
-            t_last = now
-            history.append(host)
-            bar.set_postfix_str(_fmt(host))
-            if metrics_file:
-                metrics_file.write(json.dumps(host) + "\n")
-                metrics_file.flush()
-                bar.write(f"step {step:>6} {_fmt(host)}")
+    bar = tqdm(
+        total=cfg.train.steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True
+    )
+    t_last, steps_since = time.time(), 0
+    step = start
+    with _Preemption() as preempt:
+        while step < cfg.train.steps:
+            step += 1
+            if profiler:
+                profiler.on_step(step)
+            metrics = trainer.train_step(next(data_iter))
+            steps_since += 1
+            bar.update(1)
+            last = step == cfg.train.steps
+            if step % cfg.train.log_every == 0 or last or preempt.requested:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if host["finite"] < 1 and cfg.train.nan_policy == "stop":
+                    ckpt.close()
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step}; the update was not applied and the "
+                        f"last good checkpoint ({ckpt.latest_step()}) is kept."
+                    )
+                now = time.time()
+                dt = max(now - t_last, 1e-9) / steps_since
+                host["step"] = step
+                host["step_time_s"] = dt
+                host["tokens_per_s"] = host["tokens"] / dt
+                if flops_per_step and peak:
+                    host["mfu"] = flops_per_step / dt / (peak * trainer.mesh.size)
+                t_last, steps_since = now, 0
+                history.append(host)
+                writer.write_scalars(step, host)
+                bar.set_postfix_str(_fmt(host))
+                if is_main:
+                    bar.write(f"step {step:>6} {_fmt(host)}")
+            if eval_iter is not None and (step % cfg.train.eval_every == 0 or last):
+                ev = evaluate(trainer, eval_iter, cfg.train.eval_batches)
+                writer.write_scalars(step, ev)
+                if is_main:
+                    bar.write(
+                        f"eval {step:>6} perplexity={ev['eval/perplexity']:.4g} "
+                        f"diffusion_loss={ev['eval/diffusion_loss']:.4g}"
+                    )
+                if history:
+                    history[-1].update(ev)
+            if step % ck.every_steps == 0 or last or preempt.requested:
+                ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
+            if kill_at and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if preempt.requested:
+                log.warning("preempted: checkpoint for step %d written, exiting", step)
+                break
     bar.close()
-    if metrics_file:
-        metrics_file.close()
+    ckpt.close()
+    writer.close()
+    if profiler:
+        profiler.close()
     return history
+
+
+def _flops_and_peak(cfg: Config) -> tuple[float, float]:
+    """Model FLOPs per step from the config, and the per-device peak (0 if unknown)."""
+    from tfx_jax import flops
+
+    peak = flops.peak_flops_per_device(cfg.train.peak_tflops)
+    return flops.train_flops_per_step(cfg), peak or 0.0
+
+
+def _profiler(cfg: Config, workdir: epath.Path, is_main: bool):
+    if not cfg.train.profile_steps or not is_main:
+        return None
+    from tfx_jax.profiling import ProfileWindow
+
+    return ProfileWindow(str(workdir / "profile"), cfg.train.profile_start, cfg.train.profile_steps)

@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
+from tfx_jax.layout import IMAGE_FIRST_MARK
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -41,6 +42,11 @@ class SequenceSpec:
       caption_first_prob: probability that a caption precedes its image (paper: 0.8).
       overlong: "drop" an example longer than seq_len, or "truncate" it at a text boundary.
       on_error: "skip" a record that fails to decode (counted) or "raise".
+      caption_drop_prob: p_uncond, probability that a caption example loses its caption and
+        becomes BOS, image block, EOS, so classifier-free guidance has an unconditional model
+        to subtract (Ho & Salimans 2022, §3.2).
+      mark_image_first: set `tokens` to `layout.IMAGE_FIRST_MARK` on the patches of an image
+        that precedes its caption (read by the train step's noise limit, Transfusion §4.3).
     """
 
     seq_len: int
@@ -49,6 +55,8 @@ class SequenceSpec:
     caption_first_prob: float = 0.8
     overlong: str = "drop"
     on_error: str = "skip"
+    caption_drop_prob: float = 0.0
+    mark_image_first: bool = False
 
 
 @dataclasses.dataclass
@@ -84,13 +92,16 @@ def _patchify(lat_hwC: np.ndarray, p: int) -> np.ndarray:
     return x.reshape((h // p) * (w // p), p * p * c).astype(np.float32)
 
 
-def _pieces(example: dict, rng: np.random.Generator, caption_first_prob: float) -> list[Any]:
+def _pieces(example: dict, rng: np.random.Generator, spec: SequenceSpec) -> list[Any]:
     """The document as an ordered list of text strings and image indices."""
     kind, text, n_images = example["kind"], example["text"], len(example["latents"])
     if kind == "caption":
         if n_images != 1:
             raise ValueError(f"a caption example has {n_images} images, expected 1")
-        return [text, 0] if rng.random() < caption_first_prob else [0, text]
+        # Draw only when dropping is on, so p_uncond = 0 leaves every other draw unchanged.
+        if spec.caption_drop_prob > 0 and rng.random() < spec.caption_drop_prob:
+            return [0]
+        return [text, 0] if rng.random() < spec.caption_first_prob else [0, text]
     parts = text.split(IMAGE_PLACEHOLDER)
     if len(parts) - 1 != n_images:
         raise ValueError(f"text has {len(parts) - 1} {IMAGE_PLACEHOLDER} markers, {n_images} images")
@@ -119,14 +130,19 @@ def to_sequence(
     latents = example["latents"]
     tokens: list[np.ndarray] = [np.array([BOS_ID], np.int32)]
     image_ids: list[np.ndarray] = [np.zeros(1, np.int32)]
-    for piece in _pieces(example, rng, spec.caption_first_prob):
+    pieces = _pieces(example, rng, spec)
+    for i, piece in enumerate(pieces):
         if isinstance(piece, str):
             ids = np.asarray(encode(piece), np.int32)
             tokens.append(ids)
             image_ids.append(np.zeros(len(ids), np.int32))
         else:
             n = (latents[piece].shape[0] // spec.patch_size) * (latents[piece].shape[1] // spec.patch_size)
-            tokens.append(np.array([BOI_ID] + [0] * n + [EOI_ID], np.int32))
+            # An image that precedes its caption: a caption example whose text comes next.
+            nxt = pieces[i + 1] if i + 1 < len(pieces) else None
+            first = example["kind"] == "caption" and isinstance(nxt, str)
+            mark = IMAGE_FIRST_MARK if spec.mark_image_first and first else 0
+            tokens.append(np.array([BOI_ID] + [mark] * n + [EOI_ID], np.int32))
             image_ids.append(np.array([0] + [piece + 1] * n + [0], np.int32))
     tokens.append(np.array([EOS_ID], np.int32))
     image_ids.append(np.zeros(1, np.int32))

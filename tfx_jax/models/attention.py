@@ -43,6 +43,16 @@ def get(name: str) -> AttentionImpl:
     return IMPLEMENTATIONS[name]
 
 
+def decode_impl(name: str) -> AttentionImpl:
+    """The implementation used with a KV cache, whose mask is always dense [B, 1, T, S].
+
+    Kernels that take the dense mask serve decoding too; one that prepares another form (key
+    ranges, block lists) falls back to the `xla` reference there.
+    """
+    impl = get(name)
+    return impl if impl.prepare is dense_mask else IMPLEMENTATIONS["xla"]
+
+
 def dense_mask(segment_ids: jax.Array, image_ids: jax.Array, **index: Any) -> jax.Array:
     """[B, 1, T, S] boolean mask, broadcast over heads."""
     return attention_mask(segment_ids, segment_ids, image_ids, image_ids, **index)[:, None]

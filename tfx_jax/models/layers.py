@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from tfx_jax.config import ModelConfig
 from tfx_jax.models import attention
+from tfx_jax.models.kv_cache import KV_AXES, write_rows
 
 Dtype = Any
 
@@ -70,7 +71,26 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_aux: Any) -> jax.Array:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        mask_aux: Any,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index_B: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Self-attention over the chunk, or over the chunk written into a KV cache.
+
+        Args:
+          x_BTD, positions_BT: the chunk's activations and RoPE positions.
+          mask_aux: what the kernel's `prepare` returned (training), or the dense decode mask
+            [B, 1, T, S] from `kv_cache.decode_mask` (decoding).
+          kv: this layer's cached (k_BSKH, v_BSKH); None for the training forward pass.
+          index_B: [B] slot where each row's chunk is written (with `kv`).
+
+        Returns:
+          (output [B, T, D], the updated (k_BSKH, v_BSKH) or None without a cache).
+        """
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         N, K, H = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -102,7 +122,17 @@ class Attention(nn.Module):
             v_BTKH, ("act_batch", "act_length", "act_kv_heads", None)
         )
 
-        o_BTNH = attention.get(cfg.attention_impl).apply(q_BTNH, k_BTKH, v_BTKH, mask_aux)
+        if kv is None:
+            o_BTNH = attention.get(cfg.attention_impl).apply(q_BTNH, k_BTKH, v_BTKH, mask_aux)
+        else:
+            # Decoding: write the chunk's K/V at each row's index, attend over all S slots.
+            k_BSKH = write_rows(kv[0], k_BTKH, index_B)
+            v_BSKH = write_rows(kv[1], v_BTKH, index_B)
+            k_BSKH = nn.with_logical_constraint(k_BSKH, KV_AXES[1:])
+            v_BSKH = nn.with_logical_constraint(v_BSKH, KV_AXES[1:])
+            impl = attention.decode_impl(cfg.attention_impl)
+            o_BTNH = impl.apply(q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask_aux)
+            kv = (k_BSKH, v_BSKH)
         o_BTNH = nn.with_logical_constraint(o_BTNH, ("act_batch", "act_length", "act_heads", None))
         kernel_NHD = self.param(
             "out",
@@ -110,7 +140,7 @@ class Attention(nn.Module):
             (N, H, cfg.d_model),
             pdtype,
         )
-        return jnp.einsum("btnh,nhd->btd", o_BTNH, kernel_NHD.astype(dtype))
+        return jnp.einsum("btnh,nhd->btd", o_BTNH, kernel_NHD.astype(dtype)), kv
 
 
 class SwiGLU(nn.Module):
@@ -143,19 +173,28 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + Attn(Norm(x)); x + MLP(Norm(x)).
 
-    Returns `(x, None)` so it can be stacked with `nn.scan`.
+    Returns `(x, None)` in training and `(x, updated layer cache)` when given a layer cache, so it
+    can be stacked with `nn.scan` (the cache is scanned over the layer axis).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_aux: Any):
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        mask_aux: Any,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index_B: jax.Array | None = None,
+    ):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, name="attn")(h, positions_BT, mask_aux)
+        attn_BTD, kv = Attention(cfg, name="attn")(h, positions_BT, mask_aux, kv, index_B)
+        x_BTD = x_BTD + attn_BTD
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x_BTD)
         x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(h)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
-        return x_BTD, None
+        return x_BTD, kv

@@ -164,7 +164,15 @@ class PatchDecoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h_BMID: jax.Array, temb_BMID: jax.Array, skips: tuple) -> jax.Array:
+    def __call__(
+        self,
+        h_BMID: jax.Array,
+        temb_BMID: jax.Array,
+        skips: tuple,
+        grid: tuple[int, int] | None = None,
+    ) -> jax.Array:
+        """`grid` = (rows, cols) of patches when not square (linear decoder only: a rolling
+        window of patch rows); None = the square image grid."""
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, M, I, _ = h_BMID.shape
@@ -179,7 +187,7 @@ class PatchDecoder(nn.Module):
                 kernel_init=_init(("embed", "patch"), 1e-4),
                 name="proj",
             )(h_BMID)
-            return unpatchify(out_BMIP, cfg.patch_size, cfg.latent_channels)
+            return unpatchify(out_BMIP, cfg.patch_size, cfg.latent_channels, grid)
 
         kw = dict(dtype=dtype, param_dtype=pdtype)
         temb_NggD = temb_BMID.reshape(B * M, g, g, -1)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from tfx_jax.config import ModelConfig
 from tfx_jax.layout import gather_image_tokens, scatter_image_tokens
 from tfx_jax.models import attention
+from tfx_jax.models.kv_cache import KVCache, decode_mask
 from tfx_jax.models.layers import Block, RMSNorm
 from tfx_jax.models.patch import PatchDecoder, PatchEncoder, TimestepEmbedding
 
@@ -50,17 +51,29 @@ class Transfusion(nn.Module):
         start_BM: jax.Array,
         noisy_BMhwC: jax.Array,
         t_BMI: jax.Array,
-    ) -> tuple[jax.Array, jax.Array]:
-        """Runs the model on a packed batch (see `tfx_jax.layout` for the format).
+        cache: KVCache | None = None,
+        index_B: jax.Array | None = None,
+        with_logits: bool = True,
+    ) -> tuple[jax.Array, ...]:
+        """Runs the model on a packed batch (see `tfx_jax.layout` for the format), or on a chunk
+        of new positions written into a KV cache (decoding, see `tfx_jax.decode`).
 
         Args:
-          tokens_BT, segment_ids_BT, positions_BT, image_ids_BT: the packed layout.
-          slot_BT, start_BM: image slots from `layout.image_slots`.
-          noisy_BMhwC: noised latents x_t for every slot (anything for empty slots).
+          tokens_BT, segment_ids_BT, positions_BT, image_ids_BT: the packed layout (of the chunk
+            when decoding; `image_ids_BT` is what the attention mask sees).
+          slot_BT, start_BM: image slots from `layout.image_slots` (of the chunk).
+          noisy_BMhwC: noised latents x_t for every slot (anything for empty slots). M may be 0
+            (a text-only chunk). When decoding with the linear patch encoder the latent may be a
+            non-square window of patch rows (rolling diffusion).
           t_BMI: integer diffusion timestep of every patch.
+          cache: None for the training forward pass; else the KV cache the chunk is written into
+            (queries attend to every cached slot under the Transfusion mask).
+          index_B: [B] first cache slot of each row's chunk (with `cache`).
+          with_logits: False skips the LM head (diffusion steps need only ε̂).
 
         Returns:
-          logits_BTV (float32) and the predicted noise ε̂ as [B, M, h, w, C] (float32).
+          logits_BTV (float32, None without `with_logits`), the predicted noise ε̂ as
+          [B, M, h, w, C] (float32) and, with a cache, the updated cache.
         """
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -76,15 +89,40 @@ class Transfusion(nn.Module):
         )
         x_BTD = embed(tokens_BT)
 
-        temb_BMID = TimestepEmbedding(cfg.d_model, dtype, pdtype, name="time_embed")(t_BMI)
-        img_BMID, skips = PatchEncoder(cfg, name="patch_in")(noisy_BMhwC, temb_BMID)
-        x_BTD = scatter_image_tokens(x_BTD, img_BMID, slot_BT, start_BM)
+        has_images = noisy_BMhwC.shape[1] > 0  # static: text-only decode chunks skip patches
+        if has_images:
+            temb_BMID = TimestepEmbedding(cfg.d_model, dtype, pdtype, name="time_embed")(t_BMI)
+            img_BMID, skips = PatchEncoder(cfg, name="patch_in")(noisy_BMhwC, temb_BMID)
+            x_BTD = scatter_image_tokens(x_BTD, img_BMID, slot_BT, start_BM)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
 
-        mask_aux = attention.get(cfg.attention_impl).prepare(segment_ids_BT, image_ids_BT)
-        x_BTD = self._layers(x_BTD, positions_BT, mask_aux)
+        if cache is None:
+            mask_aux = attention.get(cfg.attention_impl).prepare(segment_ids_BT, image_ids_BT)
+            x_BTD = self._layers(x_BTD, positions_BT, mask_aux)
+        else:
+            mask_B1TS, seg_BS, img_BS = decode_mask(cache, segment_ids_BT, image_ids_BT, index_B)
+            x_BTD, (k, v) = self._cached_layers(
+                x_BTD, positions_BT, mask_B1TS, (cache.k, cache.v), index_B
+            )
+            cache = KVCache(k=k, v=v, segment_ids=seg_BS, image_ids=img_BS)
         x_BTD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x_BTD)
 
+        logits_BTV = self._lm_head(embed, x_BTD) if with_logits else None
+        if has_images:
+            h_BMID = gather_image_tokens(x_BTD, start_BM, t_BMI.shape[-1])
+            p = cfg.patch_size
+            grid = (noisy_BMhwC.shape[2] // p, noisy_BMhwC.shape[3] // p)
+            eps_BMhwC = PatchDecoder(cfg, name="patch_out")(h_BMID, temb_BMID, skips, grid)
+            eps_BMhwC = eps_BMhwC.astype(jnp.float32)
+        else:
+            eps_BMhwC = jnp.zeros(noisy_BMhwC.shape, jnp.float32)
+        if cache is None:
+            return logits_BTV, eps_BMhwC
+        return logits_BTV, eps_BMhwC, cache
+
+    def _lm_head(self, embed: nn.Embed, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
@@ -102,10 +140,7 @@ class Transfusion(nn.Module):
         logits_BTV = nn.with_logical_constraint(
             logits_BTV, ("act_batch", "act_length", "act_vocab")
         )
-
-        h_BMID = gather_image_tokens(x_BTD, start_BM, cfg.num_patches)
-        eps_BMhwC = PatchDecoder(cfg, name="patch_out")(h_BMID, temb_BMID, skips)
-        return logits_BTV.astype(jnp.float32), eps_BMhwC.astype(jnp.float32)
+        return logits_BTV.astype(jnp.float32)
 
     def _layers(self, x_BTD, positions_BT, mask_aux):
         cfg = self.cfg
@@ -128,3 +163,30 @@ class Transfusion(nn.Module):
         for i in range(cfg.n_layers):
             x_BTD, _ = block(cfg, name=f"layer_{i}")(x_BTD, positions_BT, mask_aux)
         return x_BTD
+
+    def _cached_layers(self, x_BTD, positions_BT, mask_B1TS, kv, index_B):
+        """The layer stack over a cache chunk; the per-layer caches are scanned over axis 0.
+
+        No remat (nothing is differentiated); parameter names match `_layers` (lifted transforms
+        keep scope names), so one set of parameters serves both.
+        """
+        cfg = self.cfg
+        if cfg.scan_layers:
+            stack = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return stack(cfg, name="layers")(x_BTD, positions_BT, mask_B1TS, kv, index_B)
+        ks, vs = [], []
+        for i in range(cfg.n_layers):
+            layer_kv = (kv[0][i], kv[1][i])
+            x_BTD, (k, v) = Block(cfg, name=f"layer_{i}")(
+                x_BTD, positions_BT, mask_B1TS, layer_kv, index_B
+            )
+            ks.append(k)
+            vs.append(v)
+        return x_BTD, (jnp.stack(ks), jnp.stack(vs))

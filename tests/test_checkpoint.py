@@ -1,0 +1,161 @@
+"""A run never loses work: exact resume after SIGKILL, SIGTERM saves, resharding, bad inputs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+
+from tfx_jax import sharding
+from tfx_jax.checkpoint import Checkpointer
+from tfx_jax.config import ConfigError
+from tfx_jax.train import KILL_AT_STEP_ENV, NonFiniteLossError, Trainer, train
+
+STEPS = 8
+FLAGS = ["--set", f"train.steps={STEPS}", "--set", "checkpoint.every_steps=3",
+         "--set", "train.log_every=1", "--set", "checkpoint.async_save=true"]  # fmt: skip
+
+
+def run_cli(workdir, *extra, env_extra=None, wait=True):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", **(env_extra or {})
+    )
+    cmd = [sys.executable, "-m", "tfx_jax", "train", "--config", str(REPO / "experiments/tiny.py"),
+           "--workdir", str(workdir), *FLAGS, *extra]  # fmt: skip
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def final_params(tiny_config, workdir, overrides=()):
+    cfg = tiny_config(overrides=[f"train.steps={STEPS}", *overrides])
+    trainer = Trainer(cfg)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
+    step = ckpt.latest_step()
+    state, _ = ckpt.restore(step, trainer.abstract_state())
+    ckpt.close()
+    return step, jax.device_get(state.params)
+
+
+def assert_bitwise_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), "parameters differ"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path):
+    ref = run_cli(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    _, want = final_params(tiny_config, tmp_path / "ref")
+    # Killed one step after a synchronous save (step 3), and mid-interval with async saves
+    # (Orbax finishes save 3 before starting save 6, so at step 7 at least step 3 is complete).
+    for kill_at, async_save in ((4, "false"), (7, "true")):
+        wd = tmp_path / f"killed_at_{kill_at}"
+        dead = run_cli(wd, "--set", f"checkpoint.async_save={async_save}",
+                       env_extra={KILL_AT_STEP_ENV: str(kill_at)})  # fmt: skip
+        assert dead.returncode == -signal.SIGKILL, dead.stdout + dead.stderr
+        resumed = run_cli(wd)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "resumed from" in resumed.stderr
+        step, got = final_params(tiny_config, wd)
+        assert step == STEPS
+        assert_bitwise_equal(got, want)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = run_cli(tmp_path, "--set", "train.steps=100000", "--set", "checkpoint.every_steps=1000",
+                   wait=False)  # fmt: skip
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step      3"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(seen) + out
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False, create=False)
+    assert ckpt.latest_step() is not None and 3 <= ckpt.latest_step() < 1000
+    ckpt.close()
+
+
+def test_restore_onto_other_meshes_and_continue(tiny_config, tmp_path):
+    cfg = tiny_config(overrides=["mesh.data=2", "mesh.fsdp=4", "train.steps=4"])
+    history = train(cfg, tmp_path)
+    assert history[-1]["step"] == 4
+    _, saved = final_params(tiny_config, tmp_path, ["mesh.data=2", "mesh.fsdp=4"])
+    for overrides, n_devices in ((["mesh.data=1", "mesh.fsdp=-1"], 8), (["mesh.data=-1"], 4)):
+        cfg2 = tiny_config(overrides=[*overrides, "train.steps=4"])
+        trainer = Trainer(cfg2, mesh=sharding.make_mesh(cfg2.mesh, jax.devices()[:n_devices]))
+        ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False, create=False)
+        state, meta = ckpt.restore(4, trainer.abstract_state())
+        ckpt.close()
+        assert meta["step"] == 4 and int(state.step) == 4
+        assert_bitwise_equal(jax.device_get(state.params), saved)
+        emb = state.params["embed"]["embedding"]
+        assert len(emb.sharding.device_set) == n_devices
+        trainer.state = state
+        from tfx_jax.train import make_batches
+
+        m = trainer.train_step(next(make_batches(cfg2)))
+        assert np.isfinite(float(m["loss"])) and int(trainer.state.step) == 5
+
+
+def test_half_written_step_is_ignored(tiny_config, tmp_path):
+    cfg = tiny_config(overrides=["train.steps=2", "checkpoint.every_steps=1"])
+    train(cfg, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    # A save killed mid-write leaves an unfinalised temporary directory behind.
+    (ckpts / "3.orbax-checkpoint-tmp-12345").mkdir()
+    (ckpts / "3.orbax-checkpoint-tmp-12345" / "state").mkdir()
+    ckpt = Checkpointer(ckpts, async_save=False, create=False)
+    assert ckpt.latest_step() == 2
+    ckpt.close()
+    history = train(tiny_config(overrides=["train.steps=3", "checkpoint.every_steps=1"]), tmp_path)
+    assert [h["step"] for h in history] == [3]
+
+
+def test_incompatible_config_names_the_keys(tiny_config, tmp_path):
+    train(tiny_config(overrides=["train.steps=1"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"model.d_model: 64 -> 96"):
+        train(tiny_config(overrides=["train.steps=2", "model.d_model=96"]), tmp_path)
+
+
+def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="is not writable"):
+        train(tiny_config(), blocker / "run")
+
+
+def _nan_batches(cfg):
+    from tfx_jax.train import make_batches
+
+    it = make_batches(cfg)
+    for i, b in enumerate(it):
+        if i == 1:
+            b = dict(b, patches=np.full_like(b["patches"], np.nan))
+        yield b
+
+
+def test_nan_loss_is_skipped_or_stops(tiny_config, tmp_path):
+    cfg = tiny_config(overrides=["train.steps=3", "train.log_every=1", "checkpoint.every_steps=1"])
+    history = train(cfg, tmp_path / "skip", batches=_nan_batches(cfg))
+    assert [h["finite"] for h in history] == [1.0, 0.0, 1.0]
+    assert history[-1]["skipped"] == 1.0 and np.isfinite(history[-1]["loss"])
+    stop = tiny_config(overrides=["train.steps=3", "train.log_every=1", "checkpoint.every_steps=1",
+                                  "train.nan_policy=stop"])  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint \\(1\\)"):
+        train(stop, tmp_path / "stop", batches=_nan_batches(stop))
+    time.sleep(0.1)
+    ckpt = Checkpointer(tmp_path / "stop" / "checkpoints", async_save=False, create=False)
+    assert ckpt.latest_step() == 1
+    ckpt.close()

@@ -1,0 +1,193 @@
+"""Checkpoints (Orbax): train state, data iterator, config and provenance, saved together.
+
+A checkpoint step directory holds three items:
+  state/  the TrainState (params fp32, optimizer state, step), sharded arrays written per shard
+  data/   the input iterator's position, one file per process (Grain's checkpoint handler)
+  meta/   JSON: the resolved config, the RNG seed, the tokenizer and VAE references, counters
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash or
+SIGTERM mid-save leaves the previous checkpoints intact and the half-written step invisible:
+`latest_step()` only ever returns finalized steps. Saves are asynchronous; `wait()` blocks until
+the last one is durable (done before exit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from tfx_jax.config import Config, from_dict
+
+log = logging.getLogger(__name__)
+
+# Config fields that may differ between a checkpoint and the run resuming it. Everything else
+# (the model's structure, the diffusion objective, the data layout, the optimizer recipe) must
+# match, or resuming would silently train a different experiment.
+RESUMABLE_DIFFERENCES = (
+    "name",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.peak_tflops",
+    "train.profile_start",
+    "train.profile_steps",
+    "train.nan_policy",
+    "checkpoint.",
+    "mesh.",
+    "model.attention_impl",
+    "model.remat_policy",
+    "data.worker_count",
+    "data.data_dir",
+    "optimizer.decay_steps",
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
+    """Keys whose values differ in ways that make resuming unsafe, as 'key: saved -> current'."""
+    a = _flatten(saved)
+    b = _flatten(_jsonable(current.to_dict()))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_DIFFERENCES):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+class Checkpointer:
+    """A thin layer over `ocp.CheckpointManager` with this project's three items."""
+
+    def __init__(
+        self,
+        directory: str | epath.PathLike,
+        keep: int = 3,
+        keep_every: int = 0,
+        async_save: bool = True,
+        create: bool = True,
+    ):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            create=create,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any]) -> None:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if hasattr(data_iter, "get_state"):  # plain generators (tests, ad-hoc feeds) have no state
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> tuple[Any, dict]:
+        """Restores onto the shardings carried by `abstract_state` (any mesh, any device count).
+
+        Args:
+          step: the step to restore.
+          abstract_state: a tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`.
+          data_iter: an iterator whose position is restored in place (None: params/opt only).
+
+        Returns:
+          (state, meta).
+        """
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with the given shardings: the restore target for any mesh."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def saved_config(meta: dict[str, Any]) -> Config:
+    return from_dict(meta["config"])
+
+
+@dataclasses.dataclass
+class ResumeDecision:
+    """Where a run starts from (resume order: workdir → --resume → --init-from → fresh)."""
+
+    kind: str  # "workdir" | "resume" | "init_from" | "fresh"
+    path: epath.Path | None = None
+    step: int | None = None
+
+
+def decide_resume(
+    workdir: epath.Path, resume: str | None = None, init_from: str | None = None
+) -> ResumeDecision:
+    own = Checkpointer(workdir / "checkpoints", async_save=False)
+    step = own.latest_step()
+    own.close()
+    if step is not None:
+        return ResumeDecision("workdir", workdir / "checkpoints", step)
+    for kind, path in (("resume", resume), ("init_from", init_from)):
+        if path:
+            path = epath.Path(path)
+            root = path / "checkpoints" if (path / "checkpoints").exists() else path
+            other = Checkpointer(root, async_save=False, create=False)
+            step = other.latest_step()
+            other.close()
+            if step is None:
+                raise FileNotFoundError(
+                    f"--{kind.replace('_', '-')} {path}: no complete checkpoint found there."
+                )
+            return ResumeDecision(kind, root, step)
+    return ResumeDecision("fresh")

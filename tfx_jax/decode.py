@@ -1,0 +1,325 @@
+"""Compiled decoding steps over a KV cache: prefill, text tokens, image blocks (full or rolling).
+
+Every function here is pure (params, cache, chunk, ...) -> arrays, jitted once per shape by
+`Decoder`, which holds the model, the mesh and the static choices (sampler, steps, guidance).
+`tfx_jax.sample` drives them from the host.
+
+  prefill      write the prompt (text and clean prompt images, t = 0); logits at each row's end
+  text_step    write one token per row; sample the next (greedy / temperature / top-k / top-p)
+  image_full   the reverse process over one image block: each step runs the transformer on the
+               block only, attending to the cached prefix (the cache is read, never kept)
+  rolling_pass one sweep of a rolling window of patch rows (tfx_jax.rolling)
+  commit       write clean latents (t = 0) into the cache: a finished image or image row
+
+Classifier-free guidance (Ho & Salimans 2022) doubles the batch: rows [0, B) are the prompts and
+rows [B, 2B) their unconditional twins, whose cache holds only BOS, BOI and the image being
+generated (what training with caption dropping shows the model). Both halves run as one batch
+through the model; ε̂ = ε̂_u + s(ε̂_c − ε̂_u) updates one shared latent.
+
+Legend: B rows (prompts), R cache rows (B, or 2B with guidance), T chunk length, S cache slots,
+V vocab, W window rows, h/w/C latent grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from tfx_jax import diffusion, layout, rolling, samplers, sharding
+from tfx_jax.config import Config
+from tfx_jax.models.kv_cache import KV_AXES, META_AXES, KVCache, init_cache
+from tfx_jax.models.transformer import Transfusion
+
+CHUNK_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "attn_image_ids")
+
+
+def mesh_context(mesh: Mesh, cfg: Config):
+    """The mesh and the logical-axis rules, for tracing (what `train.mesh_context` does; kept here
+    so that sampling does not import the trainer's checkpointing stack)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(cfg.mesh.rules))
+    return stack
+
+
+# ----------------------------------------------------------------------------- text sampling
+
+
+def sample_tokens(
+    logits_BV: jax.Array,
+    rng: jax.Array,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allowed_BV: jax.Array | None = None,
+) -> jax.Array:
+    """Next token per row: greedy (temperature 0), or sampled from the tempered softmax restricted
+    to the top-k tokens and/or the top-p nucleus (Holtzman et al. 2020).
+
+    Args:
+      logits_BV: float logits.
+      rng: key for sampling.
+      temperature: 0 = argmax.
+      top_k: keep the k most likely tokens (0 = all).
+      top_p: keep the smallest set of tokens whose probability reaches p (1 = all).
+      allowed_BV: bool, tokens that may be produced at all (None = every token).
+
+    Returns:
+      int32 [B] token ids.
+    """
+    logits = logits_BV.astype(jnp.float32)
+    neg = jnp.finfo(jnp.float32).min
+    if allowed_BV is not None:
+        logits = jnp.where(allowed_BV, logits, neg)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth_B1, logits, neg)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        # Keep a token while the mass before it is < p: the first token is always kept.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = before < top_p
+        cutoff_B1 = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= cutoff_B1, logits, neg)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSampling:
+    """How image blocks are denoised.
+
+    Attributes:
+      sampler: "ddpm" (ancestral) or "ddim" (η = 0).
+      steps: reverse steps of full-image sampling (0 = 250 for DDPM, 50 for DDIM); for rolling
+        sampling, the steps a row spends in the window (steps_per_row = steps // window).
+      guidance_scale: classifier-free guidance s (1 = conditional only, no extra batch).
+      mode: "full" (the whole block at one noise level) or "rolling" (patch rows, top to bottom).
+      window: rows in the rolling window (0 = `diffusion.rolling_window`).
+    """
+
+    sampler: str = "ddim"
+    steps: int = 0
+    guidance_scale: float = 1.0
+    mode: str = "full"
+    window: int = 0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def num_steps(self) -> int:
+        return self.steps or samplers.DEFAULT_STEPS[self.sampler]
+
+
+class Decoder:
+    """The jitted decode functions of one model on one mesh.
+
+    Args:
+      cfg: the run's config (model, diffusion schedule, mesh rules).
+      mesh: where the batch and the cache are sharded (batch over the data axes, kv heads over
+        tensor, as the rules say).
+      images: how image blocks are sampled.
+      text: (temperature, top_k, top_p) for text tokens.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        mesh: Mesh,
+        images: ImageSampling = ImageSampling(),
+        text: tuple[float, int, float] = (1.0, 0, 1.0),
+    ):
+        if images.sampler not in samplers.SAMPLERS:
+            raise ValueError(f"sampler={images.sampler!r}: use one of {samplers.SAMPLERS}")
+        if images.mode not in ("full", "rolling"):
+            raise ValueError(f"image mode={images.mode!r}: use 'full' or 'rolling'")
+        if images.mode == "rolling" and cfg.model.patch_encoder != "linear":
+            raise ValueError("rolling sampling needs model.patch_encoder=linear (see config.py)")
+        self.cfg, self.mesh, self.images, self.text = cfg, mesh, images, text
+        self.model = Transfusion(cfg.model)
+        self.schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+        m = cfg.model
+        self.rows = m.latent_size // m.patch_size  # g: rows of patches
+        self.window = min(images.window or cfg.diffusion.rolling_window, self.rows)
+        self.timesteps = samplers.respaced_timesteps(
+            self.schedule.num_timesteps, min(images.num_steps(), self.schedule.num_timesteps)
+        )
+        self.prefill = self._jit(self._prefill)
+        self.text_step = self._jit(self._text_step)
+        self.image_full = self._jit(self._image_full)
+        self.rolling_pass = self._jit(self._rolling_pass)
+        self.commit = self._jit(self._commit)
+
+    # -------------------------------------------------------------- placement
+
+    def _jit(self, fn):
+        jitted = jax.jit(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            with mesh_context(self.mesh, self.cfg):
+                return jitted(*args)
+
+        return call
+
+    def batch_parallel(self) -> int:
+        """Rows must be a multiple of this (the data-parallel ways of the mesh)."""
+        return sharding.batch_parallel_size(self.mesh, self.cfg.mesh.rules)
+
+    def put(self, x: np.ndarray) -> jax.Array:
+        """A host array with a leading batch dim, sharded over the batch axes."""
+        return jax.device_put(x, sharding.batch_sharding(self.mesh, self.cfg.mesh.rules, x.ndim))
+
+    def put_params(self, params: Any) -> Any:
+        """Parameters placed by their logical names (as the trainer shards them)."""
+        m = self.cfg.model
+        T, M, g = 8, 1, m.latent_size
+        ints = jnp.zeros((1, T), jnp.int32)
+        args = (ints, ints, ints, ints, ints - 1, jnp.zeros((1, M), jnp.int32),
+                jnp.zeros((1, M, g, g, m.latent_channels)), jnp.zeros((1, M, m.num_patches)))  # fmt: skip
+        with mesh_context(self.mesh, self.cfg):
+            abstract = jax.eval_shape(self.model.init, jax.random.key(0), *args)["params"]
+            shardings = nn.logical_to_mesh_sharding(
+                nn.get_partition_spec(abstract), self.mesh, self.cfg.mesh.rules
+            )
+        return jax.device_put(nn.meta.unbox(params), shardings)
+
+    def new_cache(self, rows: int, length: int) -> KVCache:
+        """An empty cache of `length` slots for `rows` rows, sharded by the logical rules."""
+        m, rules = self.cfg.model, self.cfg.mesh.rules
+        cache = init_cache(m.n_layers, rows, length, m.kv_heads, m.head_dim, jnp.dtype(m.dtype))
+        kv = sharding.logical_sharding(self.mesh, rules, KV_AXES)
+        meta = sharding.logical_sharding(self.mesh, rules, META_AXES)
+        return KVCache(
+            k=jax.device_put(cache.k, kv),
+            v=jax.device_put(cache.v, kv),
+            segment_ids=jax.device_put(cache.segment_ids, meta),
+            image_ids=jax.device_put(cache.image_ids, meta),
+        )
+
+    # -------------------------------------------------------------- model calls
+
+    def _forward(self, params, cache, index_R, chunk, latents_RMhwC, t_RMI, with_logits):
+        slot_RT, start_RM, _ = layout.image_slots(
+            chunk["segment_ids"], chunk["image_ids"], latents_RMhwC.shape[1]
+        )
+        return self.model.apply(
+            {"params": params},
+            chunk["tokens"],
+            chunk["segment_ids"],
+            chunk["positions"],
+            chunk["attn_image_ids"],
+            slot_RT,
+            start_RM,
+            latents_RMhwC,
+            t_RMI,
+            cache=cache,
+            index_B=index_R,
+            with_logits=with_logits,
+        )
+
+    def _twin(self, x_B: jax.Array) -> jax.Array:
+        """The latent of every cache row: the conditional rows' latent, again for the twins."""
+        return jnp.concatenate([x_B, x_B]) if self.images.guided else x_B
+
+    def _eps(self, params, cache, index_R, chunk, x_BMhwC, t_RMI):
+        """ε̂ for the B rows' latents: one batched pass, guided when the twins are present."""
+        _, eps_RMhwC, _ = self._forward(
+            params, cache, index_R, chunk, self._twin(x_BMhwC), t_RMI, False
+        )
+        if not self.images.guided:
+            return eps_RMhwC
+        B = x_BMhwC.shape[0]
+        return samplers.guided_eps(eps_RMhwC[:B], eps_RMhwC[B:], self.images.guidance_scale)
+
+    def _prefill(self, params, cache, index_R, chunk, latents_RMhwC, last_R, rng, allowed_BV):
+        """Writes the prompts (clean prompt images at t = 0); samples each row's first token
+        from the logits at its last prompt position `last_R`."""
+        t_RMI = jnp.zeros(latents_RMhwC.shape[:2] + (self._patches(latents_RMhwC),), jnp.int32)
+        logits_RTV, _, cache = self._forward(
+            params, cache, index_R, chunk, latents_RMhwC, t_RMI, True
+        )
+        logits_RV = jnp.take_along_axis(logits_RTV, last_R[:, None, None], axis=1)[:, 0]
+        B = allowed_BV.shape[0]
+        return self._sample(logits_RV[:B], rng, allowed_BV), cache
+
+    def _sample(self, logits_BV, rng, allowed_BV):
+        temperature, top_k, top_p = self.text
+        return sample_tokens(logits_BV, rng, temperature, top_k, top_p, allowed_BV)
+
+    def _patches(self, latents_RMhwC) -> int:
+        p = self.cfg.model.patch_size
+        return (latents_RMhwC.shape[2] // p) * (latents_RMhwC.shape[3] // p)
+
+    def _text_step(self, params, cache, index_R, chunk, rng, allowed_BV):
+        m = self.cfg.model
+        R = chunk["tokens"].shape[0]
+        none = jnp.zeros((R, 0, m.latent_size, m.latent_size, m.latent_channels), jnp.float32)
+        t_none = jnp.zeros((R, 0, m.num_patches), jnp.int32)
+        logits_RTV, _, cache = self._forward(params, cache, index_R, chunk, none, t_none, True)
+        B = allowed_BV.shape[0]
+        return self._sample(logits_RTV[:B, -1], rng, allowed_BV), cache
+
+    def _image_full(self, params, cache, index_R, chunk, x_T_BMhwC, rng):
+        """The reverse process over a whole image block; the cache is only read."""
+        R, I = chunk["tokens"].shape[0], self.cfg.model.num_patches
+
+        def denoise(x_BMhwC, t):
+            t_RMI = jnp.full((R, 1, I), t, jnp.int32)
+            return self._eps(params, cache, index_R, chunk, x_BMhwC, t_RMI)
+
+        return samplers.sample(
+            denoise, x_T_BMhwC, self.schedule, self.timesteps, self.images.sampler, rng
+        )
+
+    def _rolling_pass(self, params, cache, index_R, chunk, x_BMhwC, taus_NW, rng):
+        """One sweep of the rolling window (`rolling.Pass.taus` [n + 1, W]); returns the window.
+
+        Each step moves every window row from its level to the next one with the chosen sampler
+        (rows whose level does not change are left as they are).
+        """
+        p, c = self.cfg.model.patch_size, self.rows
+        R = chunk["tokens"].shape[0]
+        T = self.schedule.num_timesteps
+        abar = jnp.asarray(rolling.alpha_bars(self.schedule), jnp.float32)
+        lev_NW = rolling.levels(taus_NW, T)
+
+        def rows_to_latent(v_W):  # per window row -> broadcast over [B, 1, W·p, w, C]
+            return jnp.repeat(v_W, p)[None, None, :, None, None]
+
+        def body(x, j):
+            lev_t, lev_s = lev_NW[j], lev_NW[j + 1]
+            t_I = jnp.repeat(rolling.model_timesteps(lev_t), c)  # raster order: row-major
+            t_RMI = jnp.broadcast_to(t_I, (R, 1, t_I.shape[0]))
+            eps = self._eps(params, cache, index_R, chunk, x, t_RMI)
+            a_t, a_s = rows_to_latent(abar[lev_t]), rows_to_latent(abar[lev_s])
+            moved = samplers.step(self.images.sampler, x, eps, a_t, a_s, jax.random.fold_in(rng, j))
+            return jnp.where(rows_to_latent(lev_t != lev_s), moved, x), None
+
+        x_BMhwC, _ = jax.lax.scan(body, x_BMhwC, jnp.arange(lev_NW.shape[0] - 1))
+        return x_BMhwC
+
+    def _commit(self, params, cache, index_R, chunk, x0_BMhwC):
+        """Writes clean latents (t = 0) into the cache: what later positions attend to."""
+        R = chunk["tokens"].shape[0]
+        t_RMI = jnp.zeros((R, 1, self._patches(x0_BMhwC)), jnp.int32)
+        _, _, cache = self._forward(
+            params, cache, index_R, chunk, self._twin(x0_BMhwC), t_RMI, False
+        )
+        return cache

@@ -1,0 +1,634 @@
+"""Generation: interleaved text and images from prompts, written out as Markdown and HTML.
+
+    prompts ─encode─▶ prefill (text + clean prompt images, t = 0) ─▶ per row, in lockstep:
+      text step: write the pending token, sample the next (greedy / temperature / top-k / top-p)
+      a row that writes BOI gets an image block: I patches of noise at its next cache slots,
+        denoised with the prefix cached (full block, or rolling rows top to bottom), written
+        back clean (t = 0), then EOI; then text again until EOS or the token budget
+    ─▶ results (text pieces, image latents, PNGs through the VAE) ─▶ write_documents
+
+Many prompts run as one batch, padded to a multiple of the mesh's data-parallel size and
+sharded over it; each row of the KV cache has its own write index, so rows that are busy with
+different things (one runs an image while another writes text) never waste each other's slots.
+
+Public API:
+  generate(cfg, params, tokenizer, prompts, options, vae=None) -> list[GenerationResult]
+  caption_images(cfg, params, tokenizer, images_uint8, vae, options) -> list[GenerationResult]
+  write_documents(results, out_dir) -> {"markdown": path, "html": path}
+  generate_cli(cfg, params, prompts, out_dir, **options) -> {"markdown": path, "html": path}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from tfx_jax import rolling, sharding
+from tfx_jax.config import Config
+from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
+from tfx_jax.decode import CHUNK_KEYS, Decoder, ImageSampling
+
+IMAGE_PLACEHOLDER = "<image>"  # where a prompt's images go (the data pipeline's marker)
+
+# ----------------------------------------------------------------------------- types
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One generation request.
+
+    Attributes:
+      text: the prompt; each "<image>" marks where the next of `images` goes.
+      images: scaled VAE latents [h, w, C] (as `vae_train.encode_images` gives), inserted as
+        clean image blocks (t = 0): the model sees them as it saw images during training.
+      force_image: end the prompt with BOI, so the first thing generated is an image.
+    """
+
+    text: str = ""
+    images: tuple[np.ndarray, ...] = ()
+    force_image: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """Decoding and diffusion choices (see `decode.ImageSampling` for the image ones).
+
+    Attributes:
+      max_new_tokens: text tokens to sample per prompt (BOI and EOS count).
+      max_images: images a prompt may generate (BOI is banned afterwards).
+      temperature, top_k, top_p: text sampling (temperature 0 = greedy).
+      sampler, diffusion_steps, guidance_scale: "ddpm" | "ddim", reverse steps (0 = the
+        sampler's default), classifier-free guidance scale s (1 = off).
+      image_mode, rolling_window: "full" | "rolling", and its window in patch rows (0 = config).
+      seed: all randomness derives from it.
+    """
+
+    max_new_tokens: int = 64
+    max_images: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    sampler: str = "ddim"
+    diffusion_steps: int = 0
+    guidance_scale: float = 1.0
+    image_mode: str = "full"
+    rolling_window: int = 0
+    seed: int = 0
+
+    def image_sampling(self) -> ImageSampling:
+        return ImageSampling(
+            self.sampler, self.diffusion_steps, self.guidance_scale, self.image_mode,
+            self.rolling_window,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Piece:
+    """A run of text or one image of a document.
+
+    Attributes:
+      kind: "text" or "image".
+      text: the decoded text (text pieces).
+      latents: [h, w, C] scaled latents (image pieces).
+      image: uint8 [H, W, 3] decoded by the VAE (when one was given).
+    """
+
+    kind: str
+    text: str = ""
+    latents: np.ndarray | None = None
+    image: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What one prompt produced.
+
+    Attributes:
+      prompt: the request.
+      prompt_pieces: the prompt as pieces (its text and its images).
+      pieces: the generated continuation, in order.
+      token_ids: every token the row wrote or sampled after the prompt (BOI/EOI/EOS included;
+        image patches are not tokens).
+      stop: "eos", "max_new_tokens" or "max_images" (an image budget of a forced image).
+    """
+
+    prompt: Prompt
+    prompt_pieces: list[Piece]
+    pieces: list[Piece]
+    token_ids: list[int]
+    stop: str
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.pieces if p.kind == "text")
+
+    @property
+    def images(self) -> list[Piece]:
+        return [p for p in self.pieces if p.kind == "image"]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def encode_prompt(
+    prompt: Prompt, encode: Callable[[str], list[int]], num_patches: int
+) -> tuple[list[int], list[int], list[np.ndarray]]:
+    """Prompt -> (tokens, image ids, latents) in the training layout: BOS, text, and
+    BOI, I patch slots, EOI per image (then BOI if `force_image`)."""
+    parts = prompt.text.split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(prompt.images):
+        raise ValueError(
+            f"prompt {prompt.text!r} has {len(parts) - 1} {IMAGE_PLACEHOLDER} markers but "
+            f"{len(prompt.images)} images"
+        )
+    tokens, image_ids = [BOS_ID], [0]
+    for k, part in enumerate(parts):
+        if part.strip():
+            ids = encode(part.strip())
+            tokens += ids
+            image_ids += [0] * len(ids)
+        if k < len(prompt.images):
+            tokens += [BOI_ID] + [0] * num_patches + [EOI_ID]
+            image_ids += [0] + [k + 1] * num_patches + [0]
+    if prompt.force_image:
+        tokens.append(BOI_ID)
+        image_ids.append(0)
+    return tokens, image_ids, [np.asarray(x, np.float32) for x in prompt.images]
+
+
+def _prompt_pieces(prompt: Prompt) -> list[Piece]:
+    out = []
+    for k, part in enumerate(prompt.text.split(IMAGE_PLACEHOLDER)):
+        if part.strip():
+            out.append(Piece("text", text=part.strip()))
+        if k < len(prompt.images):
+            out.append(Piece("image", latents=np.asarray(prompt.images[k], np.float32)))
+    return out
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclasses.dataclass
+class _Rows:
+    """Host-side state of the B conditional rows (numpy, one entry per row)."""
+
+    index: np.ndarray  # next free cache slot
+    pos: np.ndarray  # next RoPE position
+    pending: np.ndarray  # sampled, not yet written token (-1: none)
+    need_image: np.ndarray  # wrote BOI: an image block comes next
+    done: np.ndarray
+    images: np.ndarray  # image ids used so far in the document (prompt images included)
+    generated_images: np.ndarray
+    sampled: np.ndarray  # text tokens sampled so far
+    stop: list[str]
+    token_ids: list[list[int]]
+    text_ids: list[list[int]]  # the current run of text ids (flushed at an image and the end)
+    pieces: list[list[Piece]]
+
+
+def generate(
+    cfg: Config,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt | str],
+    options: SampleOptions = SampleOptions(),
+    *,
+    vae: tuple[Any, Any, float] | None = None,
+    mesh: Mesh | None = None,
+    on_row: Callable[[int, int, np.ndarray], None] | None = None,
+) -> list[GenerationResult]:
+    """Generates interleaved text and images for every prompt (one sharded batch).
+
+    Args:
+      cfg: the model's config.
+      params: its parameters (any placement; they are sharded by their logical names).
+      tokenizer: `encode(str) -> ids`, `decode(ids) -> str`, `vocab_size`.
+      prompts: `Prompt`s or plain strings.
+      options: decoding and diffusion choices.
+      vae: (model, params, scale_factor) as `data.prepare.load_vae` returns; images are then
+        decoded to uint8 pixels (else results hold latents only).
+      mesh: defaults to the config's mesh over all devices.
+      on_row: rolling mode only: called as on_row(prompt_index, row, latent_row [p, w, C]) the
+        moment each patch row of an image is finished, top to bottom (for streaming viewers).
+
+    Returns:
+      One `GenerationResult` per prompt, in order.
+    """
+    prompts = [Prompt(p) if isinstance(p, str) else p for p in prompts]
+    m = cfg.model
+    I, g, p = m.num_patches, m.latent_size // m.patch_size, m.patch_size
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    text_opts = (options.temperature, options.top_k, options.top_p)
+    dec = Decoder(cfg, mesh, options.image_sampling(), text_opts)
+    params = dec.put_params(params)
+    n = len(prompts)
+    B = math.ceil(n / dec.batch_parallel()) * dec.batch_parallel()
+    R = 2 * B if dec.images.guided else B
+    rng = jax.random.key(options.seed)
+
+    encoded = [encode_prompt(pr, tokenizer.encode, I) for pr in prompts]
+    encoded += [([BOS_ID], [0], [])] * (B - n)  # padding rows: a lone BOS, done at once
+    Tp = max(len(e[0]) for e in encoded)
+    headroom = I + dec.window * g  # idle rows write padding chunks past their content
+    S = Tp + options.max_new_tokens + options.max_images * (I + 2) + headroom + 2
+    cache = dec.new_cache(R, S)
+
+    # Prefill: prompts in rows [0, B); the unconditional twins [B, 2B) hold BOS, BOI (the
+    # caption-dropped layout), written once: each image block is rewritten after them.
+    Mp = max(len(e[2]) for e in encoded)
+    chunk = {k: np.zeros((R, Tp), np.int32) for k in CHUNK_KEYS}
+    latents = np.zeros((R, Mp, m.latent_size, m.latent_size, m.latent_channels), np.float32)
+    last = np.zeros(R, np.int32)
+    for b, (toks, imgs, lats) in enumerate(encoded):
+        L = len(toks)
+        chunk["tokens"][b, :L], chunk["segment_ids"][b, :L] = toks, 1
+        chunk["positions"][b, :L] = np.arange(L)
+        chunk["image_ids"][b, :L] = chunk["attn_image_ids"][b, :L] = imgs
+        latents[b, : len(lats)] = lats
+        last[b] = L - 1
+    if dec.images.guided:
+        chunk["tokens"][B:, :2], chunk["segment_ids"][B:, :2] = [BOS_ID, BOI_ID], 1
+        chunk["positions"][B:, :2] = [0, 1]
+    twin_index = 2
+    allowed = _allowed_tokens(m.vocab_size, tokenizer.vocab_size)
+    first, cache = dec.prefill(
+        params, cache, dec.put(np.zeros(R, np.int32)), _put_chunk(dec, chunk), dec.put(latents),
+        dec.put(last), jax.random.fold_in(rng, 0), dec.put(np.repeat(allowed[None], B, 0)),
+    )  # fmt: skip
+    lens = np.array([len(e[0]) for e in encoded])
+    st = _Rows(
+        index=lens.copy(), pos=lens.copy(), pending=np.full(B, -1),
+        need_image=np.array([e[0][-1] == BOI_ID for e in encoded]),
+        done=np.arange(B) >= n, images=np.array([len(e[2]) for e in encoded]),
+        generated_images=np.zeros(B, int), sampled=np.zeros(B, int), stop=[""] * B,
+        token_ids=[[] for _ in range(B)], text_ids=[[] for _ in range(B)],
+        pieces=[[] for _ in range(B)],
+    )  # fmt: skip
+    _take_samples(st, np.asarray(first), ~st.need_image & ~st.done, options, tokenizer)
+
+    step = 0
+    while not st.done.all():
+        step += 1
+        key = jax.random.fold_in(rng, step)
+        phase = st.need_image & ~st.done
+        if phase.any():
+            cache, x0 = _image_phase(dec, params, cache, st, phase, R, twin_index, key, on_row)
+            for b in np.flatnonzero(phase):
+                _flush_text(st, b, tokenizer)
+                st.pieces[b].append(Piece("image", latents=x0[b, 0]))
+                st.index[b] += I
+                st.pos[b] += I
+                st.need_image[b] = False
+                st.images[b] += 1
+                st.generated_images[b] += 1
+                if st.sampled[b] >= options.max_new_tokens:
+                    st.done[b], st.stop[b] = True, "max_new_tokens"
+                else:
+                    st.pending[b] = EOI_ID
+            continue
+        active = ~st.done
+        chunk = {k: np.zeros((R, 1), np.int32) for k in CHUNK_KEYS}
+        chunk["tokens"][:B, 0] = np.where(active, st.pending, 0)
+        chunk["segment_ids"][:B, 0] = active
+        chunk["positions"][:B, 0] = st.pos
+        index = np.concatenate([st.index, np.full(R - B, twin_index)]).astype(np.int32)
+        allowed_B = np.repeat(allowed[None], B, 0)
+        allowed_B[st.generated_images >= options.max_images, BOI_ID] = False
+        nxt, cache = dec.text_step(
+            params, cache, dec.put(index), _put_chunk(dec, chunk), key, dec.put(allowed_B)
+        )
+        nxt = np.asarray(nxt)
+        wrote = active.copy()
+        for b in np.flatnonzero(wrote):
+            tok = int(st.pending[b])
+            if tok != EOI_ID:
+                st.token_ids[b].append(tok) if tok == BOI_ID else None
+            st.index[b] += 1
+            st.pos[b] += 1
+            if tok == BOI_ID:
+                st.need_image[b] = True
+            elif tok == EOI_ID:
+                st.token_ids[b].append(EOI_ID)
+        _take_samples(st, nxt, wrote & ~st.need_image, options, tokenizer)
+
+    results = []
+    for b in range(n):
+        _flush_text(st, b, tokenizer)
+        results.append(
+            GenerationResult(prompts[b], _prompt_pieces(prompts[b]), st.pieces[b],
+                             st.token_ids[b], st.stop[b])  # fmt: skip
+        )
+    if vae is not None:
+        decode_images(results, vae)
+    return results
+
+
+def _allowed_tokens(model_vocab: int, tokenizer_vocab: int) -> np.ndarray:
+    """Tokens text sampling may produce: not PAD/BOS/UNK/EOI, nor ids the tokenizer lacks."""
+    allowed = np.arange(model_vocab) < tokenizer_vocab
+    allowed[[PAD_ID, BOS_ID, UNK_ID, EOI_ID]] = False
+    return allowed
+
+
+def _put_chunk(dec: Decoder, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: dec.put(v) for k, v in chunk.items()}
+
+
+def _take_samples(st: _Rows, sampled: np.ndarray, rows: np.ndarray, options, tokenizer) -> None:
+    """Records the tokens sampled for `rows`: EOS and the budget end a row, BOI opens an image
+    (written by the next text step), anything else is text."""
+    for b in np.flatnonzero(rows & ~st.done):
+        tok = int(sampled[b])
+        st.sampled[b] += 1
+        if tok == EOS_ID:
+            st.token_ids[b].append(tok)
+            st.done[b], st.stop[b] = True, "eos"
+            continue
+        if tok != BOI_ID:
+            st.token_ids[b].append(tok)
+            st.text_ids[b].append(tok)
+        st.pending[b] = tok
+        if st.sampled[b] >= options.max_new_tokens:
+            st.done[b], st.stop[b] = True, "max_new_tokens"
+
+
+def _flush_text(st: _Rows, b: int, tokenizer) -> None:
+    if st.text_ids[b]:
+        st.pieces[b].append(Piece("text", text=tokenizer.decode(st.text_ids[b])))
+        st.text_ids[b] = []
+
+
+def _image_phase(dec, params, cache, st: _Rows, phase, R, twin_index, rng, on_row):
+    """Generates one image for every row in `phase` (others idle); returns (cache, x0 [B,1,h,w,C]).
+
+    Full mode: the whole block is denoised with the cache read-only, then written back clean.
+    Rolling mode: passes of the window over patch rows; each finished row is written into the
+    cache (so the rows below attend to it) and handed to `on_row`.
+    """
+    m = dec.cfg.model
+    B, I, g, p = len(phase), m.num_patches, dec.rows, m.patch_size
+    C, hw = m.latent_channels, m.latent_size
+    guided = dec.images.guided
+
+    def block_chunk(first_patch: int, n_patches: int, attn_id_of_patch) -> tuple[dict, np.ndarray]:
+        """Chunk of patches [first, first + n) of the image of every phase row (and twin)."""
+        chunk = {k: np.zeros((R, n_patches), np.int32) for k in CHUNK_KEYS}
+        off = first_patch + np.arange(n_patches)
+        exists = off < I
+        for b in np.flatnonzero(phase):
+            k = st.images[b] + 1
+            rows = [b, b + B] if guided else [b]
+            starts = [st.pos[b], twin_index]
+            for r, pos0 in zip(rows, starts, strict=False):
+                chunk["segment_ids"][r] = exists
+                chunk["positions"][r] = pos0 + off
+                img_k = k if r < B else 1
+                chunk["image_ids"][r] = np.where(exists, img_k, 0)
+                chunk["attn_image_ids"][r] = np.where(exists, attn_id_of_patch(img_k, off), 0)
+        index = np.concatenate([st.index, np.full(R - B, twin_index)]) + first_patch
+        return _put_chunk(dec, chunk), dec.put(index.astype(np.int32))
+
+    noise_key, pass_key = jax.random.split(rng)
+    if dec.images.mode == "full":
+        chunk, index = block_chunk(0, I, lambda k, off: np.full(off.shape, k))
+        x_T = jax.random.normal(noise_key, (B, 1, hw, hw, C), jnp.float32)
+        x0 = dec.image_full(params, cache, index, chunk, dec.put(np.asarray(x_T)), pass_key)
+        cache = dec.commit(params, cache, index, chunk, x0)
+        return cache, np.asarray(x0)
+
+    W = dec.window
+    plan = rolling.sampling_plan(g, W, max(dec.images.num_steps() // W, 1))
+
+    def window_id(k, off):
+        return rolling.attention_image_ids(np.full(off.shape, k), off // g, 0, W, g) * 0 + (
+            (k - 1) * (g + 2) + g + 1
+        )
+
+    x_win = np.asarray(jax.random.normal(noise_key, (B, 1, W * p, hw, C), jnp.float32))
+    finished = []
+    for i, ps in enumerate(plan):
+        r0 = ps.start_row
+        chunk, index = block_chunk(r0 * g, W * g, window_id)
+        taus = jnp.asarray(ps.taus, jnp.float32)
+        x_win = dec.rolling_pass(
+            params, cache, index, chunk, dec.put(x_win), taus, jax.random.fold_in(pass_key, i)
+        )
+        x_win = np.asarray(x_win)
+        row = x_win[:, :, :p]
+        row_chunk, row_index = block_chunk(r0 * g, g, lambda k, off: (k - 1) * (g + 2) + r0 + 1)
+        cache = dec.commit(params, cache, row_index, row_chunk, dec.put(np.ascontiguousarray(row)))
+        finished.append(row)
+        if on_row is not None:
+            for b in np.flatnonzero(phase):
+                on_row(int(b), r0, row[b, 0])
+        fresh = jax.random.normal(jax.random.fold_in(noise_key, i + 1), (B, 1, p, hw, C))
+        x_win = np.concatenate([x_win[:, :, p:], np.asarray(fresh)], axis=2)
+    return cache, np.concatenate(finished, axis=2)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def decode_images(results: Sequence[GenerationResult], vae: tuple[Any, Any, float]) -> None:
+    """Fills `Piece.image` (uint8) for every image piece of the results, prompts included."""
+    from tfx_jax import vae_train
+
+    model, vae_params, scale = vae
+    decode = jax.jit(lambda prm, z: vae_train.decode_latents(prm, model, z, scale))
+    for res in results:
+        for piece in res.prompt_pieces + res.pieces:
+            if piece.kind == "image" and piece.latents is not None:
+                piece.image = np.asarray(decode(vae_params, piece.latents[None]))[0]
+
+
+def caption_images(
+    cfg: Config,
+    params: Any,
+    tokenizer: Any,
+    images_uint8: np.ndarray,
+    vae: tuple[Any, Any, float],
+    options: SampleOptions = SampleOptions(),
+    prefix: str = "",
+    **kw: Any,
+) -> list[GenerationResult]:
+    """Image to text: VAE-encode each image, insert it as a clean image block (t = 0) after BOS,
+    then decode text (optionally after `prefix`).
+
+    Args:
+      images_uint8: [N, H, W, 3] at `data.image_size`.
+      vae: (model, params, scale_factor) as `data.prepare.load_vae` returns.
+      prefix: text after the image that the caption continues.
+      kw: passed to `generate` (mesh, on_row).
+    """
+    from tfx_jax import vae_train
+
+    model, vae_params, scale = vae
+    encode = jax.jit(lambda prm, x: vae_train.encode_images(prm, model, x, scale))
+    lat = np.asarray(encode(vae_params, jnp.asarray(images_uint8)))
+    prompts = [Prompt(f"{IMAGE_PLACEHOLDER} {prefix}".rstrip(), (lat[i],)) for i in range(len(lat))]
+    return generate(cfg, params, tokenizer, prompts, options, vae=vae, **kw)
+
+
+def latent_preview(latents_hwC: np.ndarray, scale: int = 4) -> np.ndarray:
+    """A uint8 picture of a latent when no VAE is at hand: its first three channels, each
+    stretched to [0, 255], upsampled `scale`x (nearest)."""
+    x = np.asarray(latents_hwC, np.float32)[..., :3]
+    if x.shape[-1] < 3:
+        x = np.concatenate([x, np.repeat(x[..., :1], 3 - x.shape[-1], -1)], -1)
+    lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
+    x = (x - lo) / np.maximum(hi - lo, 1e-6)
+    x = np.repeat(np.repeat(x, scale, 0), scale, 1)
+    return (x * 255).round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def write_documents(results: Sequence[GenerationResult], out_dir: str | Path) -> dict[str, Path]:
+    """Writes `samples.md` and `samples.html` with every prompt, its text and its images inline
+    (PNG files under `images/`; a latent preview stands in for images without a VAE).
+
+    Returns:
+      {"markdown": path, "html": path, "images": [png paths]}.
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    md = ["# Samples", ""]
+    body = []
+    pngs = []
+
+    def png(piece: Piece, name: str) -> str:
+        pixels = piece.image if piece.image is not None else latent_preview(piece.latents)
+        path = out / "images" / f"{name}.png"
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(pixels, np.uint8)).save(buf, format="PNG")
+        path.write_bytes(buf.getvalue())
+        pngs.append(path)
+        return f"images/{name}.png"
+
+    def render(pieces: list[Piece], tag: str) -> tuple[list[str], list[str]]:
+        md_lines, html_parts = [], []
+        for j, piece in enumerate(pieces):
+            if piece.kind == "text":
+                md_lines.append(piece.text)
+                html_parts.append(f"<span>{html.escape(piece.text)}</span>")
+            else:
+                src = png(piece, f"{tag}_{j:02d}")
+                md_lines.append(f"![{tag} image {j}]({src})")
+                html_parts.append(f'<img src="{src}" alt="{tag} image {j}" class="gen">')
+        return md_lines, html_parts
+
+    for i, res in enumerate(results):
+        p_md, p_html = render(res.prompt_pieces, f"s{i:03d}_prompt")
+        g_md, g_html = render(res.pieces, f"s{i:03d}_gen")
+        md += [f"## Sample {i}", "", "**Prompt:** " + " ".join(p_md or ["(empty)"]), ""]
+        md += ["**Generated** (stop: " + res.stop + "):", "", "\n\n".join(g_md), ""]
+        body.append(
+            f"<section><h2>Sample {i}</h2><p class='prompt'><b>Prompt:</b> {' '.join(p_html)}</p>"
+            f"<p class='gen'><b>Generated</b> <small>(stop: {html.escape(res.stop)})</small>"
+            f"</p><div class='doc'>{' '.join(g_html)}</div></section>"
+        )
+    style = (
+        "body{font-family:sans-serif;max-width:48em;margin:auto}"
+        "img{image-rendering:pixelated;width:128px;vertical-align:middle;margin:4px}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Samples</title>"
+        f"<style>{style}</style></head><body><h1>Samples</h1>{''.join(body)}</body></html>"
+    )
+    md_path, html_path = out / "samples.md", out / "samples.html"
+    md_path.write_text("\n".join(md) + "\n")
+    html_path.write_text(page)
+    return {"markdown": md_path, "html": html_path, "images": pngs}
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def generate_cli(
+    cfg: Config,
+    params: Any,
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    input_images: Sequence[str] = (),
+    mesh: Mesh | None = None,
+    **options: Any,
+) -> dict[str, Path]:
+    """Everything `python -m tfx_jax generate` does once the parameters are loaded.
+
+    Loads the tokenizer and the VAE from `data.data_dir`, generates, writes the documents and
+    prints where they are.
+
+    Args:
+      cfg: the model's config.
+      params: its parameters.
+      prompts: prompt strings ("<image>" marks where an input image goes).
+      out_dir: where samples.md, samples.html and images/ go.
+      input_images: PNG/JPEG paths, resized to `data.image_size` and VAE-encoded; prompt i gets
+        image i before its text (image to text), unless its text has "<image>" markers, which
+        then take the next images in order.
+      mesh: defaults to the config's mesh.
+      options: `SampleOptions` fields (max_new_tokens, temperature, top_k, top_p, sampler,
+        diffusion_steps, guidance_scale, image_mode, rolling_window, max_images, seed,
+        force_image).
+
+    Returns:
+      {"markdown": path, "html": path, "images": [png paths]}.
+    """
+    from tfx_jax.data import prepare
+    from tfx_jax.data.tokenizer import Tokenizer
+
+    force_image = bool(options.pop("force_image", False))
+    fields = {f.name for f in dataclasses.fields(SampleOptions)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"unknown generate options {unknown}; valid: {sorted(fields)}")
+    opts = SampleOptions(**options)
+    tokenizer = Tokenizer.from_file(prepare.tokenizer_path(cfg))
+    vae = prepare.load_vae(cfg) if (prepare.vae_dir(cfg) / "vae.json").exists() else None
+    if input_images and vae is None:
+        raise FileNotFoundError(
+            f"input images need the VAE: none in {prepare.vae_dir(cfg)} (python -m tfx_jax vae)"
+        )
+    lats = list(_encode_files(cfg, vae, input_images)) if input_images else []
+    reqs = []
+    for text in prompts:
+        k = text.count(IMAGE_PLACEHOLDER)
+        if lats and k == 0:
+            text, k = f"{IMAGE_PLACEHOLDER} {text}".strip(), 1
+        imgs, lats = tuple(lats[:k]), lats[k:]
+        reqs.append(Prompt(text, imgs, force_image))
+    results = generate(cfg, params, tokenizer, reqs, opts, vae=vae, mesh=mesh)
+    paths = write_documents(results, out_dir)
+    for i, res in enumerate(results):
+        n_img = len(res.images)
+        print(f"[{i}] {res.prompt.text!r} -> {res.text!r} + {n_img} image(s) (stop: {res.stop})")
+    print(f"wrote {paths['markdown']} and {paths['html']}")
+    return paths
+
+
+def _encode_files(cfg: Config, vae, files: Sequence[str]) -> np.ndarray:
+    from PIL import Image
+
+    from tfx_jax import vae_train
+
+    size = cfg.data.image_size
+    pix = np.stack(
+        [np.asarray(Image.open(f).convert("RGB").resize((size, size)), np.uint8) for f in files]
+    )
+    model, vae_params, scale = vae
+    return np.asarray(vae_train.encode_images(vae_params, model, jnp.asarray(pix), scale))
