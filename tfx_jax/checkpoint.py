@@ -17,7 +17,6 @@ import dataclasses
 import logging
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -91,6 +90,8 @@ class Checkpointer:
         async_save: bool = True,
         create: bool = True,
     ):
+        import grain  # lazily: accelerator images without grain can still train and restore
+
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -115,6 +116,8 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any]) -> None:
+        import grain
+
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if hasattr(data_iter, "get_state"):  # plain generators (tests, ad-hoc feeds) have no state
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -136,6 +139,8 @@ class Checkpointer:
         Returns:
           (state, meta).
         """
+        import grain
+
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
