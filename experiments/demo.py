@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> Config:
             global_batch_size=16,
             packing_bins=32,
         ),
-        vae=VAEConfig(downsample=4, channels=(32, 64), steps=600, batch_size=64),
+        vae=VAEConfig(
+            downsample=4, channels=(32, 64), steps=1500, batch_size=64, learning_rate=2e-3
+        ),
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=30, weight_decay=0.1),
         mesh=MeshConfig(data=-1),
         train=TrainConfig(steps=300, log_every=25),

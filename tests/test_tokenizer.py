@@ -33,7 +33,9 @@ def bpe() -> tok.Tokenizer:
 
 
 def test_reserved_ids_hold(bpe):
-    assert (tok.PAD_ID, tok.BOS_ID, tok.EOS_ID, tok.UNK_ID, tok.BOI_ID, tok.EOI_ID) == tuple(range(6))
+    assert (tok.PAD_ID, tok.BOS_ID, tok.EOS_ID, tok.UNK_ID, tok.BOI_ID, tok.EOI_ID) == tuple(
+        range(6)
+    )
     assert [bpe.id_to_piece(i) for i in range(6)] == [
         "<pad>",
         "<s>",

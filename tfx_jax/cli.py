@@ -8,6 +8,7 @@ as one line naming the key and value, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -138,6 +139,42 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported step {step} ({args.format}, {args.dtype}) to {path}")
 
 
+def _sample_options(args: argparse.Namespace) -> dict:
+    opts = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "sampler": args.sampler,
+        "diffusion_steps": args.diffusion_steps,
+        "guidance_scale": args.guidance,
+        "image_mode": args.image_mode,
+        "seed": args.seed,
+        "force_image": args.force_image,
+    }
+    if args.rolling_window:
+        opts["rolling_window"] = args.rolling_window
+    return opts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tfx_jax import sample
+
+    if args.export:
+        from tfx_jax import export
+
+        cfg, params = export.load_export(args.export)
+        out = args.out or f"{args.export}/samples"
+    else:
+        cfg, params, step = load_checkpoint_params(args.workdir, args.step)
+        out = args.out or f"{args.workdir}/samples/step_{step}"
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=args.data_dir))
+    sample.generate_cli(
+        cfg, params, args.prompt, out, input_images=args.image, **_sample_options(args)
+    )
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     import jax
 
@@ -188,11 +225,53 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"{cfg.data.source} data (packed text + image latents)."
     )
     history = train.train(cfg, args.workdir)
-    first, last = history[0], history[-1]
-    print("\n               first logged   last logged")
-    for key in ("lm_loss", "diffusion_loss"):
-        print(f"  {key:<14} {first[key]:>12.4f} {last[key]:>13.4f}")
+    if history:
+        first, last = history[0], history[-1]
+        print("\n               first logged   last logged")
+        for key in ("lm_loss", "diffusion_loss"):
+            print(f"  {key:<14} {first[key]:>12.4f} {last[key]:>13.4f}")
     print(f"metrics: {Path(args.workdir) / 'metrics.jsonl'}")
+    if cfg.data.source == "shapes":
+        demo_samples(args.workdir)
+
+
+def demo_samples(workdir: str, per_split: int = 4) -> None:
+    """Draws images for captions from train and held-out combinations and scores them."""
+    import numpy as np
+
+    from tfx_jax import sample
+    from tfx_jax.data import judge, prepare, shapes
+    from tfx_jax.data.tokenizer import Tokenizer
+
+    cfg, params, step = load_checkpoint_params(workdir)
+    rng = np.random.default_rng(1234)
+    prompts = [
+        (split, shapes.caption(shapes.sample_scene(rng, split)))
+        for split in ("train", "heldout")
+        for _ in range(per_split)
+    ]
+    opts = sample.SampleOptions(
+        max_new_tokens=8, temperature=0.0, sampler="ddim", diffusion_steps=50, guidance_scale=3.0
+    )
+    results = sample.generate(
+        cfg,
+        params,
+        Tokenizer.from_file(prepare.tokenizer_path(cfg)),
+        [sample.Prompt(text, (), True) for _, text in prompts],
+        opts,
+        vae=prepare.load_vae(cfg),
+    )
+    out = Path(workdir) / "samples" / f"step_{step}"
+    paths = sample.write_documents(results, out)
+    print(f"\nsamples (step {step}; DDIM 50 steps, guidance 3; judged by tfx_jax.data.judge):")
+    for split in ("train", "heldout"):
+        scores = []
+        for (sp, text), res in zip(prompts, results, strict=True):
+            if sp == split and res.images and res.images[0].image is not None:
+                scores.append(judge.score(res.images[0].image, text)["fraction"])
+        mean = float(np.mean(scores)) if scores else 0.0
+        print(f"  {split:<8} combinations: {len(scores)} images, attributes correct {mean:.0%}")
+    print(f"open {paths['html']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +333,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: WORKDIR/export/step_N")
     _add_distributed(p)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser(
+        "generate",
+        help="write text and images from prompts (Markdown + HTML with PNGs)",
+        description="Decode text with a KV cache; on BOI (or --force-image) draw an image by "
+        "diffusion over the cached prefix with classifier-free guidance; continue to EOS. "
+        "'<image>' in a prompt marks where an --image goes; a prompt with an --image and no "
+        "marker is captioned (image to text).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a training run: its newest checkpoint is used")
+    src.add_argument("--export", help="a params-only export directory (tfx export)")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--image", action="append", default=[], help="input image file (repeatable)")
+    p.add_argument("--out", default=None, help="default: WORKDIR/samples/step_N")
+    p.add_argument("--data-dir", default=None, help="tokenizer/VAE location if moved")
+    p.add_argument("--force-image", action="store_true", help="start every answer with an image")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--diffusion-steps", type=int, default=50, help="paper: 250 DDPM steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--image-mode", choices=["full", "rolling"], default="full")
+    p.add_argument("--rolling-window", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    _add_distributed(p)
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser(
         "config",

@@ -14,6 +14,7 @@ reconstruction error).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -162,8 +163,9 @@ def init_state(
         affect the parameters.
 
     Returns:
-      A state at step 0. Parameters keep their `nn.LogicallyPartitioned` boxes, so
-      `nn.get_partition_spec(jax.eval_shape(init_state, ...))` gives their logical specs.
+      A state at step 0. Parameters (and Adam's moments) keep their `nn.LogicallyPartitioned`
+      boxes, so `nn.get_partition_spec(jax.eval_shape(partial(init_state, model, optimizer,
+      image_shape=...), rng))` gives the logical specs of the whole state.
     """
     if len(image_shape) not in (3, 4):
         raise ValueError(f"image_shape must be (H, W, C) or (B, H, W, C), got {image_shape}")
@@ -209,7 +211,7 @@ def make_train_step(
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x_BHWC, step_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
@@ -337,17 +339,17 @@ def train_vae(
     """
     images_uint8 = np.asarray(images_uint8)
     if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4:
-        raise ValueError(f"images must be uint8 [N, H, W, C], got {images_uint8.dtype} "
-                         f"{images_uint8.shape}")
+        raise ValueError(
+            f"images must be uint8 [N, H, W, C], got {images_uint8.dtype} {images_uint8.shape}"
+        )
     num_images = images_uint8.shape[0]
     if num_images < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} images, got {num_images}")
 
     optimizer = optax.adam(learning_rate)
     rng_init, rng_steps = jax.random.split(jax.random.key(seed))
-    state = jax.jit(init_state, static_argnums=(0, 1, 3))(
-        model, optimizer, rng_init, images_uint8.shape[1:]
-    )
+    init = functools.partial(init_state, model, optimizer, image_shape=images_uint8.shape[1:])
+    state = jax.jit(init)(rng_init)
     train_step = jax.jit(
         make_train_step(model, optimizer, kl_weight=kl_weight, recon=recon), donate_argnums=0
     )
@@ -377,7 +379,10 @@ def train_vae(
     encode = jax.jit(lambda p, x: encode_images(p, model, x, 1.0))
     sample = images_uint8[:scale_sample_size]
     latents = np.concatenate(
-        [np.asarray(encode(params, sample[i : i + batch_size])) for i in range(0, len(sample), batch_size)]
+        [
+            np.asarray(encode(params, sample[i : i + batch_size]))
+            for i in range(0, len(sample), batch_size)
+        ]
     )
     return VAETrainResult(
         params=params,

@@ -121,23 +121,45 @@ def train_vae(cfg: Config) -> dict:
         log_every=max(v.steps // 10, 1),
         seed=cfg.data.seed,
         log_fn=lambda r: print(
-            f"  vae step {r['step']:>5}  loss {r['loss']:.4f}  held-out PSNR {r['eval_psnr']:.2f} dB"
+            f"  vae step {r['step']:>5}  loss {r['loss']:.4f}  "
+            f"held-out PSNR {r['eval_psnr']:.2f} dB"
         ),
     )
     out = vae_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(result.params))
     summary = {
-        "latent_channels": cfg.model.latent_channels,
-        "downsample": v.downsample,
-        "channels": list(v.channels),
+        **_vae_settings(cfg),
         "scale_factor": result.scale_factor,
         "heldout_psnr_db": result.history[-1]["eval_psnr"],
-        "steps": v.steps,
     }
     (out / "vae.json").write_text(json.dumps(summary, indent=2))
     print(f"VAE saved to {out}: held-out PSNR {summary['heldout_psnr_db']:.2f} dB")
     return summary
+
+
+def _vae_settings(cfg: Config) -> dict:
+    """What determines the trained VAE; a saved VAE with other settings is stale."""
+    v = cfg.vae
+    return {
+        "latent_channels": cfg.model.latent_channels,
+        "downsample": v.downsample,
+        "channels": list(v.channels),
+        "steps": v.steps,
+        "batch_size": v.batch_size,
+        "learning_rate": v.learning_rate,
+        "kl_weight": v.kl_weight,
+        "image_size": cfg.data.image_size,
+        "tfds_config": cfg.data.tfds_config,
+    }
+
+
+def vae_is_current(cfg: Config) -> bool:
+    path = vae_dir(cfg) / "vae.json"
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    return all(saved.get(k) == v for k, v in _vae_settings(cfg).items())
 
 
 def load_vae(cfg: Config):
@@ -180,6 +202,10 @@ def encode_latents(cfg: Config) -> None:
             shape,
         )
         print(f"latents/{split}: {n} images -> {latents_path(cfg, split)}")
+    # Which VAE made these latents: a retrained VAE makes them stale.
+    (latents_path(cfg, "train").parent / "vae.json").write_text(
+        (vae_dir(cfg) / "vae.json").read_text()
+    )
 
 
 def prepare_all(cfg: Config) -> None:
@@ -187,9 +213,13 @@ def prepare_all(cfg: Config) -> None:
     build_dataset(cfg)
     if not tokenizer_path(cfg).exists():
         build_tokenizer(cfg)
-    if not (vae_dir(cfg) / "vae.json").exists():
+    if not vae_is_current(cfg):
         train_vae(cfg)
-    if not all(latents_path(cfg, s).exists() for s in SPLITS):
+    made_by = latents_path(cfg, "train").parent / "vae.json"
+    current = (vae_dir(cfg) / "vae.json").read_text()
+    if not all(latents_path(cfg, s).exists() for s in SPLITS) or (
+        not made_by.exists() or made_by.read_text() != current
+    ):
         encode_latents(cfg)
 
 

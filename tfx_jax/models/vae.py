@@ -95,6 +95,17 @@ class ResBlock(nn.Module):
         return skip + h
 
 
+def upsample_nearest_2x(x_BHWD: jax.Array) -> jax.Array:
+    """[B, H, W, D] -> [B, 2H, 2W, D] by repeating pixels.
+
+    A broadcast and a reshape: its gradient is a sum, where `jax.image.resize(..., "nearest")`
+    lowers to a gather whose gradient is a scatter-add, slow on XLA:CPU.
+    """
+    b, h, w, d = x_BHWD.shape
+    x = jnp.broadcast_to(x_BHWD[:, :, None, :, None, :], (b, h, 2, w, 2, d))
+    return x.reshape(b, 2 * h, 2 * w, d)
+
+
 def stage_widths(channels: Sequence[int], downsample: int) -> tuple[int, ...]:
     """Widths of the log2(downsample) + 1 resolution levels.
 
@@ -165,8 +176,7 @@ class Decoder(nn.Module):
             if level > 0:
                 # Nearest-neighbour x2 then conv3x3 (LDM's Upsample) avoids checkerboard
                 # artefacts of transposed convolutions.
-                b, hh, ww, d = h.shape
-                h = jax.image.resize(h, (b, 2 * hh, 2 * ww, d), method="nearest")
+                h = upsample_nearest_2x(h)
                 # LDM keeps the coarser width here; narrowing to the finer level's width in
                 # this conv (already at the finer resolution) costs half or less.
                 h = _conv(self.widths[level - 1], 3, 1, f"up{level}_upsample", **kw)(h)
