@@ -17,19 +17,38 @@ from tfx_jax.config import ConfigError
 from tfx_jax.train import KILL_AT_STEP_ENV, NonFiniteLossError, Trainer, train
 
 STEPS = 8
-FLAGS = ["--set", f"train.steps={STEPS}", "--set", "checkpoint.every_steps=3",
-         "--set", "train.log_every=1", "--set", "checkpoint.async_save=true"]  # fmt: skip
+FLAGS = [
+    "--set",
+    f"train.steps={STEPS}",
+    "--set",
+    "checkpoint.every_steps=3",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "checkpoint.async_save=true",
+]
 
 
 def run_cli(workdir, *extra, env_extra=None, wait=True):
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", **(env_extra or {})
     )
-    cmd = [sys.executable, "-m", "tfx_jax", "train", "--config", str(REPO / "experiments/tiny.py"),
-           "--workdir", str(workdir), *FLAGS, *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tfx_jax",
+        "train",
+        "--config",
+        str(REPO / "experiments/tiny.py"),
+        "--workdir",
+        str(workdir),
+        *FLAGS,
+        *extra,
+    ]
     if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -59,8 +78,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path):
     # (Orbax finishes save 3 before starting save 6, so at step 7 at least step 3 is complete).
     for kill_at, async_save in ((4, "false"), (7, "true")):
         wd = tmp_path / f"killed_at_{kill_at}"
-        dead = run_cli(wd, "--set", f"checkpoint.async_save={async_save}",
-                       env_extra={KILL_AT_STEP_ENV: str(kill_at)})  # fmt: skip
+        dead = run_cli(
+            wd,
+            "--set",
+            f"checkpoint.async_save={async_save}",
+            env_extra={KILL_AT_STEP_ENV: str(kill_at)},
+        )
         assert dead.returncode == -signal.SIGKILL, dead.stdout + dead.stderr
         resumed = run_cli(wd)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -72,8 +95,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path):
-    proc = run_cli(tmp_path, "--set", "train.steps=100000", "--set", "checkpoint.every_steps=1000",
-                   wait=False)  # fmt: skip
+    proc = run_cli(
+        tmp_path, "--set", "train.steps=100000", "--set", "checkpoint.every_steps=1000", wait=False
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -151,8 +175,14 @@ def test_nan_loss_is_skipped_or_stops(tiny_config, tmp_path):
     history = train(cfg, tmp_path / "skip", batches=_nan_batches(cfg))
     assert [h["finite"] for h in history] == [1.0, 0.0, 1.0]
     assert history[-1]["skipped"] == 1.0 and np.isfinite(history[-1]["loss"])
-    stop = tiny_config(overrides=["train.steps=3", "train.log_every=1", "checkpoint.every_steps=1",
-                                  "train.nan_policy=stop"])  # fmt: skip
+    stop = tiny_config(
+        overrides=[
+            "train.steps=3",
+            "train.log_every=1",
+            "checkpoint.every_steps=1",
+            "train.nan_policy=stop",
+        ]
+    )
     with pytest.raises(NonFiniteLossError, match="last good checkpoint \\(1\\)"):
         train(stop, tmp_path / "stop", batches=_nan_batches(stop))
     time.sleep(0.1)

@@ -103,8 +103,12 @@ def test_params_round_trip_fp32_is_bit_exact(tiny_config, tokenizer_file, tmp_pa
     if scan:  # what a Trainer holds: arrays sharded over the 8 devices, and a variables dict
         mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
-        given = {"params": {**params, "embed": {"embedding": jax.device_put(
-            params["embed"]["embedding"], rows)}}}  # fmt: skip
+        given = {
+            "params": {
+                **params,
+                "embed": {"embedding": jax.device_put(params["embed"]["embedding"], rows)},
+            }
+        }
         assert len(given["params"]["embed"]["embedding"].addressable_shards) == 8
     out = export.export_params(
         cfg, given, tmp_path / "export", "float32", tokenizer_path=tokenizer_file, vae_dir=vae

@@ -23,8 +23,16 @@ def free_port() -> int:
 
 
 def common(steps):
-    return ["--set", f"train.steps={steps}", "--set", "checkpoint.every_steps=2",
-            "--set", "train.log_every=1", "--set", "mesh.data=-1"]  # fmt: skip
+    return [
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "checkpoint.every_steps=2",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "mesh.data=-1",
+    ]
 
 
 @pytest.mark.slow
@@ -59,7 +67,7 @@ def test_two_processes_train_and_resume_in_one(tiny_config, tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=400)[0] for p in procs]

@@ -33,8 +33,11 @@ def test_to_sequence_hand_example():
 
 
 def test_interleaved_and_truncation():
-    ex = {"kind": "interleaved", "text": "first one <image> then two <image> end",
-          "latents": np.stack([lat(1.0), lat(2.0)])}  # fmt: skip
+    ex = {
+        "kind": "interleaved",
+        "text": "first one <image> then two <image> end",
+        "latents": np.stack([lat(1.0), lat(2.0)]),
+    }
     seq = pipeline.to_sequence(ex, np.random.default_rng(0), encode, SPEC)
     # BOS 2 words [BOI 4 EOI] 2 words [BOI 4 EOI] 1 word EOS = 1+2+6+2+6+1+1 = 19
     assert len(seq["tokens"]) == 19 and seq["image_ids"].max() == 2
@@ -57,7 +60,9 @@ def make_source(n=200, seed=0):
         k = {"caption": 1, "interleaved": 2, "text": 0}[kind]
         words = " ".join("w" * int(rng.integers(1, 6)) for _ in range(int(rng.integers(1, 6))))
         text = words if kind != "interleaved" else f"{words} <image> and <image> {i}"
-        lats = np.stack([lat(float(i % 7 + j + 1)) for j in range(k)]) if k else np.zeros((0, 4, 4, 2))
+        lats = (
+            np.stack([lat(float(i % 7 + j + 1)) for j in range(k)]) if k else np.zeros((0, 4, 4, 2))
+        )
         out.append({"kind": kind, "text": text, "latents": lats})
     return out
 
@@ -73,7 +78,9 @@ def test_packed_rows_are_consistent():
     for b in bs:
         assert b["tokens"].shape == (4, 24) and b["patches"].shape == (4, 24, 8)
         for r in range(4):
-            seg, img, tok, pos = (b[k][r] for k in ("segment_ids", "image_ids", "tokens", "positions"))
+            seg, img, tok, pos = (
+                b[k][r] for k in ("segment_ids", "image_ids", "tokens", "positions")
+            )
             # Documents are contiguous, start with BOS at position 0, padding at the end only.
             for s in set(seg[seg > 0].tolist()):
                 idx = np.flatnonzero(seg == s)
@@ -103,8 +110,17 @@ def test_hosts_read_disjoint_data():
     enc = lambda text: [100 + int(text[2:])]
     seen = []
     for host in range(2):
-        ds = pipeline.packed_dataset(src, enc, SPEC, batch_size=1, num_epochs=1, seed=5,
-                                     process_index=host, process_count=2, num_packing_bins=4)  # fmt: skip
+        ds = pipeline.packed_dataset(
+            src,
+            enc,
+            SPEC,
+            batch_size=1,
+            num_epochs=1,
+            seed=5,
+            process_index=host,
+            process_count=2,
+            num_packing_bins=4,
+        )
         seen.append({int(t) - 100 for b in ds for t in b["tokens"].ravel() if t >= 100})
     assert not seen[0] & seen[1], "two hosts read the same record"
     assert seen[0] | seen[1] == set(range(40))
@@ -114,8 +130,11 @@ def test_resume_sees_the_same_batches():
     it, _ = batches(3)
     state = it.get_state()
     expected = [next(it) for _ in range(4)]
-    fresh = iter(pipeline.packed_dataset(make_source(), encode, SPEC, batch_size=4, seed=3,
-                                         num_packing_bins=8))  # fmt: skip
+    fresh = iter(
+        pipeline.packed_dataset(
+            make_source(), encode, SPEC, batch_size=4, seed=3, num_packing_bins=8
+        )
+    )
     fresh.set_state(state)
     for want in expected:
         got = next(fresh)
@@ -127,20 +146,24 @@ def test_bad_records_are_skipped_or_raise():
     src = make_source(30)
     src[4] = {"kind": "caption", "text": "x", "latents": np.zeros((2, 4, 4, 2))}  # 2 images
     counters = pipeline.Counters()
-    ds = pipeline.packed_dataset(src, encode, SPEC, batch_size=1, num_epochs=1, shuffle=False,
-                                 counters=counters)  # fmt: skip
+    ds = pipeline.packed_dataset(
+        src, encode, SPEC, batch_size=1, num_epochs=1, shuffle=False, counters=counters
+    )
     list(ds)
     assert counters.decode_errors == 1
     strict = pipeline.SequenceSpec(24, 2, 2, on_error="raise")
     with pytest.raises(ValueError, match="caption example has 2 images"):
-        list(pipeline.packed_dataset(src, encode, strict, batch_size=1, num_epochs=1, shuffle=False))
+        list(
+            pipeline.packed_dataset(src, encode, strict, batch_size=1, num_epochs=1, shuffle=False)
+        )
 
 
 def test_latents_round_trip(tmp_path):
     examples = [{"images": [np.full((8, 8, 3), i * 10, np.uint8)] * (i % 3)} for i in range(7)]
     enc = latents_lib.pool_encoder(factor=2, channels=3)
-    n = latents_lib.write_latents(tmp_path / "l.array_record", examples, enc, (4, 4, 3),
-                                  batch_size=2, progress=False)  # fmt: skip
+    n = latents_lib.write_latents(
+        tmp_path / "l.array_record", examples, enc, (4, 4, 3), batch_size=2, progress=False
+    )
     assert n == sum(i % 3 for i in range(7))
     src = latents_lib.LatentSource(tmp_path / "l.array_record")
     assert len(src) == 7 and src[0].shape == (0, 4, 4, 3) and src[2].shape == (2, 4, 4, 3)

@@ -36,19 +36,9 @@ from tfx_jax import diffusion, layout, rolling, samplers, sharding
 from tfx_jax.config import Config
 from tfx_jax.models.kv_cache import KV_AXES, META_AXES, KVCache, init_cache
 from tfx_jax.models.transformer import Transfusion
+from tfx_jax.sharding import mesh_context
 
 CHUNK_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "attn_image_ids")
-
-
-def mesh_context(mesh: Mesh, cfg: Config):
-    """The mesh and the logical-axis rules, for tracing (what `train.mesh_context` does; kept here
-    so that sampling does not import the trainer's checkpointing stack)."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(cfg.mesh.rules))
-    return stack
 
 
 # ----------------------------------------------------------------------------- text sampling
@@ -108,20 +98,21 @@ class ImageSampling:
       sampler: "ddpm" (ancestral) or "ddim" (η = 0).
       steps: reverse steps of full-image sampling (0 = 250 for DDPM, 50 for DDIM); for rolling
         sampling, the steps a row spends in the window (steps_per_row = steps // window).
-      guidance_scale: classifier-free guidance s (1 = conditional only, no extra batch).
+      guidance_scale: classifier-free guidance s; None = no guidance (no unconditional batch).
+        Any number runs the unconditional twins (s = 1 reproduces the conditional result).
       mode: "full" (the whole block at one noise level) or "rolling" (patch rows, top to bottom).
       window: rows in the rolling window (0 = `diffusion.rolling_window`).
     """
 
     sampler: str = "ddim"
     steps: int = 0
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None
     mode: str = "full"
     window: int = 0
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale != 1.0
+        return self.guidance_scale is not None
 
     def num_steps(self) -> int:
         return self.steps or samplers.DEFAULT_STEPS[self.sampler]
@@ -189,10 +180,10 @@ class Decoder:
     def put_params(self, params: Any) -> Any:
         """Parameters placed by their logical names (as the trainer shards them)."""
         m = self.cfg.model
-        T, M, g = 8, 1, m.latent_size
-        ints = jnp.zeros((1, T), jnp.int32)
-        args = (ints, ints, ints, ints, ints - 1, jnp.zeros((1, M), jnp.int32),
-                jnp.zeros((1, M, g, g, m.latent_channels)), jnp.zeros((1, M, m.num_patches)))  # fmt: skip
+        ints = jnp.zeros((1, 8), jnp.int32)
+        lat = jnp.zeros((1, 1, m.latent_size, m.latent_size, m.latent_channels))
+        t = jnp.zeros((1, 1, m.num_patches), jnp.int32)
+        args = (ints, ints, ints, ints, ints - 1, jnp.zeros((1, 1), jnp.int32), lat, t)
         with mesh_context(self.mesh, self.cfg):
             abstract = jax.eval_shape(self.model.init, jax.random.key(0), *args)["params"]
             shardings = nn.logical_to_mesh_sharding(

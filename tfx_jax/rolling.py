@@ -71,7 +71,7 @@ def local_times(t, rows, start_row, window: int, init=False):
     w = xp.asarray(rows) - start_row
     rolling = (w + t) / window
     first = w / window + t
-    return xp.clip(xp.where(init, first, rolling), 0.0, 1.0)
+    return xp.where(w < 0, 0.0, xp.clip(xp.where(init, first, rolling), 0.0, 1.0))
 
 
 def levels(tau, num_timesteps: int):

@@ -14,15 +14,13 @@ different things (one runs an image while another writes text) never waste each 
 Public API:
   generate(cfg, params, tokenizer, prompts, options, vae=None) -> list[GenerationResult]
   caption_images(cfg, params, tokenizer, images_uint8, vae, options) -> list[GenerationResult]
-  write_documents(results, out_dir) -> {"markdown": path, "html": path}
+  write_documents(results, out_dir) -> {"markdown": path, "html": path}   (tfx_jax.documents)
   generate_cli(cfg, params, prompts, out_dir, **options) -> {"markdown": path, "html": path}
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
-import io
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ from tfx_jax import rolling, sharding
 from tfx_jax.config import Config
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
 from tfx_jax.decode import CHUNK_KEYS, Decoder, ImageSampling
+from tfx_jax.documents import write_documents
 
 IMAGE_PLACEHOLDER = "<image>"  # where a prompt's images go (the data pipeline's marker)
 
@@ -68,8 +67,10 @@ class SampleOptions:
       max_images: images a prompt may generate (BOI is banned afterwards).
       temperature, top_k, top_p: text sampling (temperature 0 = greedy).
       sampler, diffusion_steps, guidance_scale: "ddpm" | "ddim", reverse steps (0 = the
-        sampler's default), classifier-free guidance scale s (1 = off).
-      image_mode, rolling_window: "full" | "rolling", and its window in patch rows (0 = config).
+        sampler's default), classifier-free guidance scale s (None = off; a number runs the
+        unconditional twins, and s = 1 gives the conditional result).
+      image_mode, rolling_window: "full" | "rolling" ("" = rolling if the model was trained
+        with diffusion.mode=rolling, else full), and the window in patch rows (0 = config).
       seed: all randomness derives from it.
     """
 
@@ -80,16 +81,17 @@ class SampleOptions:
     top_p: float = 1.0
     sampler: str = "ddim"
     diffusion_steps: int = 0
-    guidance_scale: float = 1.0
-    image_mode: str = "full"
+    guidance_scale: float | None = None
+    image_mode: str = ""
     rolling_window: int = 0
     seed: int = 0
 
-    def image_sampling(self) -> ImageSampling:
+    def image_sampling(self, cfg: Config) -> ImageSampling:
+        """The image choices; `image_mode` "" follows how the model was trained."""
+        mode = self.image_mode or ("rolling" if cfg.diffusion.mode == "rolling" else "full")
         return ImageSampling(
-            self.sampler, self.diffusion_steps, self.guidance_scale, self.image_mode,
-            self.rolling_window,
-        )  # fmt: skip
+            self.sampler, self.diffusion_steps, self.guidance_scale, mode, self.rolling_window
+        )
 
 
 @dataclasses.dataclass
@@ -119,7 +121,7 @@ class GenerationResult:
       pieces: the generated continuation, in order.
       token_ids: every token the row wrote or sampled after the prompt (BOI/EOI/EOS included;
         image patches are not tokens).
-      stop: "eos", "max_new_tokens" or "max_images" (an image budget of a forced image).
+      stop: "eos" or "max_new_tokens".
     """
 
     prompt: Prompt
@@ -227,10 +229,10 @@ def generate(
     """
     prompts = [Prompt(p) if isinstance(p, str) else p for p in prompts]
     m = cfg.model
-    I, g, p = m.num_patches, m.latent_size // m.patch_size, m.patch_size
+    I, g = m.num_patches, m.latent_size // m.patch_size
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     text_opts = (options.temperature, options.top_k, options.top_p)
-    dec = Decoder(cfg, mesh, options.image_sampling(), text_opts)
+    dec = Decoder(cfg, mesh, options.image_sampling(cfg), text_opts)
     params = dec.put_params(params)
     n = len(prompts)
     B = math.ceil(n / dec.batch_parallel()) * dec.batch_parallel()
@@ -239,51 +241,51 @@ def generate(
 
     encoded = [encode_prompt(pr, tokenizer.encode, I) for pr in prompts]
     encoded += [([BOS_ID], [0], [])] * (B - n)  # padding rows: a lone BOS, done at once
-    Tp = max(len(e[0]) for e in encoded)
-    headroom = I + dec.window * g  # idle rows write padding chunks past their content
-    S = Tp + options.max_new_tokens + options.max_images * (I + 2) + headroom + 2
-    cache = dec.new_cache(R, S)
-
-    # Prefill: prompts in rows [0, B); the unconditional twins [B, 2B) hold BOS, BOI (the
-    # caption-dropped layout), written once: each image block is rewritten after them.
-    Mp = max(len(e[2]) for e in encoded)
-    chunk = {k: np.zeros((R, Tp), np.int32) for k in CHUNK_KEYS}
-    latents = np.zeros((R, Mp, m.latent_size, m.latent_size, m.latent_channels), np.float32)
-    last = np.zeros(R, np.int32)
-    for b, (toks, imgs, lats) in enumerate(encoded):
-        L = len(toks)
-        chunk["tokens"][b, :L], chunk["segment_ids"][b, :L] = toks, 1
-        chunk["positions"][b, :L] = np.arange(L)
-        chunk["image_ids"][b, :L] = chunk["attn_image_ids"][b, :L] = imgs
-        latents[b, : len(lats)] = lats
-        last[b] = L - 1
-    if dec.images.guided:
-        chunk["tokens"][B:, :2], chunk["segment_ids"][B:, :2] = [BOS_ID, BOI_ID], 1
-        chunk["positions"][B:, :2] = [0, 1]
-    twin_index = 2
-    allowed = _allowed_tokens(m.vocab_size, tokenizer.vocab_size)
-    first, cache = dec.prefill(
-        params, cache, dec.put(np.zeros(R, np.int32)), _put_chunk(dec, chunk), dec.put(latents),
-        dec.put(last), jax.random.fold_in(rng, 0), dec.put(np.repeat(allowed[None], B, 0)),
-    )  # fmt: skip
     lens = np.array([len(e[0]) for e in encoded])
+    # Slots: prompt, sampled tokens, images with their EOI, and room for the padding chunks idle
+    # rows write past their content while other rows run an image (or a rolling window).
+    headroom = I + dec.window * g
+    n_images = options.max_images + 1  # + a forced image
+    S = int(lens.max()) + options.max_new_tokens + n_images * (I + 1) + headroom
+    cache = dec.new_cache(R, S)
+    allowed = _allowed_tokens(m.vocab_size, tokenizer.vocab_size)
+
+    def allowed_now():  # BOI is banned once a row has generated its images
+        rows = np.repeat(allowed[None], B, 0)
+        rows[st.generated_images >= options.max_images, BOI_ID] = False
+        return dec.put(rows)
+
     st = _Rows(
-        index=lens.copy(), pos=lens.copy(), pending=np.full(B, -1),
+        index=lens.copy(),
+        pos=lens.copy(),
+        pending=np.full(B, -1),
         need_image=np.array([e[0][-1] == BOI_ID for e in encoded]),
-        done=np.arange(B) >= n, images=np.array([len(e[2]) for e in encoded]),
-        generated_images=np.zeros(B, int), sampled=np.zeros(B, int), stop=[""] * B,
-        token_ids=[[] for _ in range(B)], text_ids=[[] for _ in range(B)],
+        done=np.arange(B) >= n,
+        images=np.array([len(e[2]) for e in encoded]),
+        generated_images=np.zeros(B, int),
+        sampled=np.zeros(B, int),
+        stop=[""] * B,
+        token_ids=[[] for _ in range(B)],
+        text_ids=[[] for _ in range(B)],
         pieces=[[] for _ in range(B)],
-    )  # fmt: skip
-    _take_samples(st, np.asarray(first), ~st.need_image & ~st.done, options, tokenizer)
+    )
+    first, cache = dec.prefill(
+        params,
+        cache,
+        dec.put(np.zeros(R, np.int32)),
+        *_prefill_inputs(dec, encoded, R),
+        jax.random.fold_in(rng, 0),
+        allowed_now(),
+    )
+    _take_samples(st, np.asarray(first), ~st.need_image & ~st.done, options.max_new_tokens)
 
     step = 0
     while not st.done.all():
         step += 1
         key = jax.random.fold_in(rng, step)
         phase = st.need_image & ~st.done
-        if phase.any():
-            cache, x0 = _image_phase(dec, params, cache, st, phase, R, twin_index, key, on_row)
+        if phase.any():  # every row that wrote BOI gets its image now; the others idle
+            cache, x0 = _image_phase(dec, params, cache, st, phase, R, key, on_row)
             for b in np.flatnonzero(phase):
                 _flush_text(st, b, tokenizer)
                 st.pieces[b].append(Piece("image", latents=x0[b, 0]))
@@ -292,46 +294,74 @@ def generate(
                 st.need_image[b] = False
                 st.images[b] += 1
                 st.generated_images[b] += 1
-                if st.sampled[b] >= options.max_new_tokens:
-                    st.done[b], st.stop[b] = True, "max_new_tokens"
-                else:
-                    st.pending[b] = EOI_ID
+                st.pending[b] = EOI_ID
             continue
         active = ~st.done
         chunk = {k: np.zeros((R, 1), np.int32) for k in CHUNK_KEYS}
         chunk["tokens"][:B, 0] = np.where(active, st.pending, 0)
         chunk["segment_ids"][:B, 0] = active
         chunk["positions"][:B, 0] = st.pos
-        index = np.concatenate([st.index, np.full(R - B, twin_index)]).astype(np.int32)
-        allowed_B = np.repeat(allowed[None], B, 0)
-        allowed_B[st.generated_images >= options.max_images, BOI_ID] = False
         nxt, cache = dec.text_step(
-            params, cache, dec.put(index), _put_chunk(dec, chunk), key, dec.put(allowed_B)
+            params, cache, dec.put(_cache_index(st, R)), _put_chunk(dec, chunk), key, allowed_now()
         )
-        nxt = np.asarray(nxt)
-        wrote = active.copy()
-        for b in np.flatnonzero(wrote):
-            tok = int(st.pending[b])
-            if tok != EOI_ID:
-                st.token_ids[b].append(tok) if tok == BOI_ID else None
-            st.index[b] += 1
-            st.pos[b] += 1
-            if tok == BOI_ID:
-                st.need_image[b] = True
-            elif tok == EOI_ID:
-                st.token_ids[b].append(EOI_ID)
-        _take_samples(st, nxt, wrote & ~st.need_image, options, tokenizer)
+        wrote = st.pending.copy()
+        st.index[active] += 1
+        st.pos[active] += 1
+        for b in np.flatnonzero(active & (wrote == EOI_ID)):
+            st.token_ids[b].append(EOI_ID)
+        st.need_image |= active & (wrote == BOI_ID)
+        _take_samples(st, np.asarray(nxt), active & ~st.need_image, options.max_new_tokens)
 
     results = []
     for b in range(n):
         _flush_text(st, b, tokenizer)
         results.append(
-            GenerationResult(prompts[b], _prompt_pieces(prompts[b]), st.pieces[b],
-                             st.token_ids[b], st.stop[b])  # fmt: skip
+            GenerationResult(
+                prompts[b], _prompt_pieces(prompts[b]), st.pieces[b], st.token_ids[b], st.stop[b]
+            )
         )
     if vae is not None:
         decode_images(results, vae)
     return results
+
+
+def _prefill_inputs(dec: Decoder, encoded, R: int) -> tuple:
+    """(chunk, latents, last) of the prefill. Rows [0, B) hold the prompts; the unconditional
+    twins [B, 2B) hold BOS, BOI (the caption-dropped layout), written once: every image block of
+    a twin is rewritten right after them. Prompt images are clean blocks; a model trained with
+    rolling diffusion sees them row by row, as the rolling sampler leaves its own images."""
+    m = dec.cfg.model
+    B, g = len(encoded), dec.rows
+    Tp = max(len(e[0]) for e in encoded)
+    Mp = max(len(e[2]) for e in encoded)
+    chunk = {k: np.zeros((R, Tp), np.int32) for k in CHUNK_KEYS}
+    latents = np.zeros((R, Mp, m.latent_size, m.latent_size, m.latent_channels), np.float32)
+    last = np.zeros(R, np.int32)
+    for b, (toks, imgs, lats) in enumerate(encoded):
+        L, img = len(toks), np.asarray(imgs)
+        chunk["tokens"][b, :L], chunk["segment_ids"][b, :L] = toks, 1
+        chunk["positions"][b, :L] = np.arange(L)
+        chunk["image_ids"][b, :L] = img
+        attn = img
+        if dec.cfg.diffusion.mode == "rolling":
+            patch = np.arange(L) - np.maximum.accumulate(np.where(img > 0, 0, np.arange(L))) - 1
+            attn = np.where(img > 0, rolling.block_id(img, patch // g, g), 0)
+        chunk["attn_image_ids"][b, :L] = attn
+        if lats:
+            latents[b, : len(lats)] = np.stack(lats)
+        last[b] = L - 1
+    if R > B:
+        chunk["tokens"][B:, :2], chunk["segment_ids"][B:, :2] = [BOS_ID, BOI_ID], 1
+        chunk["positions"][B:, :2] = [0, 1]
+    return _put_chunk(dec, chunk), dec.put(latents), dec.put(last)
+
+
+TWIN_INDEX = 2  # a twin's image block starts after its BOS, BOI
+
+
+def _cache_index(st: _Rows, R: int) -> np.ndarray:
+    B = len(st.index)
+    return np.concatenate([st.index, np.full(R - B, TWIN_INDEX)]).astype(np.int32)
 
 
 def _allowed_tokens(model_vocab: int, tokenizer_vocab: int) -> np.ndarray:
@@ -345,21 +375,20 @@ def _put_chunk(dec: Decoder, chunk: dict[str, np.ndarray]) -> dict[str, jax.Arra
     return {k: dec.put(v) for k, v in chunk.items()}
 
 
-def _take_samples(st: _Rows, sampled: np.ndarray, rows: np.ndarray, options, tokenizer) -> None:
-    """Records the tokens sampled for `rows`: EOS and the budget end a row, BOI opens an image
-    (written by the next text step), anything else is text."""
+def _take_samples(st: _Rows, sampled: np.ndarray, rows: np.ndarray, budget: int) -> None:
+    """Records the tokens sampled for `rows`: EOS and the token budget end a row; BOI becomes
+    the pending token (the next text step writes it, then an image follows); the rest is text."""
     for b in np.flatnonzero(rows & ~st.done):
         tok = int(sampled[b])
         st.sampled[b] += 1
+        st.token_ids[b].append(tok)
         if tok == EOS_ID:
-            st.token_ids[b].append(tok)
             st.done[b], st.stop[b] = True, "eos"
             continue
         if tok != BOI_ID:
-            st.token_ids[b].append(tok)
             st.text_ids[b].append(tok)
         st.pending[b] = tok
-        if st.sampled[b] >= options.max_new_tokens:
+        if st.sampled[b] >= budget:
             st.done[b], st.stop[b] = True, "max_new_tokens"
 
 
@@ -369,39 +398,44 @@ def _flush_text(st: _Rows, b: int, tokenizer) -> None:
         st.text_ids[b] = []
 
 
-def _image_phase(dec, params, cache, st: _Rows, phase, R, twin_index, rng, on_row):
-    """Generates one image for every row in `phase` (others idle); returns (cache, x0 [B,1,h,w,C]).
+def _block_chunk(dec: Decoder, st: _Rows, phase, R: int, first: int, n: int, attn_id):
+    """The chunk of patches [first, first + n) of the image of every row in `phase` (and of its
+    twin); other rows are padding. Patches past the image (a window overhanging the last row)
+    are padding too. `attn_id(k, patch_offsets)` gives the attention image ids.
 
-    Full mode: the whole block is denoised with the cache read-only, then written back clean.
-    Rolling mode: passes of the window over patch rows; each finished row is written into the
-    cache (so the rows below attend to it) and handed to `on_row`.
+    Returns:
+      (chunk, cache index per row).
+    """
+    B, I = len(phase), dec.cfg.model.num_patches
+    chunk = {k: np.zeros((R, n), np.int32) for k in CHUNK_KEYS}
+    off = first + np.arange(n)
+    exists = off < I
+    for b in np.flatnonzero(phase):
+        # The row's document continues at its position; a twin's image follows BOS, BOI and is
+        # its image 1. Both rows share the latent, so both hold the same patches.
+        for row, pos0, k in ((b, st.pos[b], st.images[b] + 1), (b + B, TWIN_INDEX, 1))[: R // B]:
+            chunk["segment_ids"][row] = exists
+            chunk["positions"][row] = pos0 + off
+            chunk["image_ids"][row] = np.where(exists, k, 0)
+            chunk["attn_image_ids"][row] = np.where(exists, attn_id(k, off), 0)
+    return _put_chunk(dec, chunk), dec.put(_cache_index(st, R) + first)
+
+
+def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_row):
+    """Generates one image for every row in `phase`; returns (cache, x0 [B, 1, h, w, C]).
+
+    Full mode: the whole block is denoised with the prefix cached (each step runs the block
+    only; the cache is read, never kept), then written back clean (t = 0).
+    Rolling mode: passes of the window over patch rows (`rolling.sampling_plan`); each finished
+    row is written into the cache at t = 0 (the rows below attend to it), handed to `on_row`,
+    and the window shifts by one row of fresh noise. Only the window is held.
     """
     m = dec.cfg.model
     B, I, g, p = len(phase), m.num_patches, dec.rows, m.patch_size
     C, hw = m.latent_channels, m.latent_size
-    guided = dec.images.guided
-
-    def block_chunk(first_patch: int, n_patches: int, attn_id_of_patch) -> tuple[dict, np.ndarray]:
-        """Chunk of patches [first, first + n) of the image of every phase row (and twin)."""
-        chunk = {k: np.zeros((R, n_patches), np.int32) for k in CHUNK_KEYS}
-        off = first_patch + np.arange(n_patches)
-        exists = off < I
-        for b in np.flatnonzero(phase):
-            k = st.images[b] + 1
-            rows = [b, b + B] if guided else [b]
-            starts = [st.pos[b], twin_index]
-            for r, pos0 in zip(rows, starts, strict=False):
-                chunk["segment_ids"][r] = exists
-                chunk["positions"][r] = pos0 + off
-                img_k = k if r < B else 1
-                chunk["image_ids"][r] = np.where(exists, img_k, 0)
-                chunk["attn_image_ids"][r] = np.where(exists, attn_id_of_patch(img_k, off), 0)
-        index = np.concatenate([st.index, np.full(R - B, twin_index)]) + first_patch
-        return _put_chunk(dec, chunk), dec.put(index.astype(np.int32))
-
     noise_key, pass_key = jax.random.split(rng)
     if dec.images.mode == "full":
-        chunk, index = block_chunk(0, I, lambda k, off: np.full(off.shape, k))
+        chunk, index = _block_chunk(dec, st, phase, R, 0, I, lambda k, off: np.full(off.shape, k))
         x_T = jax.random.normal(noise_key, (B, 1, hw, hw, C), jnp.float32)
         x0 = dec.image_full(params, cache, index, chunk, dec.put(np.asarray(x_T)), pass_key)
         cache = dec.commit(params, cache, index, chunk, x0)
@@ -409,25 +443,19 @@ def _image_phase(dec, params, cache, st: _Rows, phase, R, twin_index, rng, on_ro
 
     W = dec.window
     plan = rolling.sampling_plan(g, W, max(dec.images.num_steps() // W, 1))
-
-    def window_id(k, off):
-        return rolling.attention_image_ids(np.full(off.shape, k), off // g, 0, W, g) * 0 + (
-            (k - 1) * (g + 2) + g + 1
-        )
-
     x_win = np.asarray(jax.random.normal(noise_key, (B, 1, W * p, hw, C), jnp.float32))
     finished = []
     for i, ps in enumerate(plan):
         r0 = ps.start_row
-        chunk, index = block_chunk(r0 * g, W * g, window_id)
+        window_id = lambda k, off: np.full(off.shape, rolling.block_id(k, g, g))  # noqa: B023
+        chunk, index = _block_chunk(dec, st, phase, R, r0 * g, W * g, window_id)
         taus = jnp.asarray(ps.taus, jnp.float32)
-        x_win = dec.rolling_pass(
-            params, cache, index, chunk, dec.put(x_win), taus, jax.random.fold_in(pass_key, i)
-        )
-        x_win = np.asarray(x_win)
-        row = x_win[:, :, :p]
-        row_chunk, row_index = block_chunk(r0 * g, g, lambda k, off: (k - 1) * (g + 2) + r0 + 1)
-        cache = dec.commit(params, cache, row_index, row_chunk, dec.put(np.ascontiguousarray(row)))
+        key = jax.random.fold_in(pass_key, i)
+        x_win = np.asarray(dec.rolling_pass(params, cache, index, chunk, dec.put(x_win), taus, key))
+        row = np.ascontiguousarray(x_win[:, :, :p])  # row r0 is clean (τ = 0)
+        row_id = lambda k, off: np.full(off.shape, rolling.block_id(k, r0, g))  # noqa: B023
+        row_chunk, row_index = _block_chunk(dec, st, phase, R, r0 * g, g, row_id)
+        cache = dec.commit(params, cache, row_index, row_chunk, dec.put(row))
         finished.append(row)
         if on_row is not None:
             for b in np.flatnonzero(phase):
@@ -478,81 +506,6 @@ def caption_images(
     lat = np.asarray(encode(vae_params, jnp.asarray(images_uint8)))
     prompts = [Prompt(f"{IMAGE_PLACEHOLDER} {prefix}".rstrip(), (lat[i],)) for i in range(len(lat))]
     return generate(cfg, params, tokenizer, prompts, options, vae=vae, **kw)
-
-
-def latent_preview(latents_hwC: np.ndarray, scale: int = 4) -> np.ndarray:
-    """A uint8 picture of a latent when no VAE is at hand: its first three channels, each
-    stretched to [0, 255], upsampled `scale`x (nearest)."""
-    x = np.asarray(latents_hwC, np.float32)[..., :3]
-    if x.shape[-1] < 3:
-        x = np.concatenate([x, np.repeat(x[..., :1], 3 - x.shape[-1], -1)], -1)
-    lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
-    x = (x - lo) / np.maximum(hi - lo, 1e-6)
-    x = np.repeat(np.repeat(x, scale, 0), scale, 1)
-    return (x * 255).round().astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def write_documents(results: Sequence[GenerationResult], out_dir: str | Path) -> dict[str, Path]:
-    """Writes `samples.md` and `samples.html` with every prompt, its text and its images inline
-    (PNG files under `images/`; a latent preview stands in for images without a VAE).
-
-    Returns:
-      {"markdown": path, "html": path, "images": [png paths]}.
-    """
-    from PIL import Image
-
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    md = ["# Samples", ""]
-    body = []
-    pngs = []
-
-    def png(piece: Piece, name: str) -> str:
-        pixels = piece.image if piece.image is not None else latent_preview(piece.latents)
-        path = out / "images" / f"{name}.png"
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(pixels, np.uint8)).save(buf, format="PNG")
-        path.write_bytes(buf.getvalue())
-        pngs.append(path)
-        return f"images/{name}.png"
-
-    def render(pieces: list[Piece], tag: str) -> tuple[list[str], list[str]]:
-        md_lines, html_parts = [], []
-        for j, piece in enumerate(pieces):
-            if piece.kind == "text":
-                md_lines.append(piece.text)
-                html_parts.append(f"<span>{html.escape(piece.text)}</span>")
-            else:
-                src = png(piece, f"{tag}_{j:02d}")
-                md_lines.append(f"![{tag} image {j}]({src})")
-                html_parts.append(f'<img src="{src}" alt="{tag} image {j}" class="gen">')
-        return md_lines, html_parts
-
-    for i, res in enumerate(results):
-        p_md, p_html = render(res.prompt_pieces, f"s{i:03d}_prompt")
-        g_md, g_html = render(res.pieces, f"s{i:03d}_gen")
-        md += [f"## Sample {i}", "", "**Prompt:** " + " ".join(p_md or ["(empty)"]), ""]
-        md += ["**Generated** (stop: " + res.stop + "):", "", "\n\n".join(g_md), ""]
-        body.append(
-            f"<section><h2>Sample {i}</h2><p class='prompt'><b>Prompt:</b> {' '.join(p_html)}</p>"
-            f"<p class='gen'><b>Generated</b> <small>(stop: {html.escape(res.stop)})</small>"
-            f"</p><div class='doc'>{' '.join(g_html)}</div></section>"
-        )
-    style = (
-        "body{font-family:sans-serif;max-width:48em;margin:auto}"
-        "img{image-rendering:pixelated;width:128px;vertical-align:middle;margin:4px}"
-    )
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Samples</title>"
-        f"<style>{style}</style></head><body><h1>Samples</h1>{''.join(body)}</body></html>"
-    )
-    md_path, html_path = out / "samples.md", out / "samples.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text(page)
-    return {"markdown": md_path, "html": html_path, "images": pngs}
 
 
 # ----------------------------------------------------------------------------- command

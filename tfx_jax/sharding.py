@@ -7,6 +7,7 @@ Everything here is a thin layer over `jax.sharding` and `flax.linen` partitionin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,14 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
         axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
         devices=devices,
     )
+
+
+def mesh_context(mesh: Mesh, cfg: Any):
+    """Everything traced inside sees the mesh and the config's logical-axis rules."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(cfg.mesh.rules))
+    return stack
 
 
 def logical_sharding(mesh: Mesh, rules: Any, logical_axes: Sequence[str | None]) -> NamedSharding:

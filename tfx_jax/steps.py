@@ -4,6 +4,9 @@ One step of the Transfusion objective (Zhou et al. 2024, §3.3):
   1. find the image slots of the packed batch and read each image's clean latent x_0;
   2. draw t ~ U{0..T-1} per image and ε ~ N(0, I); x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (noise is added to
      the latent before patchifying, so the U-Net sees a spatially coherent noisy latent);
+     with `diffusion.noise_limit_image_first`, images that precede their caption draw t <= 500
+     of 1000 (Transfusion §4.3); with `diffusion.mode=rolling`, every patch row gets its own
+     level and the loss covers the rolling window (`tfx_jax.rolling`);
   3. one forward pass gives next-token logits and ε̂ for every image;
   4. L = L_LM + λ · L_DDPM.
 Gradient accumulation scans over micro-batches and averages their gradients.
@@ -63,9 +66,17 @@ def forward_losses(
     attn_img = img
     if dc.mode == "rolling":  # every patch row at its own noise level (tfx_jax.rolling)
         roll = rolling.training_inputs(
-            jax.random.fold_in(t_rng, 2), schedule, x0_BMhwC, eps_BMhwC, img, slot_BT, start_BM,
-            m.patch_size, dc.rolling_window, dc.rolling_init_prob,
-        )  # fmt: skip
+            jax.random.fold_in(t_rng, 2),
+            schedule,
+            x0_BMhwC,
+            eps_BMhwC,
+            img,
+            slot_BT,
+            start_BM,
+            m.patch_size,
+            dc.rolling_window,
+            dc.rolling_init_prob,
+        )
         xt_BMhwC, t_BMI, t_BM = roll["xt_BMhwC"], roll["t_BMI"], roll["t_BM"]
         attn_img = roll["attn_image_ids_BT"]
     else:

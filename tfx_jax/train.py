@@ -35,6 +35,7 @@ from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, 
 from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.optim import learning_rate_schedule, make_optimizer
+from tfx_jax.sharding import mesh_context
 from tfx_jax.steps import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("tfx_jax")
@@ -48,14 +49,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def mesh_context(mesh: Mesh, cfg: Config):
-    """Everything traced inside sees the mesh and the logical-axis rules."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(cfg.mesh.rules))
-    return stack
 
 
 def dummy_inputs(cfg: Config, batch: int = 1) -> tuple[jax.Array, ...]:

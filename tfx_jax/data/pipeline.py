@@ -4,7 +4,8 @@
       → per-host shard [process_index::process_count]
       → seeded global shuffle, repeat
       → to_sequence: tokenize text, insert images as BOI, I patch slots, EOI (caption before the
-        image with probability 0.8, Transfusion §4.1); drop or truncate over-long examples
+        image with probability 0.8, Transfusion §4.1; dropped with probability p_uncond for
+        classifier-free guidance); drop or truncate over-long examples
       → first-fit packing (Grain's FirstFitPackIterDataset) into rows of seq_len with segment ids
         and positions; an example is never split, so neither is an image
       → batches of this host's rows in the `tfx_jax.layout` format
@@ -104,7 +105,9 @@ def _pieces(example: dict, rng: np.random.Generator, spec: SequenceSpec) -> list
         return [text, 0] if rng.random() < spec.caption_first_prob else [0, text]
     parts = text.split(IMAGE_PLACEHOLDER)
     if len(parts) - 1 != n_images:
-        raise ValueError(f"text has {len(parts) - 1} {IMAGE_PLACEHOLDER} markers, {n_images} images")
+        raise ValueError(
+            f"text has {len(parts) - 1} {IMAGE_PLACEHOLDER} markers, {n_images} images"
+        )
     out: list[Any] = []
     for k, part in enumerate(parts):
         if part.strip():
@@ -137,7 +140,9 @@ def to_sequence(
             tokens.append(ids)
             image_ids.append(np.zeros(len(ids), np.int32))
         else:
-            n = (latents[piece].shape[0] // spec.patch_size) * (latents[piece].shape[1] // spec.patch_size)
+            n = (latents[piece].shape[0] // spec.patch_size) * (
+                latents[piece].shape[1] // spec.patch_size
+            )
             # An image that precedes its caption: a caption example whose text comes next.
             nxt = pieces[i + 1] if i + 1 < len(pieces) else None
             first = example["kind"] == "caption" and isinstance(nxt, str)

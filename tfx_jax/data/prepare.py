@@ -178,9 +178,11 @@ def load_vae(cfg: Config):
         )
     model = _vae_model(cfg)
     template = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), np.zeros((1, cfg.data.image_size,
-                                                        cfg.data.image_size, 3), np.float32))
-    )["params"]  # fmt: skip
+        lambda: model.init(
+            jax.random.key(0),
+            np.zeros((1, cfg.data.image_size, cfg.data.image_size, 3), np.float32),
+        )
+    )["params"]
     template = flax.linen.meta.unbox(template)
     params = flax.serialization.from_bytes(template, (out / "params.msgpack").read_bytes())
     return model, params, float(summary["scale_factor"])

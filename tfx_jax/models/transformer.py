@@ -10,6 +10,11 @@ timestep embedding (Transfusion §3.2). The mask is causal across the sequence a
 inside each image (§3.2, Fig. 4). The same backbone produces next-token logits for text and an
 ε-prediction for every image patch.
 
+Decoding runs the same module on a chunk of new positions with a KV cache (`models/kv_cache.py`):
+the chunk's keys and values are written at each row's cache index and its queries attend to every
+cached slot under the same mask rule; the layer scan then also scans the cache over the layer
+axis (`tfx_jax.decode` drives it).
+
 Legend: B batch, T length, D d_model, V vocab, M image slots per row, I patches per image,
 h/w/C latent grid.
 """

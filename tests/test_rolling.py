@@ -1,0 +1,225 @@
+"""Rolling diffusion over patch rows: the schedule, training inputs, and the sampler's view."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfx_jax import diffusion, layout, rolling
+from tfx_jax.models import kv_cache
+from tfx_jax.models.transformer import Transfusion
+
+T = 1000
+
+
+def test_local_time_formulas():
+    # Rolling (§3.2): τ = clip((w + t) / W); init (§3.3): τ = clip(w / W + t).
+    w = np.arange(-1, 5)
+    np.testing.assert_allclose(
+        rolling.local_times(0.5, w, 0, 4), [0, 0.125, 0.375, 0.625, 0.875, 1]
+    )
+    np.testing.assert_allclose(
+        rolling.local_times(0.5, w, 0, 4, init=True), [0, 0.5, 0.75, 1, 1, 1]
+    )
+    np.testing.assert_allclose(
+        rolling.local_times(0.0, w + 2, 2, 4), rolling.local_times(0.0, w, 0, 4)
+    )
+    # Level 0 is clean data (ᾱ = 1); level n >= 1 is schedule index n - 1.
+    lev = rolling.levels(np.array([0.0, 0.0004, 0.0006, 0.5, 1.0]), T)
+    np.testing.assert_array_equal(lev, [0, 0, 1, 500, 1000])
+    np.testing.assert_array_equal(rolling.model_timesteps(lev), [0, 0, 0, 499, 999])
+    sched = diffusion.make_schedule("cosine", T)
+    abar = rolling.alpha_bars(sched)
+    assert abar[0] == 1.0 and abar[1] == sched.alphas_cumprod[0] and abar[T] < 1e-6
+
+
+@pytest.mark.parametrize("rows,window,steps", [(4, 2, 3), (16, 4, 5), (5, 5, 2), (6, 1, 4)])
+def test_sampling_schedule_properties(rows, window, steps):
+    plan = rolling.sampling_plan(rows, window, steps)
+    tau = rolling.row_times(plan, rows)  # [steps + 1, rows]
+    assert len(plan) == rows and plan[0].init and not any(p.init for p in plan[1:])
+    # Local times stay in [0, 1].
+    assert tau.min() >= 0.0 and tau.max() <= 1.0
+    # Each row goes from pure noise to clean exactly once: starts at 1, never rises, ends at 0,
+    # and is 0 from the end of its own pass on (pass k emits row k).
+    assert (tau[0] == 1.0).all() and (tau[-1] == 0.0).all()
+    assert (np.diff(tau, axis=0) <= 1e-12).all()
+    ends = np.cumsum([len(p.taus) - 1 for p in plan])
+    for r in range(rows):
+        first_clean = int(np.argmax(tau[:, r] == 0.0))
+        assert first_clean == ends[r], (r, first_clean, ends[r])
+        assert (tau[first_clean:, r] == 0.0).all() and (tau[:first_clean, r] > 0).all()
+    # Monotone along the window: rows further down are never less noisy.
+    assert (np.diff(tau, axis=1) >= -1e-12).all()
+    # A pass's end is the next pass's start (shifted by a row): the window rolls without jumps.
+    for a, b in zip(plan[:-1], plan[1:], strict=True):
+        k = min(window, rows) - 1
+        np.testing.assert_allclose(
+            a.taus[-1][1:][: rows - b.start_row], b.taus[0][:k][: rows - b.start_row]
+        )
+
+
+def tiny_model(tiny_config):
+    cfg = tiny_config(None, ["diffusion.mode=rolling", "diffusion.rolling_window=2"])
+    model = Transfusion(cfg.model)
+    m = cfg.model
+    ints = jnp.zeros((1, 8), jnp.int32)
+    lat = jnp.zeros((1, 1, m.latent_size, m.latent_size, m.latent_channels))
+    args = (
+        ints,
+        ints,
+        ints,
+        ints,
+        ints - 1,
+        jnp.zeros((1, 1), jnp.int32),
+        lat,
+        jnp.zeros((1, 1, m.num_patches), jnp.int32),
+    )
+    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, *args)["params"]))(jax.random.key(0))
+    return cfg, model, params
+
+
+def test_training_inputs(tiny_config):
+    cfg = tiny_config(None, ["diffusion.mode=rolling"])
+    m = cfg.model
+    g, c = 4, 4
+    sched = diffusion.make_schedule("cosine", T)
+    # One row: BOS, BOI, 16 patches, EOI, then padding; two images per row in slot terms.
+    seg = np.zeros((6, 24), np.int32)
+    img = np.zeros((6, 24), np.int32)
+    seg[:, :19] = 1
+    img[:, 2:18] = 1
+    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 2)
+    x0 = jax.random.normal(jax.random.key(1), (6, 2, 8, 8, m.latent_channels))
+    eps = jax.random.normal(jax.random.key(2), x0.shape)
+    out = rolling.training_inputs(
+        jax.random.key(5), sched, x0, eps, jnp.asarray(img), slot, start, m.patch_size, 2, 0.3
+    )
+    t_BMI, w_BMI = np.asarray(out["t_BMI"])[:, 0], np.asarray(out["weight_BMI"])[:, 0]
+    attn = np.asarray(out["attn_image_ids_BT"])[:, 2:18].reshape(6, g, c)
+    xt = np.asarray(out["xt_BMhwC"])[:, 0]
+    for b in range(6):
+        t_rows = t_BMI[b].reshape(g, c)
+        assert (t_rows == t_rows[:, :1]).all()  # one level per patch row
+        window = np.flatnonzero(w_BMI[b].reshape(g, c)[:, 0])
+        assert len(window) in (1, 2) and (np.diff(window) == 1).all()
+        r0 = window[0]
+        # Before the window: clean context (index 0), one attention block per row.
+        assert (t_rows[:r0] == 0).all()
+        ids = attn[b][:, 0]
+        assert len(set(ids[:r0].tolist())) == r0 and (attn[b] == attn[b][:, :1]).all()
+        # The window shares one block; rows after it share another, at pure noise.
+        assert len(set(ids[window].tolist())) == 1 and ids[window[0]] not in ids[:r0]
+        after = np.arange(window[-1] + 1, g)
+        assert (t_rows[after] == T - 1).all() and len(set(ids[after].tolist())) <= 1
+        if len(after):
+            assert ids[after[0]] not in ids[: window[-1] + 1]
+        # Noise levels rise along the window, and noisy rows really are noised at that level.
+        assert (np.diff(t_rows[:, 0]) >= 0).all()
+        abar = sched.alphas_cumprod[t_rows[-1, 0]]
+        want = (
+            np.sqrt(abar) * np.asarray(x0)[b, 0, 6:] + np.sqrt(1 - abar) * np.asarray(eps)[b, 0, 6:]
+        )
+        np.testing.assert_allclose(xt[b, 6:], want, rtol=1e-4, atol=1e-4)
+    # The windowed loss averages only window patches.
+    eps_hat = eps + jnp.asarray(np.repeat(np.arange(4.0), 2)[None, None, :, None, None])
+    loss, per_image, n = rolling.windowed_diffusion_loss(
+        eps_hat, eps, out["weight_BMI"], jnp.ones((6, 2), bool), m.patch_size
+    )
+    rows_sq = np.arange(4.0) ** 2
+    for b in range(6):
+        win = np.flatnonzero(w_BMI[b].reshape(g, c)[:, 0])
+        np.testing.assert_allclose(float(per_image[b, 0]), rows_sq[win].mean(), rtol=1e-6)
+
+
+def test_cached_window_equals_training_forward(tiny_config):
+    """What the rolling sampler computes (finished rows in the cache, written one row at a time
+    at t = 0; the model run on the window only) equals the training forward pass over the whole
+    image with the rolling attention ids — with pure-noise rows after the window (r0 = 1) and
+    with the window at the bottom (r0 = 2)."""
+    cfg, model, params = tiny_model(tiny_config)
+    m, g, c, W = cfg.model, 4, 4, 2
+    prefix = [1, 17, 23, 4]  # BOS, two words, BOI
+    L = len(prefix) + 16 + 1
+    tokens = np.array([prefix + [0] * 16 + [5]], np.int32)
+    seg = np.ones((1, L), np.int32)
+    pos = np.arange(L)[None].astype(np.int32)
+    img = np.zeros((1, L), np.int32)
+    img[0, 4:20] = 1
+    row = np.zeros((1, L), np.int32)
+    row[0, 4:20] = np.arange(16) // c
+    lat = np.asarray(jax.random.normal(jax.random.key(0), (1, 1, 8, 8, m.latent_channels)))
+    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 1)
+    forward = jax.jit(lambda *a: model.apply({"params": params}, *a)[1])
+
+    @jax.jit
+    def write(cache, a, tok_c, seg_c, pos_c, img_c, attn_c, lat_in, t_in):
+        s, st, _ = layout.image_slots(seg_c, img_c, lat_in.shape[1])
+        return model.apply(
+            {"params": params},
+            tok_c,
+            seg_c,
+            pos_c,
+            attn_c,
+            s,
+            st,
+            lat_in,
+            t_in,
+            cache=cache,
+            index_B=a[None],
+        )
+
+    for r0 in (1, 2):
+        attn = np.asarray(rolling.attention_image_ids(jnp.asarray(img), jnp.asarray(row), r0, W, g))
+        t_rows = np.array([0] * r0 + [300, 700][: g - r0] + [999] * max(g - r0 - W, 0))[:g]
+        t_BMI = jnp.asarray(np.repeat(t_rows, c)[None, None])
+        eps_full = forward(tokens, seg, pos, attn, slot, start, lat, t_BMI)
+
+        def chunk(a, n, latents, t, attn=attn):
+            sl = slice(a, a + n)
+            return (
+                jnp.int32(a),
+                tokens[:, sl],
+                seg[:, sl],
+                pos[:, sl],
+                img[:, sl],
+                attn[:, sl],
+                latents,
+                t,
+            )
+
+        cache = kv_cache.init_cache(m.n_layers, 1, 48, m.kv_heads, m.head_dim, jnp.float32)
+        no_img = (jnp.zeros((1, 0, 8, 8, m.latent_channels)), jnp.zeros((1, 0, 16), jnp.int32))
+        _, _, cache = write(cache, *chunk(0, 4, *no_img))
+        for r in range(r0):  # finished rows, committed one at a time, clean (t = 0)
+            row_lat = lat[:, :, 2 * r : 2 * r + 2]
+            _, _, cache = write(
+                cache, *chunk(4 + r * c, c, row_lat, jnp.zeros((1, 1, c), jnp.int32))
+            )
+        a = 4 + r0 * c
+        win_lat = lat[:, :, 2 * r0 : 2 * (r0 + W)]
+        _, eps_win, _ = write(cache, *chunk(a, W * c, win_lat, t_BMI[:, :, r0 * c : (r0 + W) * c]))
+        want = np.asarray(eps_full)[:, :, 2 * r0 : 2 * (r0 + W)]
+        np.testing.assert_allclose(np.asarray(eps_win), want, rtol=1e-4, atol=1e-5)
+
+
+def test_rolling_generation_streams_rows_top_to_bottom(tiny_config):
+    from tfx_jax import sample
+    from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+    cfg, _, params = tiny_model(tiny_config)
+    tok = Tokenizer(train_tokenizer([f"shape number {i} is red" for i in range(50)], 300))
+    seen = []
+    opts = sample.SampleOptions(max_new_tokens=2, diffusion_steps=4, sampler="ddpm", seed=1)
+    prompts = [sample.Prompt("a red", force_image=True), sample.Prompt("blue", force_image=True)]
+    res = sample.generate(
+        cfg, params, tok, prompts, opts, on_row=lambda b, r, x: seen.append((b, r, np.array(x)))
+    )
+    for b in range(2):
+        rows = [(r, x) for bb, r, x in seen if bb == b]
+        assert [r for r, _ in rows] == [0, 1, 2, 3]  # top to bottom, each row once
+        image = res[b].pieces[0]
+        assert image.kind == "image" and image.latents.shape == (8, 8, 4)
+        np.testing.assert_array_equal(np.concatenate([x for _, x in rows]), image.latents)
+        assert np.isfinite(image.latents).all()

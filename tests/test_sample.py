@@ -1,0 +1,430 @@
+"""Generation: the KV-cache decode path against the training forward pass, greedy decoding
+against uncached decoding, guidance, end-to-end documents, and the training switches that
+sampling relies on (caption dropping for CFG, the image-first noise limit)."""
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfx_jax import diffusion, layout, sample, samplers, sharding
+from tfx_jax.config import load_config
+from tfx_jax.data import pipeline
+from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, Tokenizer, train_tokenizer
+from tfx_jax.decode import Decoder, ImageSampling
+from tfx_jax.models import kv_cache
+from tfx_jax.models.transformer import Transfusion
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def make(arg=None, overrides=()):
+    return load_config(f"{REPO / 'experiments' / 'tiny.py'}{':' + arg if arg else ''}", overrides)
+
+
+def init_params(cfg, seed=0):
+    m = cfg.model
+    ints = jnp.zeros((1, 8), jnp.int32)
+    lat = jnp.zeros((1, 1, m.latent_size, m.latent_size, m.latent_channels))
+    args = (
+        ints,
+        ints,
+        ints,
+        ints,
+        ints - 1,
+        jnp.zeros((1, 1), jnp.int32),
+        lat,
+        jnp.zeros((1, 1, m.num_patches), jnp.int32),
+    )
+    init = jax.jit(lambda key: nn.meta.unbox(Transfusion(m).init(key, *args)["params"]))
+    return init(jax.random.key(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = make()
+    return cfg, init_params(cfg)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = ["red", "blue", "green", "circle", "square", "top", "left", "a", "small", "big"]
+    texts = [" ".join(words[(i * k) % 10] for k in range(1, 6)) for i in range(60)]
+    return Tokenizer(train_tokenizer(texts, 300))
+
+
+# ----------------------------------------------------------------------------- the decode path
+
+
+def two_documents(m, T=44):
+    """Two rows: text, an image block, more text; the second row is shorter (padding after)."""
+    rng = np.random.default_rng(0)
+    I = m.num_patches
+    tok = rng.integers(6, m.vocab_size, (2, T)).astype(np.int32)
+    seg = np.ones((2, T), np.int32)
+    seg[1, 37:] = 0
+    img = np.zeros((2, T), np.int32)
+    img[0, 5 : 5 + I] = 1
+    img[1, 9 : 9 + I] = 1
+    pos = np.broadcast_to(np.arange(T), (2, T)).astype(np.int32)
+    lat = jnp.asarray(rng.normal(size=(2, 1, 8, 8, m.latent_channels)), jnp.float32)
+    t = jnp.asarray(np.array([300, 40])[:, None, None] * np.ones((1, 1, I), int))
+    return tok, seg, pos, img, lat, t
+
+
+@pytest.mark.parametrize("arg", [None, "unet"])
+def test_cached_decoding_equals_uncached_forward(arg):
+    """Prefill, an image block as one chunk and then one token at a time, each row at its own
+    cache index, give the training forward pass's logits (text) and ε̂ (image block)."""
+    cfg = make(arg)
+    m = cfg.model
+    params = init_params(cfg)
+    model = Transfusion(m)
+    tok, seg, pos, img, lat, t = two_documents(m)
+    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 1)
+    logits_full, eps_full = model.apply({"params": params}, tok, seg, pos, img, slot, start, lat, t)
+
+    # Row 0 caches [0, 5) then its image [5, 21); row 1 caches [0, 9) then its image [9, 25):
+    # one call per chunk for both rows, different offsets per row.
+    cache = kv_cache.init_cache(m.n_layers, 2, 64, m.kv_heads, m.head_dim, jnp.float32)
+    first = np.array([5, 9])
+    I = m.num_patches
+
+    def apply(cache, index, tok_c, seg_c, pos_c, img_c, lat_in, t_in):
+        s, st, _ = layout.image_slots(seg_c, img_c, lat_in.shape[1])
+        return model.apply(
+            {"params": params},
+            tok_c,
+            seg_c,
+            pos_c,
+            img_c,
+            s,
+            st,
+            lat_in,
+            t_in,
+            cache=cache,
+            index_B=index,
+        )
+
+    text_apply = jax.jit(apply)  # text chunks repeat their shapes; the image chunk runs once
+
+    def call(cache, a, n, with_image, active=(True, True)):
+        """Writes positions [a_b, a_b + n) of each row at cache slot a_b (inactive rows write
+        padding there, as idle rows do during generation)."""
+        take = lambda x: np.stack([x[b, a[b] : a[b] + n] for b in range(2)])
+        seg_c = take(seg) * np.asarray(active)[:, None]
+        lat_in = lat if with_image else jnp.zeros((2, 0, 8, 8, m.latent_channels))
+        t_in = t if with_image else jnp.zeros((2, 0, I), jnp.int32)
+        fn = apply if with_image else text_apply
+        return fn(cache, jnp.asarray(a), take(tok), seg_c, take(pos), take(img), lat_in, t_in)
+
+    full = np.asarray(logits_full)
+    l_pre, _, cache = call(cache, np.array([0, 0]), 5, False)
+    np.testing.assert_allclose(np.asarray(l_pre), full[:, :5], atol=2e-5)
+    l_more, _, cache = call(cache, np.array([5, 5]), 4, False, active=(False, True))
+    np.testing.assert_allclose(np.asarray(l_more[1]), full[1, 5:9], atol=2e-5)
+    _, eps_img, cache = call(cache, first, I, True)
+    np.testing.assert_allclose(np.asarray(eps_img), np.asarray(eps_full), rtol=1e-4, atol=1e-6)
+    for step in range(tok.shape[1] - first.min() - I):
+        idx = first + I + step
+        live = idx < tok.shape[1]
+        l_tok, _, cache = call(cache, np.minimum(idx, tok.shape[1] - 1), 1, False, tuple(live))
+        for b in np.flatnonzero(live):
+            np.testing.assert_allclose(np.asarray(l_tok[b, 0]), full[b, idx[b]], atol=2e-5)
+
+
+def test_image_sampling_with_prefix_cache_equals_uncached_sampling(tiny):
+    """DDIM over an image block with the prefix cached (the block alone per step) gives the same
+    image as running the whole sequence through the training forward pass at every step."""
+    cfg, params = tiny
+    m = cfg.model
+    I = m.num_patches
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    dec = Decoder(cfg, mesh, ImageSampling("ddim", steps=5))
+    model = Transfusion(m)
+    prefix = np.array([[BOS_ID, 40, 41, 42, 43, 44, BOI_ID]], np.int32)
+    P = prefix.shape[1]
+    x_T = jax.random.normal(jax.random.key(4), (1, 1, 8, 8, m.latent_channels))
+
+    cache = dec.new_cache(1, 64)
+    chunk = {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            tokens=prefix,
+            segment_ids=np.ones_like(prefix),
+            positions=np.arange(P)[None],
+            image_ids=np.zeros_like(prefix),
+            attn_image_ids=np.zeros_like(prefix),
+        ).items()
+    }
+    allowed = jnp.ones((1, m.vocab_size), bool)
+    _, cache = dec.prefill(
+        params,
+        cache,
+        jnp.zeros(1, jnp.int32),
+        chunk,
+        jnp.zeros((1, 0, 8, 8, 4)),
+        jnp.array([P - 1]),
+        jax.random.key(0),
+        allowed,
+    )
+    block = {
+        "tokens": np.zeros((1, I)),
+        "segment_ids": np.ones((1, I)),
+        "positions": P + np.arange(I)[None],
+        "image_ids": np.ones((1, I)),
+        "attn_image_ids": np.ones((1, I)),
+    }
+    block = {k: jnp.asarray(v, jnp.int32) for k, v in block.items()}
+    x0_cached = dec.image_full(params, cache, jnp.array([P]), block, x_T, jax.random.key(1))
+
+    seq = {
+        "tokens": np.concatenate([prefix, np.zeros((1, I), np.int32)], 1),
+        "segment_ids": np.ones((1, P + I), np.int32),
+        "positions": np.arange(P + I)[None].astype(np.int32),
+        "image_ids": np.concatenate([np.zeros((1, P)), np.ones((1, I))], 1).astype(np.int32),
+    }
+    slot, start, _ = layout.image_slots(seq["segment_ids"], seq["image_ids"], 1)
+
+    def denoise(x, t):
+        t_BMI = jnp.full((1, 1, I), t, jnp.int32)
+        args = (seq["tokens"], seq["segment_ids"], seq["positions"], seq["image_ids"])
+        return model.apply({"params": params}, *args, slot, start, x, t_BMI)[1]
+
+    sched = diffusion.make_schedule("cosine", 1000)
+    x0_full = samplers.sample(denoise, x_T, sched, dec.timesteps, "ddim", jax.random.key(1))
+    np.testing.assert_allclose(np.asarray(x0_cached), np.asarray(x0_full), rtol=1e-4, atol=1e-4)
+
+
+def greedy_uncached(cfg, params, prompt_ids, n_new, tokenizer_vocab, T=32):
+    """Brute force: the full forward pass over the whole sequence for every new token (the row
+    is padded to T; padding after the last token cannot change its logits)."""
+    model = Transfusion(cfg.model)
+    allowed = sample._allowed_tokens(cfg.model.vocab_size, tokenizer_vocab)
+    allowed[BOI_ID] = False
+    forward = jax.jit(
+        lambda x, seg: model.apply(
+            {"params": params},
+            x,
+            seg,
+            jnp.arange(T)[None],
+            jnp.zeros_like(x),
+            jnp.zeros_like(x) - 1,
+            jnp.zeros((1, 1), jnp.int32),
+            jnp.zeros((1, 1, 8, 8, 4)),
+            jnp.zeros((1, 1, 16), jnp.int32),
+        )[0]
+    )
+    ids = list(prompt_ids)
+    out = []
+    for _ in range(n_new):
+        x = np.zeros((1, T), np.int32)
+        x[0, : len(ids)] = ids
+        logits = forward(x, (np.arange(T) < len(ids))[None].astype(np.int32))
+        nxt = int(np.argmax(np.where(allowed, np.asarray(logits[0, len(ids) - 1]), -np.inf)))
+        out.append(nxt)
+        if nxt == EOS_ID:
+            break
+        ids.append(nxt)
+    return out
+
+
+def test_greedy_generation_equals_uncached_greedy_decoding(tiny, tokenizer):
+    """Three prompts of different lengths, batched and sharded on the 8-device mesh (padded to
+    8 rows), decode exactly what token-by-token uncached argmax decoding gives."""
+    cfg, params = tiny
+    prompts = ["red circle", "a small blue square at the top left", "green"]
+    opts = sample.SampleOptions(max_new_tokens=5, max_images=0, temperature=0.0)
+    results = sample.generate(cfg, params, tokenizer, prompts, opts)
+    assert len(results) == 3
+    for prompt, res in zip(prompts, results, strict=True):
+        ids = [BOS_ID] + tokenizer.encode(prompt)
+        want = greedy_uncached(cfg, params, ids, 5, tokenizer.vocab_size)
+        assert res.token_ids == want, (prompt, res.token_ids, want)
+        assert res.stop == ("eos" if want[-1] == EOS_ID else "max_new_tokens")
+        assert res.images == []
+
+
+def test_cache_and_batch_are_sharded_over_the_data_axis(tiny):
+    cfg, _ = tiny
+    dec = Decoder(cfg, sharding.make_mesh(cfg.mesh))
+    assert dec.batch_parallel() == 8
+    cache = dec.new_cache(8, 16)
+    assert len(cache.k.addressable_shards) == 8
+    assert cache.k.addressable_shards[0].data.shape == (cfg.model.n_layers, 1, 16, 4, 16)
+    assert dec.put(np.zeros((8, 3), np.int32)).addressable_shards[0].data.shape == (1, 3)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from tfx_jax.models.vae import VAE
+
+    model = VAE(latent_channels=4, downsample=4, channels=(8, 16))
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+    return model, params, 1.0
+
+
+def test_generate_writes_markdown_and_html_with_pngs(tiny, tokenizer, tiny_vae, tmp_path):
+    cfg, params = tiny
+    lat = np.asarray(jax.random.normal(jax.random.key(2), (8, 8, 4)))
+    prompts = [
+        sample.Prompt("a red circle", force_image=True),  # text to image
+        sample.Prompt("<image> a", images=(lat,)),  # image to text
+        "blue square",
+    ]
+    opts = sample.SampleOptions(
+        max_new_tokens=4, diffusion_steps=3, top_k=50, top_p=0.9, sampler="ddpm", seed=3
+    )
+    results = sample.generate(cfg, params, tokenizer, prompts, opts, vae=tiny_vae)
+    forced = results[0]
+    assert forced.pieces[0].kind == "image" and forced.pieces[0].image.shape == (32, 32, 3)
+    assert forced.pieces[0].image.dtype == np.uint8
+    assert forced.token_ids[0] == EOI_ID  # EOI follows the image, then text
+    for res in results:
+        assert sum(t not in (BOI_ID, EOI_ID) for t in res.token_ids) <= 4
+        assert len(res.images) <= 1
+        assert res.stop in ("eos", "max_new_tokens")
+    assert results[1].prompt_pieces[0].kind == "image"
+    assert results[1].prompt_pieces[0].image.shape == (32, 32, 3)
+
+    paths = sample.write_documents(results, tmp_path)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    assert md.count("## Sample") == 3 and "<img" in page and "](images/" in md
+    assert len(paths["images"]) >= 2
+    for png in paths["images"]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"images/{png.name}" in md and f"images/{png.name}" in page
+
+
+def test_guidance_scale_one_equals_the_conditional_prediction(tiny, tokenizer):
+    """With s = 1 the unconditional twins run in the same batch but ε̂ = ε̂_c: the same image
+    and the same text as no guidance; s = 4 changes the image."""
+    cfg, params = tiny
+    prompts = [sample.Prompt("red", force_image=True), sample.Prompt("a blue", force_image=True)]
+
+    def run(scale):
+        opts = sample.SampleOptions(
+            max_new_tokens=3, temperature=0.0, diffusion_steps=4, guidance_scale=scale
+        )
+        return sample.generate(cfg, params, tokenizer, prompts, opts)
+
+    plain, one, four = run(None), run(1.0), run(4.0)
+    for a, b, c in zip(plain, one, four, strict=True):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.images[0].latents, b.images[0].latents, rtol=1e-4, atol=1e-5)
+        assert np.abs(a.images[0].latents - c.images[0].latents).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- training switches
+
+
+def encode(text):
+    return [10 + len(w) for w in text.split()]
+
+
+def test_caption_dropping():
+    ex = {"kind": "caption", "text": "a red dot", "latents": np.ones((1, 4, 4, 2), np.float32)}
+    drop = pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=1.0)
+    seq = pipeline.to_sequence(ex, np.random.default_rng(0), encode, drop)
+    assert seq["tokens"].tolist() == [BOS_ID, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID]
+    assert seq["image_ids"].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    # p = 0 draws nothing extra: the same sequence as a spec without the field.
+    rngs = [np.random.default_rng(s) for s in range(2)]
+    a = pipeline.to_sequence(ex, rngs[0], encode, pipeline.SequenceSpec(24, 2, 2))
+    b = pipeline.to_sequence(
+        ex, rngs[1], encode, pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=0.0)
+    )
+    c = pipeline.to_sequence(ex, np.random.default_rng(0), encode, pipeline.SequenceSpec(24, 2, 2))
+    assert a["tokens"].tolist() == c["tokens"].tolist()
+    assert b is not None
+    # p = 0.3: about 30% of caption examples lose their caption; other kinds never do.
+    spec = pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=0.3)
+    rng = np.random.default_rng(1)
+    dropped = [len(pipeline.to_sequence(ex, rng, encode, spec)["tokens"]) == 8 for _ in range(2000)]
+    assert 0.27 < np.mean(dropped) < 0.33
+    inter = {"kind": "interleaved", "text": "one <image> two", "latents": np.ones((1, 4, 4, 2))}
+    always = pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=1.0)
+    seq = pipeline.to_sequence(inter, rng, encode, always)
+    assert seq["tokens"].tolist() == [BOS_ID, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, 13, EOS_ID]
+
+
+def test_image_first_flag():
+    ex = {"kind": "caption", "text": "a red dot", "latents": np.ones((1, 4, 4, 2), np.float32)}
+    for first_prob, mark, want in [(0.0, True, 1), (1.0, True, 0), (0.0, False, 0)]:
+        spec = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=first_prob, mark_image_first=mark)
+        seq = pipeline.to_sequence(ex, np.random.default_rng(0), encode, spec)
+        img = seq["image_ids"]
+        assert (seq["tokens"][img > 0] == want).all() and (seq["tokens"][img == 0] != 1).sum() >= 0
+        seg = jnp.ones((1, len(img)), jnp.int32)
+        _, start, _ = layout.image_slots(seg, jnp.asarray(img)[None], 1)
+        flag = layout.image_first(jnp.asarray(seq["tokens"])[None], jnp.asarray(img)[None], start)
+        assert bool(flag[0, 0]) == bool(want)
+
+
+@pytest.mark.parametrize("limit", [False, True])
+def test_noise_limit_for_images_before_their_caption(limit):
+    """With the switch on, images flagged image-first train with t <= 500 of 1000; unflagged
+    images and the switch off keep the full range."""
+    from tfx_jax.data import synthetic
+    from tfx_jax.steps import forward_losses
+
+    cfg = make(None, [f"diffusion.noise_limit_image_first={limit}", "data.global_batch_size=16"])
+    m = cfg.model
+    batch = synthetic.packed_batch(
+        np.random.default_rng(0),
+        16,
+        cfg.data.seq_len,
+        m.vocab_size,
+        m.latent_size,
+        m.latent_channels,
+        m.patch_size,
+        cfg.max_images_per_row,
+    )
+    flagged = np.arange(16) % 2 == 0  # flag every image of the even rows
+    batch["tokens"] = np.where(flagged[:, None] & (batch["image_ids"] > 0), 1, batch["tokens"])
+    params = init_params(cfg)
+    sched = diffusion.make_schedule("cosine", 1000)
+    losses = jax.jit(
+        lambda key: forward_losses(
+            params, Transfusion(m), cfg, sched, batch, key, with_details=True
+        )[1]
+    )
+    t_all, flags = [], []
+    for seed in range(6):
+        met = losses(jax.random.key(seed))
+        valid = np.asarray(met["valid_BM"])
+        t_all.append(np.asarray(met["t_BM"])[valid])
+        flags.append(np.broadcast_to(flagged[:, None], valid.shape)[valid])
+        assert np.isfinite(float(met["loss"]))
+    t, f = np.concatenate(t_all), np.concatenate(flags)
+    assert f.any() and (~f).any()
+    assert t[~f].max() > 500
+    assert (t[f].max() <= 500) == limit
+
+
+def test_generate_cli(tiny, tokenizer, tmp_path):
+    """What `python -m tfx_jax generate` runs once params are loaded: tokenizer from the data
+    dir, no VAE there (latent previews stand in), documents written."""
+    cfg, params = tiny
+    cfg = load_config(str(REPO / "experiments" / "tiny.py"), [f"data.data_dir={tmp_path}"])
+    tokenizer.save(tmp_path / "tokenizer.model")
+    paths = sample.generate_cli(
+        cfg,
+        params,
+        ["red", "blue circle"],
+        tmp_path / "out",
+        max_new_tokens=2,
+        diffusion_steps=2,
+        force_image=True,
+    )
+    md = paths["markdown"].read_text()
+    assert md.count("## Sample") == 2 and md.count("](images/") == 2
+    assert paths["html"].exists() and len(paths["images"]) == 2
+    with pytest.raises(TypeError, match="unknown generate options"):
+        sample.generate_cli(cfg, params, ["red"], tmp_path / "out", temprature=0.5)
