@@ -51,5 +51,5 @@ def get_config(arg: str | None = None) -> Config:
         ),
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=30, weight_decay=0.1),
         mesh=MeshConfig(data=-1),
-        train=TrainConfig(steps=300, log_every=25),
+        train=TrainConfig(steps=300, log_every=25, eval_every=150, eval_batches=2, eval_samples=8),
     )

@@ -34,6 +34,7 @@ RESUMABLE_DIFFERENCES = (
     "train.log_every",
     "train.eval_every",
     "train.eval_batches",
+    "train.eval_samples",
     "train.peak_tflops",
     "train.profile_start",
     "train.profile_steps",

@@ -199,6 +199,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device kind
     eval_every: int = 0  # evaluate on the held-out split every N steps (0 = never)
     eval_batches: int = 4
+    eval_samples: int = 0  # images drawn for held-out captions at each eval (needs a VAE)
     nan_policy: str = "skip"  # non-finite loss: "skip" the update (counted) or "stop"
     profile_start: int = 0  # JAX profiler trace for steps [start, start + profile_steps)
     profile_steps: int = 0
