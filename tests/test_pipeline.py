@@ -168,5 +168,12 @@ def test_latents_round_trip(tmp_path):
     src = latents_lib.LatentSource(tmp_path / "l.array_record")
     assert len(src) == 7 and src[0].shape == (0, 4, 4, 3) and src[2].shape == (2, 4, 4, 3)
     np.testing.assert_allclose(src[5][1], enc(np.stack(examples[5]["images"]))[1], atol=1e-2)
+    # Re-encoding (a retrained VAE) replaces the file.
+    other = latents_lib.pool_encoder(factor=2, channels=3, seed=1)
+    latents_lib.write_latents(
+        tmp_path / "l.array_record", examples, other, (4, 4, 3), progress=False
+    )
+    again = latents_lib.LatentSource(tmp_path / "l.array_record")
+    np.testing.assert_allclose(again[5][1], other(np.stack(examples[5]["images"]))[1], atol=1e-2)
     with pytest.raises(FileNotFoundError, match="python -m tfx_jax data latents"):
         latents_lib.LatentSource(tmp_path / "missing.array_record")

@@ -73,7 +73,7 @@ def write_latents(
             flush()
     flush()
     writer.close()
-    tmp.rename(path)
+    tmp.replace(path)  # atomic; overwrites latents made by an older VAE
     return total
 
 
