@@ -189,3 +189,12 @@ def test_nan_loss_is_skipped_or_stops(tiny_config, tmp_path):
     ckpt = Checkpointer(tmp_path / "stop" / "checkpoints", async_save=False, create=False)
     assert ckpt.latest_step() == 1
     ckpt.close()
+
+
+def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
+    """`make demo` passes a relative --workdir; Orbax needs absolute paths internally."""
+    monkeypatch.chdir(tmp_path)
+    train(tiny_config(overrides=["train.steps=1"]), "runs/rel")
+    ckpt = Checkpointer("runs/rel/checkpoints", async_save=False, create=False)
+    assert ckpt.latest_step() == 1
+    ckpt.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -93,6 +94,9 @@ class Checkpointer:
     ):
         import grain  # lazily: accelerator images without grain can still train and restore
 
+        directory = str(directory)
+        if "://" not in directory:  # Orbax/TensorStore need absolute local paths
+            directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
