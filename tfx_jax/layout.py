@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "patches")
 # The `tokens` value at the patches of an image that precedes its caption (see the docstring).
@@ -113,6 +114,14 @@ def patchify(lat_BMhwC: jax.Array, patch_size: int) -> jax.Array:
     x = lat_BMhwC.reshape(*lead, h // p, p, w // p, p, C)
     x = jnp.moveaxis(x, -4, -3)  # [..., h/p, w/p, p, p, C]
     return x.reshape(*lead, (h // p) * (w // p), p * p * C)
+
+
+def patchify_np(lat_hwC: np.ndarray, patch_size: int) -> np.ndarray:
+    """Host-side `patchify` of one latent for the data pipeline: [h, w, C] -> [I, P] float32."""
+    h, w, c = lat_hwC.shape
+    p = patch_size
+    x = np.asarray(lat_hwC).reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape((h // p) * (w // p), p * p * c).astype(np.float32)
 
 
 def unpatchify(

@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
-from tfx_jax.layout import IMAGE_FIRST_MARK
+from tfx_jax.layout import IMAGE_FIRST_MARK, patchify_np
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -85,12 +85,6 @@ class ZipSource:
 
     def __getitem__(self, index: int) -> dict:
         return {**self._examples[index], "latents": self._latents[index]}
-
-
-def _patchify(lat_hwC: np.ndarray, p: int) -> np.ndarray:
-    h, w, c = lat_hwC.shape
-    x = lat_hwC.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // p) * (w // p), p * p * c).astype(np.float32)
 
 
 def _pieces(example: dict, rng: np.random.Generator, spec: SequenceSpec) -> list[Any]:
@@ -166,7 +160,7 @@ def to_sequence(
     for k in range(len(latents)):
         idx = np.flatnonzero(img == k + 1)
         if len(idx):
-            patches[idx] = _patchify(np.asarray(latents[k], np.float32), spec.patch_size)
+            patches[idx] = patchify_np(np.asarray(latents[k], np.float32), spec.patch_size)
     return {"tokens": tok, "image_ids": img, "patches": patches}
 
 

@@ -15,6 +15,7 @@ import json
 import numpy as np
 
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
+from tfx_jax.layout import patchify_np
 
 FIRST_TEXT_ID = 6  # ids below are reserved (pad, bos, eos, unk, boi, eoi)
 
@@ -67,12 +68,6 @@ def make_document(
     return tokens[:max_len], image_ids[:max_len], latents
 
 
-def _patchify_np(lat: np.ndarray, p: int) -> np.ndarray:
-    h, w, c = lat.shape
-    x = lat.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // p) * (w // p), p * p * c)
-
-
 def packed_batch(
     rng: np.random.Generator,
     batch_size: int,
@@ -112,7 +107,7 @@ def packed_batch(
             out["image_ids"][b, sl] = imgs_np
             for k, lat in enumerate(lats):
                 idx = np.flatnonzero(imgs_np == k + 1) + cursor
-                out["patches"][b, idx] = _patchify_np(lat, patch_size)
+                out["patches"][b, idx] = patchify_np(lat, patch_size)
             cursor += n
             images_in_row += len(lats)
     return out
