@@ -94,13 +94,32 @@ class DiffusionConfig:
     rolling_init_prob: float = 0.1  # share of images trained on the init (first-window) schedule
 
 
+SOURCES = ("synthetic", "shapes", "tfds", "folder", "text")
+IMAGE_SOURCES = ("shapes", "tfds", "folder")  # sources whose images go through the VAE
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What the trainer reads and how sequences are packed."""
 
-    source: str = "synthetic"  # "synthetic" (no files) or "shapes" (the embedded TFDS dataset)
-    data_dir: str = "data_cache"  # TFDS data, tokenizer, VAE and latents (local or gs://)
+    # Where examples come from (tfx_jax/data/sources.py):
+    #   synthetic  random token/patch batches made from (seed, step); no files
+    #   shapes     the embedded tfx_shapes TFDS dataset (generated locally)
+    #   tfds       any prepared TFDS dataset by name (tfds_name), fields mapped by the keys below
+    #   folder     images with same-name .txt captions under `path` (train/ validation/ subdirs
+    #              or a deterministic 5% validation split by file name)
+    #   text       plain UTF-8 text files under `path` (text-only documents)
+    source: str = "synthetic"
+    data_dir: str = "data_cache"  # TFDS data, tokenizer, VAE and encoded records (local or gs://)
     tfds_config: str = "default"  # tfx_shapes builder config: default | default_64px | tiny
+    tfds_name: str = ""  # source=tfds: e.g. "mnist", "cifar10", "coco_captions", "mnist:3.0.1"
+    tfds_data_dir: str = ""  # where that dataset is prepared; "" = <data_dir>/tfds
+    tfds_splits: str = ""  # "train=train,validation=test"; "" = train and validation|test
+    image_key: str = "image"  # source=tfds: the image feature ("/" for nested: "image/encoded")
+    caption_key: str = ""  # source=tfds: a text feature, e.g. "captions/text" (a list: one is used)
+    label_key: str = ""  # source=tfds: a ClassLabel feature, e.g. "label" (-> caption_template)
+    caption_template: str = "{label}"  # label -> caption, e.g. "a photo of a {label}"
+    path: str = ""  # source=folder|text: a directory (searched recursively) or a glob
     image_size: int = 32
     vocab_model: str = "bpe"  # SentencePiece model type: bpe | unigram
     seq_len: int = 1024
@@ -477,7 +496,28 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         f"data.seq_len={d.seq_len} cannot hold one image (BOI + {m.num_patches} patches + EOI).",
     )
     need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0.")
-    need(d.source in ("synthetic", "shapes"), f"data.source={d.source!r}: synthetic | shapes.")
+    need(
+        d.source in SOURCES,
+        f"data.source={d.source!r}: use one of {' | '.join(SOURCES)}.",
+    )
+    need(
+        d.source != "tfds" or bool(d.tfds_name),
+        "data.source=tfds needs data.tfds_name (e.g. mnist, cifar10, coco_captions).",
+    )
+    need(
+        d.source != "tfds" or bool(d.caption_key) != bool(d.label_key),
+        "data.source=tfds needs exactly one of data.caption_key (a text feature) and "
+        f"data.label_key (a ClassLabel feature); got caption_key={d.caption_key!r}, "
+        f"label_key={d.label_key!r}.",
+    )
+    need(
+        "{label}" in d.caption_template,
+        f"data.caption_template={d.caption_template!r} must contain {{label}}.",
+    )
+    need(
+        d.source not in ("folder", "text") or bool(d.path),
+        f"data.source={d.source} needs data.path (a directory or a glob).",
+    )
     need(d.overlong in ("drop", "truncate"), f"data.overlong={d.overlong!r}: drop | truncate.")
     need(d.on_error in ("skip", "raise"), f"data.on_error={d.on_error!r}: skip | raise.")
     need(0.0 <= d.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1].")
@@ -487,7 +527,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         f"({d.seq_len // (m.num_patches + 2)}): packing would produce rows the model cannot see "
         "every image of. Use 0 (automatic).",
     )
-    if d.source == "shapes":
+    if d.source in IMAGE_SOURCES:
         v = cfg.vae
         need(v.downsample in (4, 8), f"vae.downsample={v.downsample}: use 4 or 8.")
         need(
