@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--bins", type=int, default=64)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     args = p.parse_args()
     cfg = load_config(
         args.config,
@@ -40,9 +41,10 @@ def main() -> None:
             f"data.seq_len={args.seq_len}",
             f"data.global_batch_size={args.batch}",
             f"data.packing_bins={args.bins}",
+            *args.set,
         ],
     )
-    it = prepare.shapes_batches(cfg)
+    it = prepare.batches(cfg)
     for _ in range(args.warmup):
         next(it)
     real = slots = images = 0

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from tfx_jax.data import latents as latents_lib
-from tfx_jax.data import pipeline
+from tfx_jax.data import encoded, pipeline, sources
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
 
 SPEC = pipeline.SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
@@ -18,17 +17,21 @@ def lat(value, size=4):
     return np.full((size, size, 2), value, np.float32)
 
 
+def enc(example, text_encoder=encode):
+    return encoded.encode_example(example, text_encoder, (4, 4, 2))
+
+
 def test_to_sequence_hand_example():
     ex = {"kind": "caption", "text": "a red dot", "latents": np.stack([lat(1.0)])}
     always_first = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=1.0)
-    seq = pipeline.to_sequence(ex, np.random.default_rng(0), encode, always_first)
+    seq = pipeline.to_sequence(enc(ex), np.random.default_rng(0), always_first)
     assert seq["tokens"].tolist() == [BOS_ID, 11, 13, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID]
     assert seq["image_ids"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
     assert seq["patches"].shape == (11, 8)
     np.testing.assert_array_equal(seq["patches"][5:9], 1.0)
     assert (seq["patches"][:5] == 0).all() and (seq["patches"][9:] == 0).all()
     never_first = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=0.0)
-    seq = pipeline.to_sequence(ex, np.random.default_rng(0), encode, never_first)
+    seq = pipeline.to_sequence(enc(ex), np.random.default_rng(0), never_first)
     assert seq["tokens"].tolist() == [BOS_ID, BOI_ID, 0, 0, 0, 0, EOI_ID, 11, 13, 13, EOS_ID]
 
 
@@ -38,17 +41,17 @@ def test_interleaved_and_truncation():
         "text": "first one <image> then two <image> end",
         "latents": np.stack([lat(1.0), lat(2.0)]),
     }
-    seq = pipeline.to_sequence(ex, np.random.default_rng(0), encode, SPEC)
+    seq = pipeline.to_sequence(enc(ex), np.random.default_rng(0), SPEC)
     # BOS 2 words [BOI 4 EOI] 2 words [BOI 4 EOI] 1 word EOS = 1+2+6+2+6+1+1 = 19
     assert len(seq["tokens"]) == 19 and seq["image_ids"].max() == 2
     short = pipeline.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong="truncate")
     counters = pipeline.Counters()
-    cut = pipeline.to_sequence(ex, np.random.default_rng(0), encode, short, counters)
+    cut = pipeline.to_sequence(enc(ex), np.random.default_rng(0), short, counters)
     # The second image would be split: the cut falls before its BOI.
     assert cut["tokens"].tolist() == [BOS_ID, 15, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, 14, 13]
     assert counters.truncated == 1
     drop = pipeline.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong="drop")
-    assert pipeline.to_sequence(ex, np.random.default_rng(0), encode, drop, counters) is None
+    assert pipeline.to_sequence(enc(ex), np.random.default_rng(0), drop, counters) is None
     assert counters.overlong_dropped == 1
 
 
@@ -63,13 +66,13 @@ def make_source(n=200, seed=0):
         lats = (
             np.stack([lat(float(i % 7 + j + 1)) for j in range(k)]) if k else np.zeros((0, 4, 4, 2))
         )
-        out.append({"kind": kind, "text": text, "latents": lats})
+        out.append(enc({"kind": kind, "text": text, "latents": lats}))
     return out
 
 
 def batches(n, **kw):
     args = dict(batch_size=4, seed=3, num_packing_bins=8) | kw
-    it = iter(pipeline.packed_dataset(make_source(), encode, SPEC, **args))
+    it = iter(pipeline.packed_dataset(make_source(), SPEC, **args))
     return it, [next(it) for _ in range(n)]
 
 
@@ -106,13 +109,12 @@ def test_deterministic_and_seed_dependent():
 
 
 def test_hosts_read_disjoint_data():
-    src = [{"kind": "text", "text": f"id{i}", "latents": np.zeros((0, 4, 4, 2))} for i in range(40)]
-    enc = lambda text: [100 + int(text[2:])]
+    ids = lambda text: [100 + int(text[2:])]
+    src = [enc({"kind": "text", "text": f"id{i}"}, ids) for i in range(40)]
     seen = []
     for host in range(2):
         ds = pipeline.packed_dataset(
             src,
-            enc,
             SPEC,
             batch_size=1,
             num_epochs=1,
@@ -131,9 +133,7 @@ def test_resume_sees_the_same_batches():
     state = it.get_state()
     expected = [next(it) for _ in range(4)]
     fresh = iter(
-        pipeline.packed_dataset(
-            make_source(), encode, SPEC, batch_size=4, seed=3, num_packing_bins=8
-        )
+        pipeline.packed_dataset(make_source(), SPEC, batch_size=4, seed=3, num_packing_bins=8)
     )
     fresh.set_state(state)
     for want in expected:
@@ -142,38 +142,101 @@ def test_resume_sees_the_same_batches():
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_bad_records_are_skipped_or_raise():
-    src = make_source(30)
-    src[4] = {"kind": "caption", "text": "x", "latents": np.zeros((2, 4, 4, 2))}  # 2 images
+class Flaky:
+    """A source whose record 4 cannot be read (a corrupt file, say)."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        if i == 4:
+            raise OSError("corrupt block")
+        return self.records[i]
+
+
+def test_unreadable_records_are_skipped_or_raise():
+    src = Flaky(make_source(30))
     counters = pipeline.Counters()
     ds = pipeline.packed_dataset(
-        src, encode, SPEC, batch_size=1, num_epochs=1, shuffle=False, counters=counters
+        src, SPEC, batch_size=1, num_epochs=1, shuffle=False, counters=counters
     )
     list(ds)
     assert counters.decode_errors == 1
     strict = pipeline.SequenceSpec(24, 2, 2, on_error="raise")
-    with pytest.raises(ValueError, match="caption example has 2 images"):
-        list(
-            pipeline.packed_dataset(src, encode, strict, batch_size=1, num_epochs=1, shuffle=False)
+    with pytest.raises(ValueError, match="record 4 .* cannot be read: corrupt block"):
+        list(pipeline.packed_dataset(src, strict, batch_size=1, num_epochs=1, shuffle=False))
+
+
+def test_record_serialization_round_trip():
+    for ex in (
+        {"kind": "caption", "text": "a red dot", "latents": np.stack([lat(1.5)])},
+        {
+            "kind": "interleaved",
+            "text": "x <image> yy <image>",
+            "latents": np.stack([lat(1), lat(2)]),
+        },
+        {"kind": "text", "text": "just words here"},
+        {"kind": "caption", "text": "", "latents": np.stack([lat(3)])},  # unconditional image
+    ):
+        rec = enc(ex)
+        back = encoded.deserialize(encoded.serialize(rec))
+        assert back.kind == rec.kind and len(back.pieces) == len(rec.pieces)
+        for a, b in zip(back.pieces, rec.pieces, strict=True):
+            assert type(a) is type(b) and np.array_equal(a, b)
+        np.testing.assert_array_equal(back.latents, rec.latents)
+    assert [type(p) for p in enc(ex).pieces] == [int]  # empty caption: the image alone
+    with pytest.raises(ValueError, match="caption example has 1 image positions .* but 2"):
+        enc({"kind": "caption", "text": "x", "latents": np.stack([lat(1), lat(2)])})
+    with pytest.raises(ValueError, match="bad magic"):
+        encoded.deserialize(b"\0" * 64)
+
+
+class RawSource:
+    """Raw examples as `sources.open_split` gives them; example 3 has an undecodable image."""
+
+    def __init__(self, n=7, bad=(3,)):
+        self.n, self.bad = n, bad
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise sources.RecordError(f"img_{i}.png: cannot identify image file")
+        images = [np.full((8, 8, 3), i * 10, np.uint8)] * (i % 3)
+        kind = ["text", "caption", "interleaved"][i % 3]
+        text = {"text": "words", "caption": f"a dot {i}", "interleaved": "a <image> b <image>"}
+        return {"kind": kind, "text": text[kind], "images": images}
+
+
+def test_encoded_records_round_trip_and_skip_bad_examples(tmp_path):
+    pool = encoded.pool_encoder(factor=2, channels=3)
+    path = tmp_path / "e.array_record"
+    stats = encoded.write_encoded(
+        path, RawSource(), encode, pool, (4, 4, 3), batch_size=2, progress=False
+    )
+    assert (stats.examples, stats.skipped) == (6, 1)
+    assert stats.images == sum(i % 3 for i in range(7) if i != 3)
+    src = encoded.EncodedSource(path)
+    assert len(src) == 6
+    assert src[0].kind == encoded.TEXT and src[0].latents.shape == (0, 4, 4, 3)
+    five = src[4]  # example 5 (example 3 was skipped): interleaved, 2 images
+    assert five.kind == encoded.INTERLEAVED and five.latents.shape == (2, 4, 4, 3)
+    want = pool(np.stack(RawSource()[5]["images"]))[1]
+    np.testing.assert_allclose(five.latents[1].astype(np.float32), want, atol=1e-2)
+    assert [p if isinstance(p, int) else p.tolist() for p in five.pieces] == [[11], 0, [11], 1]
+    # Re-encoding (a retrained VAE) replaces the file atomically.
+    other = encoded.pool_encoder(factor=2, channels=3, seed=1)
+    encoded.write_encoded(path, RawSource(), encode, other, (4, 4, 3), progress=False)
+    again = encoded.EncodedSource(path)[4].latents[1].astype(np.float32)
+    np.testing.assert_allclose(again, other(np.stack(RawSource()[5]["images"]))[1], atol=1e-2)
+    with pytest.raises(ValueError, match="example 3 .* img_3.png: cannot identify"):
+        encoded.write_encoded(
+            path, RawSource(), encode, pool, (4, 4, 3), on_error="raise", progress=False
         )
-
-
-def test_latents_round_trip(tmp_path):
-    examples = [{"images": [np.full((8, 8, 3), i * 10, np.uint8)] * (i % 3)} for i in range(7)]
-    enc = latents_lib.pool_encoder(factor=2, channels=3)
-    n = latents_lib.write_latents(
-        tmp_path / "l.array_record", examples, enc, (4, 4, 3), batch_size=2, progress=False
-    )
-    assert n == sum(i % 3 for i in range(7))
-    src = latents_lib.LatentSource(tmp_path / "l.array_record")
-    assert len(src) == 7 and src[0].shape == (0, 4, 4, 3) and src[2].shape == (2, 4, 4, 3)
-    np.testing.assert_allclose(src[5][1], enc(np.stack(examples[5]["images"]))[1], atol=1e-2)
-    # Re-encoding (a retrained VAE) replaces the file.
-    other = latents_lib.pool_encoder(factor=2, channels=3, seed=1)
-    latents_lib.write_latents(
-        tmp_path / "l.array_record", examples, other, (4, 4, 3), progress=False
-    )
-    again = latents_lib.LatentSource(tmp_path / "l.array_record")
-    np.testing.assert_allclose(again[5][1], other(np.stack(examples[5]["images"]))[1], atol=1e-2)
-    with pytest.raises(FileNotFoundError, match="python -m tfx_jax data latents"):
-        latents_lib.LatentSource(tmp_path / "missing.array_record")
+    assert len(encoded.EncodedSource(path)) == 6  # a failed encode leaves the old file whole
+    with pytest.raises(FileNotFoundError, match="python -m tfx_jax data encode"):
+        encoded.EncodedSource(tmp_path / "missing.array_record")

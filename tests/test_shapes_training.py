@@ -42,7 +42,7 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
     summary = json.loads((prepare.vae_dir(cfg) / "vae.json").read_text())
     assert summary["heldout_psnr_db"] > 0 and summary["scale_factor"] > 0
 
-    batch = next(prepare.shapes_batches(cfg))
+    batch = next(prepare.batches(cfg))
     assert batch["tokens"].shape == (8, 128) and batch["patches"].shape == (8, 128, 16)
     assert (batch["image_ids"] > 0).any() and (batch["segment_ids"] > 0).mean() > 0.8
 

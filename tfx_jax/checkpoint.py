@@ -45,6 +45,7 @@ RESUMABLE_DIFFERENCES = (
     "model.attention_impl",
     "model.remat_policy",
     "data.worker_count",
+    "data.read_threads",
     "data.data_dir",
     "optimizer.decay_steps",
 )

@@ -193,7 +193,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     {
         "build": prepare.build_dataset,
         "tokenizer": prepare.build_tokenizer,
-        "latents": prepare.encode_latents,
+        "encode": prepare.encode,
+        "latents": prepare.encode,  # the former name of `encode`
         "all": prepare.prepare_all,
     }[args.stage](cfg)
 
@@ -215,10 +216,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     validate(cfg, num_devices=jax.device_count())
-    if cfg.data.source == "shapes":
+    if cfg.data.source != "synthetic":
         from tfx_jax.data import prepare
 
-        print(f"tfx_jax demo: preparing the embedded shapes data in {cfg.data.data_dir}/")
+        print(f"tfx_jax demo: preparing the {cfg.data.source} data in {cfg.data.data_dir}/")
         prepare.prepare_all(cfg)
     print(
         f"tfx_jax demo: training '{cfg.name}' for {cfg.train.steps} steps on "
@@ -302,11 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "data",
-        help="prepare data: build | tokenizer | latents | all",
-        description="Build the embedded TFDS dataset, train the tokenizer, encode latents with "
-        "the trained VAE, or run every missing stage ('all').",
+        help="prepare data: build | tokenizer | encode | all",
+        description="build: render the embedded TFDS dataset (or check a tfds/folder/text "
+        "source is there); tokenizer: train SentencePiece on its text; encode: tokenize every "
+        "example and encode its images with the trained VAE, once, into ArrayRecord; all: every "
+        "missing or stale stage, the VAE included ('latents' is accepted for 'encode').",
     )
-    p.add_argument("stage", choices=["build", "tokenizer", "latents", "all"])
+    p.add_argument("stage", choices=["build", "tokenizer", "encode", "latents", "all"])
     _add_common(p, config_required=False)
     p.set_defaults(fn=cmd_data)
 

@@ -130,6 +130,7 @@ class DataConfig:
     on_error: str = "skip"  # an unreadable record: "skip" (counted) or "raise"
     packing_bins: int = 64
     worker_count: int = 0  # Grain prefetch processes (0 = in-process)
+    read_threads: int = 0  # threads reading records ahead (helps gs://; 0 = fastest per core)
     seed: int = 0
 
 
@@ -143,6 +144,8 @@ class VAEConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
+    log_every: int = 50  # train metrics, held-out PSNR and a reconstruction grid every N steps
+    checkpoint_every: int = 500  # Orbax save of the VAE state; also at the end and on SIGTERM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,8 +530,12 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         f"({d.seq_len // (m.num_patches + 2)}): packing would produce rows the model cannot see "
         "every image of. Use 0 (automatic).",
     )
+    v = cfg.vae
+    need(v.steps > 0, f"vae.steps={v.steps} must be > 0.")
+    need(v.batch_size > 0, f"vae.batch_size={v.batch_size} must be > 0.")
+    need(v.log_every > 0, f"vae.log_every={v.log_every} must be > 0.")
+    need(v.checkpoint_every > 0, f"vae.checkpoint_every={v.checkpoint_every} must be > 0.")
     if d.source in IMAGE_SOURCES:
-        v = cfg.vae
         need(v.downsample in (4, 8), f"vae.downsample={v.downsample}: use 4 or 8.")
         need(
             d.image_size // v.downsample == m.latent_size and d.image_size % v.downsample == 0,

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from tfx_jax import sharding
 from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
-from tfx_jax.config import Config, ConfigError, validate
+from tfx_jax.config import IMAGE_SOURCES, Config, ConfigError, validate
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.optim import learning_rate_schedule, make_optimizer
 from tfx_jax.sharding import mesh_context
@@ -190,13 +190,16 @@ def make_batches(cfg: Config, split: str = "train") -> Iterator[dict[str, np.nda
             jax.process_index(),
             jax.process_count(),
         )
-    if cfg.data.source == "shapes":
-        from tfx_jax.data import prepare
+    from tfx_jax.data import prepare, sources
 
-        if split == "train":
-            return prepare.shapes_batches(cfg)
-        return prepare.shapes_batches(cfg, split, shuffle=False, num_epochs=None)
-    raise ValueError(f"data.source={cfg.data.source!r}: use 'synthetic' or 'shapes'.")
+    if split == "train":
+        return prepare.batches(cfg)
+    if split not in sources.splits(cfg):
+        raise ValueError(
+            f"data.source={cfg.data.source} has no {split} split to evaluate on: map one with "
+            "data.tfds_splits (e.g. validation=test) or set train.eval_every=0."
+        )
+    return prepare.batches(cfg, split, shuffle=False, num_epochs=None)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -226,16 +229,17 @@ def evaluate(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], num: in
 
 class SampleGrid:
     """Images for held-out captions, drawn with the current params at each eval: a picture of
-    progress (TensorBoard `samples` image) plus the judge's score of it (`eval/judge_fraction`)."""
+    progress (TensorBoard `samples` image) plus, on the shapes data, the judge's score of it
+    (`eval/judge_fraction`; NaN for sources without a judge)."""
 
     def __init__(self, cfg: Config, num: int):
-        from tfx_jax.data import prepare, shapes
+        from tfx_jax.data import prepare, sources
         from tfx_jax.data.tokenizer import Tokenizer
 
         self.vae = prepare.load_vae(cfg)
         self.tokenizer = Tokenizer.from_file(prepare.tokenizer_path(cfg))
-        rng = np.random.default_rng(0)
-        self.prompts = [shapes.caption(shapes.sample_scene(rng, "heldout")) for _ in range(num)]
+        self.prompts = sources.prompts(cfg, num)
+        self.judged = cfg.data.source == "shapes"
 
     def __call__(self, trainer: Trainer) -> tuple[np.ndarray, float]:
         from tfx_jax import sample
@@ -266,6 +270,8 @@ class SampleGrid:
         ]
         if not pairs:
             return np.zeros((1, 1, 3), np.uint8), 0.0
+        if not self.judged:
+            return image_grid(np.stack([img for img, _ in pairs]), cols=4), float("nan")
         score = float(np.mean([judge.score(img, p)["fraction"] for img, p in pairs]))
         return image_grid(np.stack([img for img, _ in pairs]), cols=4), score
 
@@ -311,12 +317,13 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _meta(cfg: Config, step: int) -> dict[str, Any]:
-    from tfx_jax.data import prepare
+    from tfx_jax.data import prepare, sources
 
     meta: dict[str, Any] = {"config": cfg.to_dict(), "step": step, "seed": cfg.train.seed}
-    if cfg.data.source == "shapes":
+    if cfg.data.source != "synthetic":
         meta["tokenizer"] = str(prepare.tokenizer_path(cfg))
-        meta["vae"] = str(prepare.vae_dir(cfg))
+        if sources.has_images(cfg):
+            meta["vae"] = str(prepare.vae_dir(cfg))
     return meta
 
 
@@ -419,7 +426,7 @@ def train(
     writer = metric_writers.make_writers(str(workdir), is_main)
     eval_iter = make_batches(cfg, "validation") if cfg.train.eval_every else None
     sampler = None
-    if cfg.train.eval_every and cfg.train.eval_samples and cfg.data.source == "shapes":
+    if cfg.train.eval_every and cfg.train.eval_samples and cfg.data.source in IMAGE_SOURCES:
         sampler = SampleGrid(cfg, cfg.train.eval_samples)
     flops_per_step, peak = _flops_and_peak(cfg)
     profiler = _profiler(cfg, workdir, is_main)
@@ -465,7 +472,9 @@ def train(
             if eval_iter is not None and (step % cfg.train.eval_every == 0 or last):
                 ev = evaluate(trainer, eval_iter, cfg.train.eval_batches)
                 if sampler is not None:
-                    grid, ev["eval/judge_fraction"] = sampler(trainer)
+                    grid, judged = sampler(trainer)
+                    if not math.isnan(judged):
+                        ev["eval/judge_fraction"] = judged
                     writer.write_images(step, {"samples": grid})
                 writer.write_scalars(step, ev)
                 if is_main:

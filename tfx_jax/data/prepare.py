@@ -1,21 +1,25 @@
 """The data stages behind `python -m tfx_jax data …` and `python -m tfx_jax vae`.
 
-    data build      render the embedded shapes dataset into TFDS ArrayRecord
-    data tokenizer  train SentencePiece on its text (captions, interleaved docs, stdlib docstrings)
-    vae             train the KL-VAE on its training images; report held-out PSNR
-    data latents    encode every image once with the frozen VAE into ArrayRecord
+    data build      make the source readable (render the embedded shapes dataset into TFDS
+                    ArrayRecord; for tfds/folder/text sources, check the data is there)
+    data tokenizer  train SentencePiece on the source's text (+ stdlib docstrings)
+    vae             train the KL-VAE on the source's training images; report held-out PSNR
+    data encode     tokenize every example and encode its images with the frozen VAE, once,
+                    into ArrayRecord (`data/encoded.py`): the training hot path only reads
 
-Everything lives under `data.data_dir` (local or gs://):
+Everything lives under `data.data_dir` (local or gs://), one bundle per source:
 
-    tfds/tfx_shapes/<config>/…       the dataset
-    tokenizer.model                  SentencePiece model (recorded in every checkpoint)
-    vae/params.msgpack, vae/vae.json VAE weights, its config, latent scale factor, PSNR
-    latents/<config>/<split>.array_record
+    tfds/…                               TFDS datasets (tfx_shapes; others by default)
+    tokenizer.model, tokenizer.json      SentencePiece model (recorded in every checkpoint)
+                                         and the source it was trained on
+    vae/params.msgpack, vae/vae.json     VAE weights, its settings, latent scale factor, PSNR
+    encoded/<source_id>/<split>.array_record, made_by.json
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -26,9 +30,9 @@ import numpy as np
 from etils import epath
 
 from tfx_jax.config import Config
+from tfx_jax.data import sources
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "validation", "heldout")
 
 
 def data_dir(cfg: Config) -> epath.Path:
@@ -43,42 +47,63 @@ def vae_dir(cfg: Config) -> epath.Path:
     return data_dir(cfg) / "vae"
 
 
-def latents_path(cfg: Config, split: str) -> epath.Path:
-    name = f"{cfg.data.tfds_config}_{cfg.data.image_size}px"
-    return data_dir(cfg) / "latents" / name / f"{split}.array_record"
+def encoded_path(cfg: Config, split: str) -> epath.Path:
+    return data_dir(cfg) / "encoded" / sources.source_id(cfg) / f"{split}.array_record"
 
 
-def _source(cfg: Config, split: str):
-    from tfx_jax.data import builders
-
-    return builders.data_source(
-        str(data_dir(cfg) / "tfds"), split, cfg.data.tfds_config, cfg.data.image_size
-    )
+def _readable(examples, what: str):
+    """Yields the examples that can be read; unreadable ones are counted and logged."""
+    bad = 0
+    for i in range(len(examples)):
+        try:
+            yield examples[i]
+        except sources.RecordError as e:
+            bad += 1
+            log.warning("%s: skipping unreadable example %d: %s", what, i, e)
+    if bad:
+        print(f"{what}: skipped {bad} unreadable examples (see the log for which)")
 
 
 # ----------------------------------------------------------------------------- stages
 
 
 def build_dataset(cfg: Config) -> None:
-    from tfx_jax.data import builders
+    sources.build(cfg)
 
-    builders.build(str(data_dir(cfg) / "tfds"), cfg.data.tfds_config, cfg.data.image_size)
+
+def _tokenizer_settings(cfg: Config) -> dict:
+    return {
+        "source": sources.source_id(cfg),
+        "vocab_size": cfg.model.vocab_size,
+        "model_type": cfg.data.vocab_model,
+    }
+
+
+def tokenizer_is_current(cfg: Config) -> bool:
+    meta = tokenizer_path(cfg).parent / "tokenizer.json"
+    if not tokenizer_path(cfg).exists():
+        return False
+    if not meta.exists():  # made by hand or by an older version: trust it
+        return True
+    return json.loads(meta.read_text()) == _tokenizer_settings(cfg)
 
 
 def build_tokenizer(cfg: Config) -> epath.Path:
     """Trains SentencePiece with `model.vocab_size` pieces on the training split's text."""
     from tfx_jax.data import text_corpus
-    from tfx_jax.data.pipeline import IMAGE_PLACEHOLDER
+    from tfx_jax.data.encoded import IMAGE_PLACEHOLDER
     from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
 
-    source = _source(cfg, "train")
-    texts = [source[i]["text"].replace(IMAGE_PLACEHOLDER, " ") for i in range(len(source))]
+    examples = sources.open_split(cfg, "train")
+    texts = [ex["text"].replace(IMAGE_PLACEHOLDER, " ") for ex in _readable(examples, "tokenizer")]
+    texts = [t for t in texts if t.strip()]
     texts += list(text_corpus.documents("train"))
     proto = train_tokenizer(texts, cfg.model.vocab_size, model_type=cfg.data.vocab_model)
     path = tokenizer_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     Tokenizer(proto).save(path)
-    log.info("tokenizer: %d pieces -> %s", cfg.model.vocab_size, path)
+    (path.parent / "tokenizer.json").write_text(json.dumps(_tokenizer_settings(cfg), indent=2))
+    print(f"tokenizer: {cfg.model.vocab_size} pieces -> {path}")
     return path
 
 
@@ -93,12 +118,13 @@ def _vae_model(cfg: Config):
 
 
 def _images(cfg: Config, split: str, limit: int | None = None) -> np.ndarray:
-    source = _source(cfg, split)
     out = []
-    for i in range(len(source)):
-        out.extend(source[i]["images"])
+    for ex in _readable(sources.open_split(cfg, split), f"VAE images ({split})"):
+        out.extend(ex["images"])
         if limit and len(out) >= limit:
             break
+    if not out:
+        raise ValueError(f"the {split} split of data.source={cfg.data.source} has no images.")
     return np.stack(out[:limit] if limit else out)
 
 
@@ -108,7 +134,8 @@ def train_vae(cfg: Config) -> dict:
 
     v = cfg.vae
     images = _images(cfg, "train")
-    held_out = _images(cfg, "validation", limit=256)
+    held_split = "validation" if "validation" in sources.splits(cfg) else "train"
+    held_out = _images(cfg, held_split, limit=256)
     print(f"VAE: {len(images)} training images, {v.steps} steps of {v.batch_size}")
     result = vae_train.train_vae(
         _vae_model(cfg),
@@ -150,7 +177,7 @@ def _vae_settings(cfg: Config) -> dict:
         "learning_rate": v.learning_rate,
         "kl_weight": v.kl_weight,
         "image_size": cfg.data.image_size,
-        "tfds_config": cfg.data.tfds_config,
+        "source": sources.source_id(cfg),
     }
 
 
@@ -188,50 +215,86 @@ def load_vae(cfg: Config):
     return model, params, float(summary["scale_factor"])
 
 
-def encode_latents(cfg: Config) -> None:
-    """Encodes every split's images once with the frozen VAE."""
-    from tfx_jax import vae_train
-    from tfx_jax.data.latents import write_latents
+def _encode_settings(cfg: Config) -> dict:
+    """What the encoded records depend on: a change makes them stale."""
+    tok = hashlib.sha256(tokenizer_path(cfg).read_bytes()).hexdigest()
+    vae = None
+    if sources.has_images(cfg):
+        vae = json.loads((vae_dir(cfg) / "vae.json").read_text())
+    return {"source": sources.source_id(cfg), "tokenizer_sha256": tok, "vae": vae}
 
-    model, params, scale = load_vae(cfg)
-    encode = jax.jit(functools.partial(vae_train.encode_images, model=model, scale_factor=scale))
+
+def _made_by(cfg: Config) -> epath.Path:
+    return encoded_path(cfg, "train").parent / "made_by.json"
+
+
+def encode(cfg: Config) -> None:
+    """Tokenizes every example of every split and encodes its images with the frozen VAE."""
+    from tfx_jax import vae_train
+    from tfx_jax.data.encoded import write_encoded
+    from tfx_jax.data.tokenizer import Tokenizer
+
+    tok_file = tokenizer_path(cfg)
+    if not tok_file.exists():
+        raise FileNotFoundError(f"{tok_file} is missing: run `python -m tfx_jax data tokenizer`.")
+    tokenizer = Tokenizer.from_file(tok_file)
+    encode_images = None
+    if sources.has_images(cfg):
+        model, params, scale = load_vae(cfg)
+        fn = jax.jit(functools.partial(vae_train.encode_images, model=model, scale_factor=scale))
+
+        def encode_images(x):
+            return np.asarray(fn(params, images_uint8=x))
+
     shape = (cfg.model.latent_size, cfg.model.latent_size, cfg.model.latent_channels)
-    for split in SPLITS:
-        n = write_latents(
-            latents_path(cfg, split),
-            _source(cfg, split),
-            lambda x: np.asarray(encode(params, images_uint8=x)),
+    report = {}
+    for split in sources.splits(cfg):
+        path = encoded_path(cfg, split)
+        stats = write_encoded(
+            path,
+            sources.open_split(cfg, split),
+            tokenizer.encode,
+            encode_images,
             shape,
+            on_error=cfg.data.on_error,
         )
-        print(f"latents/{split}: {n} images -> {latents_path(cfg, split)}")
-    # Which VAE made these latents: a retrained VAE makes them stale.
-    (latents_path(cfg, "train").parent / "vae.json").write_text(
-        (vae_dir(cfg) / "vae.json").read_text()
-    )
+        report[split] = vars(stats)
+        skipped = f", {stats.skipped} skipped (unreadable)" if stats.skipped else ""
+        print(
+            f"encoded/{split}: {stats.examples} examples, {stats.tokens} text tokens, "
+            f"{stats.images} images{skipped} -> {path}"
+        )
+    _made_by(cfg).write_text(json.dumps({**_encode_settings(cfg), "stats": report}, indent=2))
+
+
+def encoded_is_current(cfg: Config) -> bool:
+    made_by = _made_by(cfg)
+    if not made_by.exists() or not all(encoded_path(cfg, s).exists() for s in sources.splits(cfg)):
+        return False
+    saved = json.loads(made_by.read_text())
+    saved.pop("stats", None)
+    return saved == _encode_settings(cfg)
 
 
 def prepare_all(cfg: Config) -> None:
-    """Every stage whose output is missing, in order (what `make demo` runs first)."""
+    """Every stage whose output is missing or stale, in order (what `make demo` runs first)."""
     build_dataset(cfg)
-    if not tokenizer_path(cfg).exists():
+    if not tokenizer_is_current(cfg):
         build_tokenizer(cfg)
-    if not vae_is_current(cfg):
+    if sources.has_images(cfg) and not vae_is_current(cfg):
         train_vae(cfg)
-    made_by = latents_path(cfg, "train").parent / "vae.json"
-    current = (vae_dir(cfg) / "vae.json").read_text()
-    if not all(latents_path(cfg, s).exists() for s in SPLITS) or (
-        not made_by.exists() or made_by.read_text() != current
-    ):
-        encode_latents(cfg)
+    if not encoded_is_current(cfg):
+        encode(cfg)
 
 
 # ----------------------------------------------------------------------------- batches
 
 
-def shapes_batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.ndarray]]:
-    """This process's packed batches of the embedded dataset (a checkpointable Grain iterator)."""
+def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.ndarray]]:
+    """This process's packed batches of the configured source (a checkpointable Grain
+    iterator over the encoded records)."""
     from tfx_jax.data import pipeline
-    from tfx_jax.data.latents import LatentSource
+    from tfx_jax.data.encoded import EncodedSource
     from tfx_jax.data.tokenizer import Tokenizer
 
     d, m = cfg.data, cfg.model
@@ -243,7 +306,12 @@ def shapes_batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str
         raise ValueError(
             f"{tok_file} has {tokenizer.vocab_size} pieces but model.vocab_size={m.vocab_size}."
         )
-    source = pipeline.ZipSource(_source(cfg, split), LatentSource(latents_path(cfg, split)))
+    if not encoded_is_current(cfg):
+        raise FileNotFoundError(
+            f"the encoded records in {encoded_path(cfg, split).parent} are missing or were made "
+            "with another tokenizer, VAE or source: run `python -m tfx_jax data encode` (or "
+            "`data all`, which also makes whatever they depend on)."
+        )
     spec = pipeline.SequenceSpec(
         seq_len=d.seq_len,
         patch_size=m.patch_size,
@@ -255,8 +323,7 @@ def shapes_batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str
         mark_image_first=cfg.diffusion.noise_limit_image_first,
     )
     ds = pipeline.packed_dataset(
-        source,
-        tokenizer.encode,
+        EncodedSource(encoded_path(cfg, split)),
         spec,
         batch_size=d.global_batch_size // jax.process_count(),
         seed=d.seed,
@@ -264,6 +331,7 @@ def shapes_batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str
         process_count=jax.process_count(),
         num_packing_bins=d.packing_bins,
         worker_count=d.worker_count,
+        read_threads=d.read_threads,
         **kw,
     )
     return iter(ds)

@@ -1,0 +1,267 @@
+"""Examples encoded once: token ids of every text piece and VAE latents of every image.
+
+The tokenizer and the VAE are frozen while the transformer trains, so their work is done once
+by `python -m tfx_jax data encode`, not every epoch in the input pipeline. What stays random per
+epoch (caption before or after its image, caption dropout for guidance) is decided at read time
+from these records (`pipeline.to_sequence`), so nothing the paper samples is fixed here.
+
+One record per example, in a flat binary layout that reads back with `np.frombuffer` views
+(no pickling, no copies until the sequence is assembled):
+
+    int32 header [MAGIC, kind, n_pieces, n_images, h, w, C, piece_0, ..., piece_{n-1}]
+        piece_j >= 0: a text piece of that many tokens; piece_j < 0: image -piece_j - 1
+    int32 tokens of all text pieces, in order
+    float16 latents [n_images, h, w, C] (VAE posterior mean × the recorded scale factor)
+
+A caption example is stored as [text, image 0]; the order is drawn at read time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import grain
+import numpy as np
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+KINDS = ("caption", "interleaved", "text")
+CAPTION, INTERLEAVED, TEXT = range(3)
+_MAGIC = 0x54465831  # "TFX1"
+_HEADER = 7
+
+
+@dataclasses.dataclass
+class Record:
+    """A decoded record: `pieces` are int32 token arrays (text) or ints (image indices)."""
+
+    kind: int
+    pieces: list[np.ndarray | int]
+    latents: np.ndarray  # float16 [n_images, h, w, C]
+
+
+def text_pieces(kind: str, text: str) -> list[str | int]:
+    """The document as an ordered list of text strings and image indices."""
+    if kind == "caption":
+        return [text, 0] if text.strip() else [0]
+    if kind == "text":
+        return [text] if text.strip() else []
+    parts = text.split(IMAGE_PLACEHOLDER)
+    out: list[str | int] = []
+    for k, part in enumerate(parts):
+        if part.strip():
+            out.append(part.strip())
+        if k < len(parts) - 1:
+            out.append(k)
+    return out
+
+
+def checked_pieces(kind: str, text: str, n_images: int) -> list[str | int]:
+    """`text_pieces`, after checking the kind and that the image positions match the images."""
+    if kind not in KINDS:
+        raise ValueError(f"example kind {kind!r} is not one of {KINDS}")
+    pieces = text_pieces(kind, text)
+    n_markers = sum(isinstance(p, int) for p in pieces)
+    if n_markers != n_images:
+        raise ValueError(
+            f"a {kind} example has {n_markers} image positions ({IMAGE_PLACEHOLDER} markers or "
+            f"its caption image) but {n_images} images"
+        )
+    return pieces
+
+
+def encode_example(
+    example: dict, encode_text: Callable[[str], list[int]], latent_shape=(0, 0, 0)
+) -> Record:
+    """{"kind", "text", "latents" [n, h, w, C]} -> a `Record` (text tokenized, checked).
+
+    Raises:
+      ValueError: the kind is unknown or the text's <image> markers do not match the images.
+    """
+    latents = example.get("latents")
+    if latents is None or len(latents) == 0:
+        latents = np.zeros((0, *latent_shape), np.float16)
+    kind = example["kind"]
+    pieces = checked_pieces(kind, example["text"], len(latents))
+    return Record(
+        kind=KINDS.index(kind),
+        pieces=[p if isinstance(p, int) else np.asarray(encode_text(p), np.int32) for p in pieces],
+        latents=np.asarray(latents, np.float16),
+    )
+
+
+def serialize(record: Record) -> bytes:
+    lat = np.ascontiguousarray(record.latents, np.float16)
+    n, h, w, c = lat.shape
+    lengths = [-p - 1 if isinstance(p, int) else len(p) for p in record.pieces]
+    header = np.array([_MAGIC, record.kind, len(lengths), n, h, w, c, *lengths], np.int32)
+    texts = [p for p in record.pieces if not isinstance(p, int)]
+    tokens = np.concatenate(texts).astype(np.int32) if texts else np.zeros(0, np.int32)
+    return header.tobytes() + tokens.tobytes() + lat.tobytes()
+
+
+def deserialize(data: bytes) -> Record:
+    head = np.frombuffer(data, np.int32, count=_HEADER)
+    if head[0] != _MAGIC:
+        raise ValueError("not an encoded tfx_jax record (bad magic number)")
+    kind, n_pieces, n, h, w, c = (int(x) for x in head[1:])
+    lengths = np.frombuffer(data, np.int32, count=n_pieces, offset=4 * _HEADER)
+    n_tokens = int(lengths[lengths >= 0].sum())
+    offset = 4 * (_HEADER + n_pieces)
+    tokens = np.frombuffer(data, np.int32, count=n_tokens, offset=offset)
+    offset += 4 * n_tokens
+    latents = np.frombuffer(data, np.float16, count=n * h * w * c, offset=offset)
+    if offset + 2 * latents.size != len(data):
+        raise ValueError(f"encoded record has {len(data)} bytes, its header implies more/fewer")
+    pieces: list[np.ndarray | int] = []
+    at = 0
+    for length in lengths.tolist():
+        if length < 0:
+            pieces.append(-length - 1)
+        else:
+            pieces.append(tokens[at : at + length])
+            at += length
+    return Record(kind, pieces, latents.reshape(n, h, w, c))
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    examples: int = 0
+    images: int = 0
+    tokens: int = 0
+    skipped: int = 0
+
+
+def write_encoded(
+    path: str | epath.PathLike,
+    examples: Sequence[dict],
+    encode_text: Callable[[str], list[int]],
+    encode_images: Callable[[np.ndarray], np.ndarray] | None,
+    latent_shape: tuple[int, int, int],
+    *,
+    on_error: str = "skip",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> EncodeStats:
+    """Encodes every example of `examples` (raw: "kind", "text", "images") into `path`.
+
+    Args:
+      path: output ArrayRecord file (written to `path.tmp`, then renamed: a crash never leaves
+        a file that looks complete, and re-encoding replaces an old file atomically).
+      examples: random-access raw examples (`tfx_jax.data.sources`); reading one may raise.
+      encode_text: text -> token ids.
+      encode_images: uint8 images [N, H, W, 3] -> scaled latents [N, h, w, C]; None for a
+        text-only source.
+      latent_shape: (h, w, C) of one latent.
+      on_error: an example that cannot be read or encoded is "skip"ped (counted, logged) or
+        "raise"s an error naming it.
+      batch_size: images per `encode_images` call.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tqdm.auto import tqdm
+
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    stats = EncodeStats()
+    pending: list[dict] = []  # raw examples whose images are not encoded yet
+    n_pending_images = 0
+
+    def flush() -> None:
+        nonlocal pending, n_pending_images
+        images = [im for ex in pending for im in ex["images"]]
+        lat = (
+            np.asarray(encode_images(np.stack(images)), np.float16)
+            if images
+            else np.zeros((0, *latent_shape), np.float16)
+        )
+        at = 0
+        for ex in pending:
+            n = len(ex["images"])
+            record = encode_example({**ex, "latents": lat[at : at + n]}, encode_text, latent_shape)
+            at += n
+            writer.write(serialize(record))
+            stats.examples += 1
+            stats.images += n
+            stats.tokens += sum(len(p) for p in record.pieces if not isinstance(p, int))
+        pending, n_pending_images = [], 0
+
+    def encode_all() -> None:
+        nonlocal n_pending_images
+        for i in tqdm(range(len(examples)), desc=f"encode → {path.name}", disable=not progress):
+            try:
+                ex = examples[i]
+                if ex["images"] and encode_images is None:
+                    raise ValueError("the source is text-only but the example has images")
+                # Check the text/image structure now, so a bad example never reaches a batch.
+                checked_pieces(ex["kind"], ex["text"], len(ex["images"]))
+            except Exception as e:
+                if on_error == "raise":
+                    raise ValueError(
+                        f"example {i} of {examples!r} cannot be encoded: {e}. Set "
+                        "data.on_error=skip to skip such examples (they are counted)."
+                    ) from e
+                stats.skipped += 1
+                log.warning("skipping example %d of %r: %s", i, examples, e)
+                continue
+            pending.append(ex)
+            n_pending_images += len(ex["images"])
+            if n_pending_images >= batch_size:
+                flush()
+        flush()
+
+    try:
+        encode_all()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)  # the previous file, if any, stays whole
+        raise
+    writer.close()
+    tmp.replace(path)
+    return stats
+
+
+class EncodedSource:
+    """Random access to the records written by `write_encoded` (decoded to `Record`s)."""
+
+    def __init__(self, path: str | epath.PathLike):
+        path = epath.Path(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"encoded records {path} do not exist: run `python -m tfx_jax data encode` "
+                "(it tokenizes the text and encodes the images with the trained VAE, once)."
+            )
+        self._path = path
+        self._source = grain.sources.ArrayRecordDataSource([str(path)])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Record:
+        return deserialize(self._source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Record]:
+        """Batched read: ~4x cheaper per record than single reads from ArrayRecord."""
+        return [deserialize(b) for b in self._source.__getitems__(indices)]
+
+    def __repr__(self) -> str:
+        return f"EncodedSource({self._path})"
+
+
+def pool_encoder(factor: int, channels: int, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """A fixed, VAE-free image -> latent map: average-pool by `factor`, then a fixed random
+    projection of RGB to `channels`. For tests and for runs before a VAE is trained."""
+    proj = np.random.default_rng(seed).normal(size=(3, channels)).astype(np.float32)
+
+    def encode(images_uint8: np.ndarray) -> np.ndarray:
+        x = np.asarray(images_uint8, np.float32) / 127.5 - 1.0
+        n, h, w, _ = x.shape
+        x = x.reshape(n, h // factor, factor, w // factor, factor, 3).mean(axis=(2, 4))
+        return x @ proj
+
+    return encode
