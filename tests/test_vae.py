@@ -1,4 +1,5 @@
-"""Tests for the KL-VAE: shapes, gradients, loss terms, learning, latent scaling, sharding."""
+"""Tests for the KL-VAE: shapes, gradients, loss terms, learning, latent scaling, sharding, and
+the `run` driver (sharded batches, metrics, checkpoints, exact resume, SIGTERM)."""
 
 import functools
 
@@ -227,3 +228,161 @@ def test_train_step_runs_sharded_and_matches_single_device():
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# vt.run: the sharded, logged, checkpointed driver behind `python -m tfx_jax vae`
+# ---------------------------------------------------------------------------------------------
+
+# A tiny VAE on 16 px images, global batch 16 over a data=4 x fsdp=2 mesh of the 8 CPU devices;
+# 48 training images = 3 steps per epoch, so 4 steps cross an epoch boundary.
+RUN_OVERRIDES = (
+    "data.image_size=16",
+    "vae.downsample=4",
+    "vae.channels=8,16",
+    "vae.batch_size=16",
+    "vae.learning_rate=0.003",
+    "vae.steps=4",
+    "vae.log_every=2",
+    "vae.checkpoint_every=2",
+    "mesh.data=4",
+    "mesh.fsdp=2",
+)
+
+
+def _run_cfg(*overrides: str):
+    from conftest import REPO
+
+    from tfx_jax.config import load_config
+
+    return load_config(REPO / "experiments" / "tiny.py", [*RUN_OVERRIDES, *overrides])
+
+
+@pytest.fixture(scope="module")
+def run_images():
+    return _synthetic_images(48, size=16, seed=0), _synthetic_images(12, size=16, seed=1)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, run_images):
+    """One uninterrupted 4-step run, recording every array `put_images` hands to the devices."""
+    out = tmp_path_factory.mktemp("vae_full")
+    lines, batches = [], []
+    put = vt.put_images
+
+    def recording_put(*args):
+        batches.append(put(*args))
+        return batches[-1]
+
+    with pytest.MonkeyPatch.context() as mp, jax.threefry_partitionable(False):
+        mp.setattr(vt, "put_images", recording_put)
+        summary = vt.run(_run_cfg(), *run_images, out, log=lines.append)
+    return out, summary, lines, batches
+
+
+def _assert_same_params(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_batch_indices_are_seeded_epoch_permutations():
+    batches = [vt.batch_indices(s, 10, 3, seed=7) for s in range(6)]  # 3 steps per epoch
+    for epoch in (batches[:3], batches[3:]):
+        flat = np.concatenate(epoch)
+        assert len(set(flat.tolist())) == 9  # no repeats within an epoch; one image dropped
+    assert not np.array_equal(np.concatenate(batches[:3]), np.concatenate(batches[3:]))
+    np.testing.assert_array_equal(vt.batch_indices(4, 10, 3, seed=7), batches[4])  # stateless
+    with pytest.raises(ValueError, match="batch_size"):
+        vt.batch_indices(0, 2, 3, seed=0)
+
+
+def test_run_trains_sharded_logs_and_checkpoints(full_run, run_images):
+    import json
+
+    from tfx_jax.checkpoint import Checkpointer
+
+    out, summary, lines, batches = full_run
+    assert summary["steps"] == 4 and summary["resumed_from_step"] is None
+    assert summary["mesh_shape"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert summary["scale_factor"] > 0 and np.isfinite(summary["seconds_per_step"])
+    assert np.isfinite(summary["heldout_psnr_db"]) and summary["heldout_psnr_db"] > 0
+    assert any("fresh" in line for line in lines), lines
+
+    # Every batch (train, eval, encode) went to the devices split over data x fsdp, 2 rows each.
+    assert batches and all(b.shape == (16, 16, 16, 3) for b in batches)
+    for b in batches:
+        assert b.sharding.mesh.shape == {"data": 4, "fsdp": 2, "tensor": 1}
+        assert b.sharding.spec[0] == ("data", "fsdp")
+        assert len(b.addressable_shards) == 8
+        assert all(s.data.shape == (2, 16, 16, 3) for s in b.addressable_shards)
+
+    # Params: unboxed host arrays with the model's structure, as prepare.py serialises them.
+    model = VAE(latent_channels=4, downsample=4, channels=(8, 16))
+    template = nn.meta.unbox(
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    )
+    assert jax.tree.structure(summary["params"]) == jax.tree.structure(template)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(summary["params"]))
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        for key in ("vae/loss", "vae/recon", "vae/kl", "vae/psnr", "vae/eval_psnr"):
+            assert np.isfinite(r[key]), (key, r)
+    assert list((out / "tensorboard").iterdir()), "no TensorBoard events"
+
+    ckpt = Checkpointer(out / "checkpoints", async_save=False, create=False)
+    assert ckpt.all_steps() == [2, 4]
+    meta = ckpt.read_meta(4)
+    ckpt.close()
+    assert meta["settings"] == vt.resume_settings(_run_cfg(), run_images[0])
+    assert "steps" not in meta["settings"]
+
+
+def test_run_resumes_exactly(full_run, run_images, tmp_path):
+    """Stopped at step 2 (vae.steps=2), then continued to 4: the params of the 4-step run."""
+    first = vt.run(_run_cfg("vae.steps=2"), *run_images, tmp_path, log=lambda _: None)
+    assert first["steps"] == 2
+    resumed = vt.run(_run_cfg(), *run_images, tmp_path, log=lambda _: None)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    assert [h["step"] for h in resumed["history"]] == [4]
+    _assert_same_params(resumed["params"], full_run[1]["params"])
+    assert resumed["scale_factor"] == full_run[1]["scale_factor"]
+
+    # Lowering vae.steps below the latest checkpoint cannot give the state at that step: fresh.
+    lines = []
+    again = vt.run(_run_cfg("vae.steps=2"), *run_images, tmp_path, log=lines.append)
+    assert again["resumed_from_step"] is None
+    assert any("step 4 > vae.steps=2" in line for line in lines), lines
+    _assert_same_params(again["params"], first["params"])
+
+
+def test_sigterm_saves_and_resumes_exactly(full_run, run_images, tmp_path):
+    import os
+    import signal
+
+    def preempt_at_step_2(line):
+        if "vae step      2" in line:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(vt.VAEPreempted) as exc:
+        vt.run(_run_cfg(), *run_images, tmp_path, log=preempt_at_step_2)
+    assert exc.value.code == 0 and exc.value.step == 2  # saved at the step it arrived in
+    resumed = vt.run(_run_cfg(), *run_images, tmp_path, log=lambda _: None)
+    assert resumed["resumed_from_step"] == 2
+    _assert_same_params(resumed["params"], full_run[1]["params"])
+
+
+def test_run_with_changed_settings_starts_fresh(full_run, run_images, tmp_path):
+    import shutil
+
+    shutil.copytree(full_run[0] / "checkpoints", tmp_path / "checkpoints")
+    lines = []
+    summary = vt.run(
+        _run_cfg("vae.kl_weight=0.001", "vae.steps=2"), *run_images, tmp_path, log=lines.append
+    )
+    assert summary["resumed_from_step"] is None and summary["steps"] == 2
+    assert any("kl_weight: 1e-06 -> 0.001" in line and "fresh" in line for line in lines), lines
+    assert sorted(p.name for p in (tmp_path / "checkpoints.stale").iterdir() if p.name.isdigit())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]

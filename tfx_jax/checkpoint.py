@@ -46,6 +46,7 @@ RESUMABLE_DIFFERENCES = (
     "model.remat_policy",
     "data.worker_count",
     "data.read_threads",
+    "data.latents",  # both modes give the same records
     "data.data_dir",
     "optimizer.decay_steps",
 )

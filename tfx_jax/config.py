@@ -120,6 +120,9 @@ class DataConfig:
     label_key: str = ""  # source=tfds: a ClassLabel feature, e.g. "label" (-> caption_template)
     caption_template: str = "{label}"  # label -> caption, e.g. "a photo of a {label}"
     path: str = ""  # source=folder|text: a directory (searched recursively) or a glob
+    # "precomputed": read the records `data encode` wrote once (tokens + VAE latents);
+    # "on_the_fly": tokenize and VAE-encode in the input pipeline (same batches, more compute).
+    latents: str = "precomputed"
     image_size: int = 32
     vocab_model: str = "bpe"  # SentencePiece model type: bpe | unigram
     seq_len: int = 1024
@@ -522,6 +525,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         f"data.source={d.source} needs data.path (a directory or a glob).",
     )
     need(d.overlong in ("drop", "truncate"), f"data.overlong={d.overlong!r}: drop | truncate.")
+    need(
+        d.latents in ("precomputed", "on_the_fly"),
+        f"data.latents={d.latents!r}: precomputed | on_the_fly.",
+    )
     need(d.on_error in ("skip", "raise"), f"data.on_error={d.on_error!r}: skip | raise.")
     need(0.0 <= d.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1].")
     need(

@@ -128,6 +128,29 @@ def deserialize(data: bytes) -> Record:
     return Record(kind, pieces, latents.reshape(n, h, w, c))
 
 
+def encode_block(
+    examples: Sequence[dict],
+    encode_text: Callable[[str], list[int]],
+    encode_images: Callable[[np.ndarray], np.ndarray] | None,
+    latent_shape: tuple[int, int, int],
+) -> list[Record]:
+    """Raw examples -> `Record`s, all their images through one `encode_images` call."""
+    images = [im for ex in examples for im in ex["images"]]
+    if images and encode_images is None:
+        raise ValueError("the source is text-only but an example has images")
+    lat = (
+        np.asarray(encode_images(np.stack(images)), np.float16)
+        if images
+        else np.zeros((0, *latent_shape), np.float16)
+    )
+    out, at = [], 0
+    for ex in examples:
+        n = len(ex["images"])
+        out.append(encode_example({**ex, "latents": lat[at : at + n]}, encode_text, latent_shape))
+        at += n
+    return out
+
+
 @dataclasses.dataclass
 class EncodeStats:
     examples: int = 0
@@ -174,20 +197,10 @@ def write_encoded(
 
     def flush() -> None:
         nonlocal pending, n_pending_images
-        images = [im for ex in pending for im in ex["images"]]
-        lat = (
-            np.asarray(encode_images(np.stack(images)), np.float16)
-            if images
-            else np.zeros((0, *latent_shape), np.float16)
-        )
-        at = 0
-        for ex in pending:
-            n = len(ex["images"])
-            record = encode_example({**ex, "latents": lat[at : at + n]}, encode_text, latent_shape)
-            at += n
+        for record in encode_block(pending, encode_text, encode_images, latent_shape):
             writer.write(serialize(record))
             stats.examples += 1
-            stats.images += n
+            stats.images += len(record.latents)
             stats.tokens += sum(len(p) for p in record.pieces if not isinstance(p, int))
         pending, n_pending_images = [], 0
 
@@ -251,6 +264,42 @@ class EncodedSource:
 
     def __repr__(self) -> str:
         return f"EncodedSource({self._path})"
+
+
+class OnTheFlySource:
+    """The records of `write_encoded`, made at read time instead (`data.latents=on_the_fly`).
+
+    Tokenizes and VAE-encodes raw examples when the pipeline reads them, a block at a time
+    (one `encode_images` call per block). Gives the same records as the precomputed file
+    (latents rounded to float16 the same way; the VAE sees other batch sizes, so a latent may
+    differ in its last float16 bit), so the two modes produce the same batches; it trades the
+    encode stage's disk space and staleness for VAE compute in the input pipeline. Use it for
+    data too large or too fresh to encode once.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[dict],
+        encode_text: Callable[[str], list[int]],
+        encode_images: Callable[[np.ndarray], np.ndarray] | None,
+        latent_shape: tuple[int, int, int],
+    ):
+        self._examples = examples
+        self._encode_text, self._encode_images = encode_text, encode_images
+        self._latent_shape = latent_shape
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Record]:
+        raw = [self._examples[i] for i in indices]
+        return encode_block(raw, self._encode_text, self._encode_images, self._latent_shape)
+
+    def __repr__(self) -> str:
+        return f"OnTheFlySource({self._examples!r})"
 
 
 def pool_encoder(factor: int, channels: int, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:

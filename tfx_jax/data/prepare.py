@@ -129,38 +129,26 @@ def _images(cfg: Config, split: str, limit: int | None = None) -> np.ndarray:
 
 
 def train_vae(cfg: Config) -> dict:
-    """Trains the VAE on the training images; returns (and saves) its summary."""
+    """Trains the VAE on the training images (sharded, logged and checkpointed under vae/,
+    resumable: `vae_train.run`); returns (and saves) its summary."""
     from tfx_jax import vae_train
 
     v = cfg.vae
     images = _images(cfg, "train")
     held_split = "validation" if "validation" in sources.splits(cfg) else "train"
     held_out = _images(cfg, held_split, limit=256)
-    print(f"VAE: {len(images)} training images, {v.steps} steps of {v.batch_size}")
-    result = vae_train.train_vae(
-        _vae_model(cfg),
-        images,
-        steps=v.steps,
-        batch_size=v.batch_size,
-        learning_rate=v.learning_rate,
-        kl_weight=v.kl_weight,
-        eval_images_uint8=held_out,
-        log_every=max(v.steps // 10, 1),
-        seed=cfg.data.seed,
-        log_fn=lambda r: print(
-            f"  vae step {r['step']:>5}  loss {r['loss']:.4f}  "
-            f"held-out PSNR {r['eval_psnr']:.2f} dB"
-        ),
-    )
     out = vae_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(result.params))
+    print(f"VAE: {len(images)} training images, {v.steps} steps of {v.batch_size}")
+    result = vae_train.run(cfg, images, held_out, out)
+    if jax.process_index() == 0:
+        (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(result["params"]))
     summary = {
         **_vae_settings(cfg),
-        "scale_factor": result.scale_factor,
-        "heldout_psnr_db": result.history[-1]["eval_psnr"],
+        "scale_factor": result["scale_factor"],
+        "heldout_psnr_db": result["heldout_psnr_db"],
     }
-    (out / "vae.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        (out / "vae.json").write_text(json.dumps(summary, indent=2))
     print(f"VAE saved to {out}: held-out PSNR {summary['heldout_psnr_db']:.2f} dB")
     return summary
 
@@ -228,9 +216,43 @@ def _made_by(cfg: Config) -> epath.Path:
     return encoded_path(cfg, "train").parent / "made_by.json"
 
 
+def _latent_shape(cfg: Config) -> tuple[int, int, int]:
+    return (cfg.model.latent_size, cfg.model.latent_size, cfg.model.latent_channels)
+
+
+def image_encoder(cfg: Config, device: jax.Device | None = None):
+    """uint8 images [N, H, W, 3] -> scaled latents (numpy) with the frozen VAE, or None for a
+    text-only source. `device`: where the VAE runs (default: the default device)."""
+    from tfx_jax import vae_train
+
+    if not sources.has_images(cfg):
+        return None
+    model, params, scale = load_vae(cfg)
+    fn = jax.jit(functools.partial(vae_train.encode_images, model=model, scale_factor=scale))
+    params = jax.device_put(params, device)
+
+    def encode_images(x: np.ndarray) -> np.ndarray:
+        return np.asarray(fn(params, images_uint8=jax.device_put(x, device)))
+
+    return encode_images
+
+
+def _on_the_fly_source(cfg: Config, split: str, tokenizer):
+    from tfx_jax.data.encoded import OnTheFlySource
+
+    # The VAE runs on the host CPU, beside the rest of the input pipeline, not on the
+    # accelerators the train step is using.
+    cpu = jax.local_devices(backend="cpu")[0]
+    return OnTheFlySource(
+        sources.open_split(cfg, split),
+        tokenizer.encode,
+        image_encoder(cfg, cpu),
+        _latent_shape(cfg),
+    )
+
+
 def encode(cfg: Config) -> None:
     """Tokenizes every example of every split and encodes its images with the frozen VAE."""
-    from tfx_jax import vae_train
     from tfx_jax.data.encoded import write_encoded
     from tfx_jax.data.tokenizer import Tokenizer
 
@@ -238,15 +260,8 @@ def encode(cfg: Config) -> None:
     if not tok_file.exists():
         raise FileNotFoundError(f"{tok_file} is missing: run `python -m tfx_jax data tokenizer`.")
     tokenizer = Tokenizer.from_file(tok_file)
-    encode_images = None
-    if sources.has_images(cfg):
-        model, params, scale = load_vae(cfg)
-        fn = jax.jit(functools.partial(vae_train.encode_images, model=model, scale_factor=scale))
-
-        def encode_images(x):
-            return np.asarray(fn(params, images_uint8=x))
-
-    shape = (cfg.model.latent_size, cfg.model.latent_size, cfg.model.latent_channels)
+    encode_images = image_encoder(cfg)
+    shape = _latent_shape(cfg)
     report = {}
     for split in sources.splits(cfg):
         path = encoded_path(cfg, split)
@@ -283,7 +298,7 @@ def prepare_all(cfg: Config) -> None:
         build_tokenizer(cfg)
     if sources.has_images(cfg) and not vae_is_current(cfg):
         train_vae(cfg)
-    if not encoded_is_current(cfg):
+    if cfg.data.latents == "precomputed" and not encoded_is_current(cfg):
         encode(cfg)
 
 
@@ -306,11 +321,16 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
         raise ValueError(
             f"{tok_file} has {tokenizer.vocab_size} pieces but model.vocab_size={m.vocab_size}."
         )
-    if not encoded_is_current(cfg):
+    if d.latents == "on_the_fly":
+        source = _on_the_fly_source(cfg, split, tokenizer)
+    elif encoded_is_current(cfg):
+        source = EncodedSource(encoded_path(cfg, split))
+    else:
         raise FileNotFoundError(
             f"the encoded records in {encoded_path(cfg, split).parent} are missing or were made "
             "with another tokenizer, VAE or source: run `python -m tfx_jax data encode` (or "
-            "`data all`, which also makes whatever they depend on)."
+            "`data all`, which also makes whatever they depend on), or set "
+            "data.latents=on_the_fly to encode while training."
         )
     spec = pipeline.SequenceSpec(
         seq_len=d.seq_len,
@@ -323,7 +343,7 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
         mark_image_first=cfg.diffusion.noise_limit_image_first,
     )
     ds = pipeline.packed_dataset(
-        EncodedSource(encoded_path(cfg, split)),
+        source,
         spec,
         batch_size=d.global_batch_size // jax.process_count(),
         seed=d.seed,
