@@ -240,3 +240,42 @@ def test_encoded_records_round_trip_and_skip_bad_examples(tmp_path):
     assert len(encoded.EncodedSource(path)) == 6  # a failed encode leaves the old file whole
     with pytest.raises(FileNotFoundError, match="python -m tfx_jax data encode"):
         encoded.EncodedSource(tmp_path / "missing.array_record")
+
+
+def test_packed_batch_of_a_hand_made_source_is_exact():
+    """Three documents, first-fit into two rows of 24: every id, position and mask entry."""
+    from tfx_jax.models.mask import attention_mask
+
+    src = [
+        enc({"kind": "caption", "text": "a red dot", "latents": np.stack([lat(1.0)])}),  # 11
+        enc({"kind": "text", "text": "hi there"}),  # 4: fits after the first
+        enc({"kind": "text", "text": " ".join(["word"] * 10)}),  # 12: opens row 2
+    ]
+    spec = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=1.0)
+    ds = pipeline.packed_dataset(
+        src, spec, batch_size=2, num_epochs=1, shuffle=False, num_packing_bins=2
+    )
+    (b,) = list(ds)
+    pad = [0] * 9
+    assert b["tokens"][0].tolist() == (
+        [BOS_ID, 11, 13, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID] + [BOS_ID, 12, 15, EOS_ID] + pad
+    )
+    assert b["segment_ids"][0].tolist() == [1] * 11 + [2] * 4 + pad
+    assert b["positions"][0].tolist() == list(range(11)) + list(range(4)) + pad
+    assert b["image_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0] * 15
+    assert b["tokens"][1].tolist() == [BOS_ID] + [14] * 10 + [EOS_ID] + [0] * 12
+    assert b["segment_ids"][1].tolist() == [1] * 12 + [0] * 12
+    assert b["positions"][1].tolist() == list(range(12)) + [0] * 12
+    assert (b["image_ids"][1] == 0).all()
+    np.testing.assert_array_equal(b["patches"][0, 5:9], 1.0)
+    assert (b["patches"][0, :5] == 0).all() and (b["patches"][0, 9:] == 0).all()
+    assert (b["patches"][1] == 0).all()
+
+    mask = np.asarray(
+        attention_mask(b["segment_ids"], b["segment_ids"], b["image_ids"], b["image_ids"])
+    )[0]
+    assert mask[5, 8] and mask[8, 5]  # patches of one image see each other (bidirectional)
+    assert mask[8, 0] and not mask[4, 5]  # patches see the caption; BOI does not see patches
+    assert mask[10, 9] and not mask[9, 10]  # causal over text
+    assert not mask[11, 10] and not mask[12, 3]  # document 2 never sees document 1
+    assert mask[14, 11] and mask[14, 14]

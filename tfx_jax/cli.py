@@ -62,14 +62,17 @@ def init_distributed(args: argparse.Namespace) -> None:
         )
 
 
-def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+def _add_common(
+    p: argparse.ArgumentParser, config_required: bool = True, workdir: bool = True
+) -> None:
     p.add_argument(
         "--config",
         required=config_required,
         default=None if config_required else str(DEFAULT_CONFIG),
         help="experiment file defining get_config(arg); 'file.py:arg' passes arg",
     )
-    p.add_argument("--workdir", required=True, help="where logs, metrics and checkpoints go")
+    if workdir:
+        p.add_argument("--workdir", required=True, help="where logs, metrics and checkpoints go")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -310,15 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
         "missing or stale stage, the VAE included ('latents' is accepted for 'encode').",
     )
     p.add_argument("stage", choices=["build", "tokenizer", "encode", "latents", "all"])
-    _add_common(p, config_required=False)
+    _add_common(p, config_required=False, workdir=False)
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser(
         "vae",
         help="train the image VAE on the dataset's images",
-        description="Train the KL-VAE; saves params, scale factor and held-out PSNR.",
+        description="Train the KL-VAE on the mesh (sharded batches, metrics, Orbax checkpoints "
+        "in DATA_DIR/vae, resumable); saves params, scale factor and held-out PSNR.",
     )
-    _add_common(p, config_required=False)
+    _add_common(p, config_required=False, workdir=False)
     p.set_defaults(fn=cmd_vae)
 
     p = sub.add_parser(

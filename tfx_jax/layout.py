@@ -117,11 +117,12 @@ def patchify(lat_BMhwC: jax.Array, patch_size: int) -> jax.Array:
 
 
 def patchify_np(lat_hwC: np.ndarray, patch_size: int) -> np.ndarray:
-    """Host-side `patchify` of one latent for the data pipeline: [h, w, C] -> [I, P] float32."""
-    h, w, c = lat_hwC.shape
-    p = patch_size
-    x = np.asarray(lat_hwC).reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // p) * (w // p), p * p * c).astype(np.float32)
+    """Host-side `patchify` for the data pipeline: [..., h, w, C] -> [..., I, P] float32."""
+    *lead, h, w, c = lat_hwC.shape
+    p, n = patch_size, len(lat_hwC.shape) - 3
+    x = np.asarray(lat_hwC).reshape(*lead, h // p, p, w // p, p, c)
+    x = x.transpose(*range(n), n, n + 2, n + 1, n + 3, n + 4)
+    return x.reshape(*lead, (h // p) * (w // p), p * p * c).astype(np.float32)
 
 
 def unpatchify(

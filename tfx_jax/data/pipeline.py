@@ -28,7 +28,7 @@ import numpy as np
 
 from tfx_jax.data.encoded import CAPTION, Record
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
-from tfx_jax.layout import IMAGE_FIRST_MARK
+from tfx_jax.layout import IMAGE_FIRST_MARK, patchify_np
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,6 @@ class Counters:
     overlong_dropped: int = 0
     truncated: int = 0
     decode_errors: int = 0
-
-
-def _patchify_all(latents: np.ndarray, p: int) -> np.ndarray:
-    """[n, h, w, C] -> [n, I, P] float32, the batched `layout.patchify_np`."""
-    n, h, w, c = latents.shape
-    x = latents.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, (h // p) * (w // p), p * p * c).astype(np.float32)
 
 
 def to_sequence(
@@ -136,7 +129,7 @@ def to_sequence(
             counters.truncated += 1
     patches = np.zeros((length, spec.patch_size**2 * spec.latent_channels), np.float32)
     if blocks:
-        flat = _patchify_all(latents, spec.patch_size)
+        flat = patchify_np(latents, spec.patch_size)
         for s, k in blocks:
             patches[s : s + n_patch] = flat[k]
     return {"tokens": tok, "image_ids": img, "patches": patches}

@@ -133,12 +133,10 @@ def train_vae(cfg: Config) -> dict:
     resumable: `vae_train.run`); returns (and saves) its summary."""
     from tfx_jax import vae_train
 
-    v = cfg.vae
     images = _images(cfg, "train")
     held_split = "validation" if "validation" in sources.splits(cfg) else "train"
     held_out = _images(cfg, held_split, limit=256)
     out = vae_dir(cfg)
-    print(f"VAE: {len(images)} training images, {v.steps} steps of {v.batch_size}")
     result = vae_train.run(cfg, images, held_out, out)
     if jax.process_index() == 0:
         (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(result["params"]))
