@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from tfx_jax.config import Config, ConfigError, load_config, validate
+from tfx_jax.data.sources import RecordError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.py"
@@ -393,4 +394,10 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as e:  # a missing dataset, tokenizer, VAE or checkpoint: say which
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RecordError as e:  # bad data with data.on_error=raise: the message names the record
+        print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -215,7 +215,9 @@ def write_encoded(
                 checked_pieces(ex["kind"], ex["text"], len(ex["images"]))
             except Exception as e:
                 if on_error == "raise":
-                    raise ValueError(
+                    from tfx_jax.data.sources import RecordError
+
+                    raise RecordError(
                         f"example {i} of {examples!r} cannot be encoded: {e}. Set "
                         "data.on_error=skip to skip such examples (they are counted)."
                     ) from e
