@@ -279,3 +279,19 @@ def test_packed_batch_of_a_hand_made_source_is_exact():
     assert mask[10, 9] and not mask[9, 10]  # causal over text
     assert not mask[11, 10] and not mask[12, 3]  # document 2 never sees document 1
     assert mask[14, 11] and mask[14, 14]
+
+
+def test_worker_processes_are_deterministic_and_resumable():
+    def run(state=None, n=3):
+        it = iter(pipeline.packed_dataset(make_source(), SPEC, batch_size=4, worker_count=2))
+        if state is not None:
+            it.set_state(state)
+        return it, [next(it)["tokens"] for _ in range(n)]
+
+    it, first = run()
+    state = it.get_state()
+    after = [next(it)["tokens"] for _ in range(2)]
+    _, again = run()
+    _, resumed = run(state, n=2)
+    for x, y in zip(first + after, again + resumed, strict=True):
+        np.testing.assert_array_equal(x, y)

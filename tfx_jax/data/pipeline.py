@@ -263,5 +263,10 @@ def packed_dataset(
     )
     it = it.map(_finalize).batch(batch_size, drop_remainder=True)
     if worker_count > 0:
+        from absl import flags
+
+        # Grain's workers read absl flags, which a non-absl program never parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it
