@@ -235,16 +235,30 @@ def image_encoder(cfg: Config, device: jax.Device | None = None):
     return encode_images
 
 
+class _CpuImageEncoder:
+    """`image_encoder` on the host CPU, built on first use in the process that uses it: Grain
+    worker processes receive a pickled copy without the compiled function and build their own.
+    The CPU, because the accelerators belong to the train step."""
+
+    def __init__(self, cfg: Config):
+        self._cfg, self._fn = cfg, None
+
+    def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
+        if self._fn is None:
+            self._fn = image_encoder(self._cfg, jax.local_devices(backend="cpu")[0])
+        return self._fn(images_uint8)
+
+    def __getstate__(self) -> dict:
+        return {"_cfg": self._cfg, "_fn": None}
+
+
 def _on_the_fly_source(cfg: Config, split: str, tokenizer):
     from tfx_jax.data.encoded import OnTheFlySource
 
-    # The VAE runs on the host CPU, beside the rest of the input pipeline, not on the
-    # accelerators the train step is using.
-    cpu = jax.local_devices(backend="cpu")[0]
     return OnTheFlySource(
         sources.open_split(cfg, split),
         tokenizer.encode,
-        image_encoder(cfg, cpu),
+        _CpuImageEncoder(cfg) if sources.has_images(cfg) else None,
         _latent_shape(cfg),
     )
 
