@@ -5,9 +5,9 @@
 
 Reads the prepared demo data (`make demo` or `python -m tfx_jax data all --config
 experiments/demo.py` creates it); `--set data.latents=on_the_fly` measures encoding in the
-pipeline instead of reading the records `data encode` wrote. Runs in-process (no Grain workers) so the figure
-is per core. Efficiency = non-padding positions / all positions of the packed rows. Targets
-(issue 3): >= 95% efficiency at seq 1024, >= 500k tokens/s per core.
+pipeline instead of reading the records `data encode` wrote. Runs in-process (no Grain
+workers) so the figure is per core. Efficiency = non-padding positions / all positions of the
+packed rows. Targets (issue 3): >= 95% efficiency at seq 1024, >= 500k tokens/s per core.
 """
 
 from __future__ import annotations

@@ -476,6 +476,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         f"model.attention_impl={m.attention_impl!r}: use one of {sorted(IMPLEMENTATIONS)}.",
     )
     need(
+        m.attention_impl != "tokamax" or importlib.util.find_spec("tokamax") is not None,
+        "model.attention_impl=tokamax needs the optional tokamax package (pip install tokamax); "
+        "use cudnn (GPU) or xla otherwise.",
+    )
+    need(
         m.remat_policy in REMAT_POLICIES,
         f"model.remat_policy={m.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}.",
     )
