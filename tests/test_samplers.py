@@ -127,3 +127,31 @@ def test_oracle_denoiser_recovers_the_data(sampler, steps):
     ts = samplers.respaced_timesteps(1000, steps)
     out = samplers.sample(oracle, x_T, schedule, ts, sampler, jax.random.key(2))
     np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-2)
+
+
+def test_clipping_x0_keeps_an_imperfect_denoiser_bounded():
+    """The cosine schedule's ᾱ_{T-1} ~ 1e-9 turns a small ε̂ error into a huge x̂_0; clipping
+    x̂_0 (and re-deriving ε̂ from it) bounds every step, and leaves an exact ε̂ unchanged."""
+    sched = diffusion.make_schedule("cosine", 1000)
+    key = jax.random.key(0)
+    x0 = jnp.clip(jax.random.normal(key, (64, 8, 8, 4)), -3, 3)
+    eps = jax.random.normal(jax.random.key(1), x0.shape)
+    abar = jnp.float32(sched.alphas_cumprod[500])
+    x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * eps
+    np.testing.assert_allclose(samplers.clip_eps(x_t, eps, abar, 6.0), eps, atol=1e-4)
+
+    # A denoiser that is right up to 5% noise in distribution but, like a trained network,
+    # never predicts |ε| beyond 4 (so it cannot pull back an x_t that has already blown up).
+    def denoise(x, t):
+        a = jnp.asarray(sched.alphas_cumprod, jnp.float32)[t]
+        true_eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+        noise = jax.random.normal(jax.random.fold_in(key, t), x.shape)
+        return jnp.clip(true_eps, -4, 4) + 0.05 * noise
+
+    steps = samplers.respaced_timesteps(1000, 50)
+    x_T = jax.random.normal(jax.random.key(2), x0.shape)
+    free = samplers.sample(denoise, x_T, sched, steps, "ddim", key)
+    clipped = samplers.sample(denoise, x_T, sched, steps, "ddim", key, clip_x0=6.0)
+    assert float(jnp.abs(free).max()) > 100  # the blow-up this guards against
+    assert float(jnp.abs(clipped).max()) <= 6.0
+    assert float(jnp.sqrt(jnp.mean((clipped - x0) ** 2))) < 0.5

@@ -152,6 +152,7 @@ def _sample_options(args: argparse.Namespace) -> dict:
         "sampler": args.sampler,
         "diffusion_steps": args.diffusion_steps,
         "guidance_scale": args.guidance,
+        "clip_x0": args.clip_x0 or None,
         "image_mode": args.image_mode,
         "seed": args.seed,
         "force_image": args.force_image,
@@ -366,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     p.add_argument("--diffusion-steps", type=int, default=50, help="paper: 250 DDPM steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument(
+        "--clip-x0",
+        type=float,
+        default=6.0,
+        help="clip predicted clean latents to ±this at every step (0 = off; see samplers.clip_eps)",
+    )
     p.add_argument("--image-mode", choices=["full", "rolling"], default="full")
     p.add_argument("--rolling-window", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

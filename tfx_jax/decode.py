@@ -90,6 +90,9 @@ def sample_tokens(
 # ----------------------------------------------------------------------------- decoder
 
 
+DEFAULT_CLIP_X0 = 6.0  # latents are scaled to unit variance; the demo data's max |z| is 6.75
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageSampling:
     """How image blocks are denoised.
@@ -102,6 +105,8 @@ class ImageSampling:
         Any number runs the unconditional twins (s = 1 reproduces the conditional result).
       mode: "full" (the whole block at one noise level) or "rolling" (patch rows, top to bottom).
       window: rows in the rolling window (0 = `diffusion.rolling_window`).
+      clip_x0: the predicted clean latent is clipped to [−clip_x0, clip_x0] at every step
+        (`samplers.clip_eps`; latents are scaled to unit variance, so 6 is 6σ); None: no clip.
     """
 
     sampler: str = "ddim"
@@ -109,6 +114,7 @@ class ImageSampling:
     guidance_scale: float | None = None
     mode: str = "full"
     window: int = 0
+    clip_x0: float | None = DEFAULT_CLIP_X0
 
     @property
     def guided(self) -> bool:
@@ -276,7 +282,13 @@ class Decoder:
             return self._eps(params, cache, index_R, chunk, x_BMhwC, t_RMI)
 
         return samplers.sample(
-            denoise, x_T_BMhwC, self.schedule, self.timesteps, self.images.sampler, rng
+            denoise,
+            x_T_BMhwC,
+            self.schedule,
+            self.timesteps,
+            self.images.sampler,
+            rng,
+            self.images.clip_x0,
         )
 
     def _rolling_pass(self, params, cache, index_R, chunk, x_BMhwC, taus_NW, rng):
@@ -300,7 +312,8 @@ class Decoder:
             t_RMI = jnp.broadcast_to(t_I, (R, 1, t_I.shape[0]))
             eps = self._eps(params, cache, index_R, chunk, x, t_RMI)
             a_t, a_s = rows_to_latent(abar[lev_t]), rows_to_latent(abar[lev_s])
-            moved = samplers.step(self.images.sampler, x, eps, a_t, a_s, jax.random.fold_in(rng, j))
+            key = jax.random.fold_in(rng, j)
+            moved = samplers.step(self.images.sampler, x, eps, a_t, a_s, key, self.images.clip_x0)
             return jnp.where(rows_to_latent(lev_t != lev_s), moved, x), None
 
         x_BMhwC, _ = jax.lax.scan(body, x_BMhwC, jnp.arange(lev_NW.shape[0] - 1))

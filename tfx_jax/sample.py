@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from tfx_jax import rolling, sharding
 from tfx_jax.config import Config
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
-from tfx_jax.decode import CHUNK_KEYS, Decoder, ImageSampling
+from tfx_jax.decode import CHUNK_KEYS, DEFAULT_CLIP_X0, Decoder, ImageSampling
 from tfx_jax.documents import write_documents
 
 IMAGE_PLACEHOLDER = "<image>"  # where a prompt's images go (the data pipeline's marker)
@@ -71,6 +71,8 @@ class SampleOptions:
         unconditional twins, and s = 1 gives the conditional result).
       image_mode, rolling_window: "full" | "rolling" ("" = rolling if the model was trained
         with diffusion.mode=rolling, else full), and the window in patch rows (0 = config).
+      clip_x0: predicted clean latents are clipped to ±clip_x0 at every step (None: off);
+        see `samplers.clip_eps` for why the cosine schedule needs it.
       seed: all randomness derives from it.
     """
 
@@ -84,13 +86,19 @@ class SampleOptions:
     guidance_scale: float | None = None
     image_mode: str = ""
     rolling_window: int = 0
+    clip_x0: float | None = DEFAULT_CLIP_X0
     seed: int = 0
 
     def image_sampling(self, cfg: Config) -> ImageSampling:
         """The image choices; `image_mode` "" follows how the model was trained."""
         mode = self.image_mode or ("rolling" if cfg.diffusion.mode == "rolling" else "full")
         return ImageSampling(
-            self.sampler, self.diffusion_steps, self.guidance_scale, mode, self.rolling_window
+            self.sampler,
+            self.diffusion_steps,
+            self.guidance_scale,
+            mode,
+            self.rolling_window,
+            self.clip_x0,
         )
 
 
