@@ -53,8 +53,10 @@ def encoded_path(cfg: Config, split: str) -> epath.Path:
 
 def _readable(examples, what: str):
     """Yields the examples that can be read; unreadable ones are counted and logged."""
+    from tqdm.auto import tqdm
+
     bad = 0
-    for i in range(len(examples)):
+    for i in tqdm(range(len(examples)), desc=what, leave=False, disable=len(examples) < 2000):
         try:
             yield examples[i]
         except sources.RecordError as e:
