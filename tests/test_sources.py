@@ -376,6 +376,10 @@ def test_folder_bad_records_raise_record_errors(tmp_path):
         train[2]
     with pytest.raises(sources.RecordError, match=r"d\.png: its caption file d\.txt is empty"):
         train[3]
+    # Captions alone (what the tokenizer reads) never decode the image.
+    assert train.text(0) == "a caption" and train.text(1) == "caption of a broken image"
+    with pytest.raises(sources.RecordError, match=r"no caption file c\.txt"):
+        train.text(2)
 
 
 def test_folder_build_errors(tmp_path):

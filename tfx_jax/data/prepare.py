@@ -51,6 +51,19 @@ def encoded_path(cfg: Config, split: str) -> epath.Path:
     return data_dir(cfg) / "encoded" / sources.source_id(cfg) / f"{split}.array_record"
 
 
+def _texts(examples, what: str):
+    """The examples' texts: through the source's `text(i)` when it has one (a folder reads its
+    .txt files without decoding images), else from the whole examples."""
+    if not hasattr(examples, "text"):
+        yield from (ex["text"] for ex in _readable(examples, what))
+        return
+    for i in range(len(examples)):
+        try:
+            yield examples.text(i)
+        except sources.RecordError as e:
+            log.warning("%s: skipping unreadable example %d: %s", what, i, e)
+
+
 def _readable(examples, what: str):
     """Yields the examples that can be read; unreadable ones are counted and logged."""
     from tqdm.auto import tqdm
@@ -97,7 +110,7 @@ def build_tokenizer(cfg: Config) -> epath.Path:
     from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
 
     examples = sources.open_split(cfg, "train")
-    texts = [ex["text"].replace(IMAGE_PLACEHOLDER, " ") for ex in _readable(examples, "tokenizer")]
+    texts = [t.replace(IMAGE_PLACEHOLDER, " ") for t in _texts(examples, "tokenizer")]
     texts = [t for t in texts if t.strip()]
     texts += list(text_corpus.documents("train"))
     proto = train_tokenizer(texts, cfg.model.vocab_size, model_type=cfg.data.vocab_model)

@@ -697,6 +697,10 @@ class FolderSource:
             "images": [read_image(path, self._image_size)],
         }
 
+    def text(self, index: int) -> str:
+        """Example `index`'s caption alone, without decoding its image (for the tokenizer)."""
+        return read_caption(epath.Path(self._files[_index(index, len(self))]))
+
     def __repr__(self) -> str:
         return f"FolderSource({len(self)} images)"
 
