@@ -32,21 +32,7 @@ def main() -> None:
     trainer = Trainer(cfg)
     m = cfg.model
     rng = np.random.default_rng(0)
-    batches = [
-        trainer.put_batch(
-            synthetic.packed_batch(
-                rng,
-                cfg.data.global_batch_size,
-                cfg.data.seq_len,
-                m.vocab_size,
-                m.latent_size,
-                m.latent_channels,
-                m.patch_size,
-                cfg.max_images_per_row,
-            )
-        )
-        for _ in range(2)
-    ]
+    batches = [trainer.put_batch(synthetic.config_batch(cfg, rng)) for _ in range(2)]
     t0 = time.perf_counter()
     trainer.compile()
     compile_s = time.perf_counter() - t0

@@ -12,18 +12,7 @@ from tfx_jax.train import Trainer, mesh_context
 
 
 def fixed_batch(cfg, seed=0):
-    m = cfg.model
-    rng = np.random.default_rng(seed)
-    return synthetic.packed_batch(
-        rng,
-        cfg.data.global_batch_size,
-        cfg.data.seq_len,
-        m.vocab_size,
-        m.latent_size,
-        m.latent_channels,
-        m.patch_size,
-        cfg.max_images_per_row,
-    )
+    return synthetic.config_batch(cfg, np.random.default_rng(seed))
 
 
 def test_batch_has_text_and_images(tiny_config):

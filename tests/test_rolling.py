@@ -1,6 +1,5 @@
 """Rolling diffusion over patch rows: the schedule, training inputs, and the sampler's view."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,22 +60,11 @@ def test_sampling_schedule_properties(rows, window, steps):
 
 
 def tiny_model(tiny_config):
+    from test_sample import init_params
+
     cfg = tiny_config(None, ["diffusion.mode=rolling", "diffusion.rolling_window=2"])
     model = Transfusion(cfg.model)
-    m = cfg.model
-    ints = jnp.zeros((1, 8), jnp.int32)
-    lat = jnp.zeros((1, 1, m.latent_size, m.latent_size, m.latent_channels))
-    args = (
-        ints,
-        ints,
-        ints,
-        ints,
-        ints - 1,
-        jnp.zeros((1, 1), jnp.int32),
-        lat,
-        jnp.zeros((1, 1, m.num_patches), jnp.int32),
-    )
-    params = jax.jit(lambda key: nn.meta.unbox(model.init(key, *args)["params"]))(jax.random.key(0))
+    params = init_params(cfg)
     return cfg, model, params
 
 

@@ -382,16 +382,7 @@ def test_noise_limit_for_images_before_their_caption(limit):
 
     cfg = make(None, [f"diffusion.noise_limit_image_first={limit}", "data.global_batch_size=16"])
     m = cfg.model
-    batch = synthetic.packed_batch(
-        np.random.default_rng(0),
-        16,
-        cfg.data.seq_len,
-        m.vocab_size,
-        m.latent_size,
-        m.latent_channels,
-        m.patch_size,
-        cfg.max_images_per_row,
-    )
+    batch = synthetic.config_batch(cfg, np.random.default_rng(0))
     flagged = np.arange(16) % 2 == 0  # flag every image of the even rows
     batch["tokens"] = np.where(flagged[:, None] & (batch["image_ids"] > 0), 1, batch["tokens"])
     params = init_params(cfg)

@@ -46,6 +46,13 @@ def _wide(i: int) -> np.ndarray:
     return image
 
 
+def _info(builder, **features) -> tfds.core.DatasetInfo:
+    """A builder outside a package must make its DatasetInfo itself (ENVIRONMENT.md)."""
+    return tfds.core.DatasetInfo(
+        builder=builder, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+    )
+
+
 class TfxFakeDigits(tfds.core.GeneratorBasedBuilder):
     """MNIST-like: grey 28 x 28 images with a ClassLabel; splits train (6) and test (3)."""
 
@@ -53,15 +60,10 @@ class TfxFakeDigits(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(28, 28, 1)),
-                    "label": tfds.features.ClassLabel(names=DIGIT_NAMES),
-                }
-            ),
-            disable_shuffling=True,
+        return _info(
+            self,
+            image=tfds.features.Image(shape=(28, 28, 1)),
+            label=tfds.features.ClassLabel(names=DIGIT_NAMES),
         )
 
     def _split_generators(self, dl_manager):
@@ -81,17 +83,10 @@ class TfxFakeCaptions(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(30, 40, 3)),
-                    "captions": tfds.features.Sequence(
-                        {"text": tfds.features.Text(), "id": np.int64}
-                    ),
-                }
-            ),
-            disable_shuffling=True,
+        return _info(
+            self,
+            image=tfds.features.Image(shape=(30, 40, 3)),
+            captions=tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64}),
         )
 
     def _split_generators(self, dl_manager):

@@ -182,8 +182,8 @@ class _ReadBlock(grain.transforms.RandomMap):
                 continue
             if seq is not None:
                 # One packed feature for both id streams: the packer's cost is per feature.
-                out.append({"ids": np.stack([seq["tokens"], seq["image_ids"]], 1), **seq})
-                del out[-1]["tokens"], out[-1]["image_ids"]
+                ids = np.stack([seq["tokens"], seq["image_ids"]], 1)
+                out.append({"ids": ids, "patches": seq["patches"]})
         return out
 
 

@@ -54,24 +54,21 @@ def encoded_path(cfg: Config, split: str) -> epath.Path:
 def _texts(examples, what: str):
     """The examples' texts: through the source's `text(i)` when it has one (a folder reads its
     .txt files without decoding images), else from the whole examples."""
-    if not hasattr(examples, "text"):
-        yield from (ex["text"] for ex in _readable(examples, what))
-        return
-    for i in range(len(examples)):
-        try:
-            yield examples.text(i)
-        except sources.RecordError as e:
-            log.warning("%s: skipping unreadable example %d: %s", what, i, e)
+    if hasattr(examples, "text"):
+        return _readable(examples, what, examples.text)
+    return _readable(examples, what, lambda i: examples[i]["text"])
 
 
-def _readable(examples, what: str):
-    """Yields the examples that can be read; unreadable ones are counted and logged."""
+def _readable(examples, what: str, read=None):
+    """Yields `read(i)` (default: example i) for the examples that can be read; unreadable ones
+    are counted and logged."""
     from tqdm.auto import tqdm
 
+    read = read or examples.__getitem__
     bad = 0
     for i in tqdm(range(len(examples)), desc=what, leave=False, disable=len(examples) < 2000):
         try:
-            yield examples[i]
+            yield read(i)
         except sources.RecordError as e:
             bad += 1
             log.warning("%s: skipping unreadable example %d: %s", what, i, e)

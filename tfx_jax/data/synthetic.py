@@ -68,6 +68,21 @@ def make_document(
     return tokens[:max_len], image_ids[:max_len], latents
 
 
+def config_batch(cfg, rng: np.random.Generator, batch_size: int | None = None):
+    """`packed_batch` with the shapes of a `Config` (global batch size unless `batch_size`)."""
+    m = cfg.model
+    return packed_batch(
+        rng,
+        batch_size or cfg.data.global_batch_size,
+        cfg.data.seq_len,
+        m.vocab_size,
+        m.latent_size,
+        m.latent_channels,
+        m.patch_size,
+        cfg.max_images_per_row,
+    )
+
+
 def packed_batch(
     rng: np.random.Generator,
     batch_size: int,

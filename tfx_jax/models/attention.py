@@ -84,12 +84,6 @@ def _jax_nn(implementation: str | None):
     return apply
 
 
-def ranges(segment_ids: jax.Array, image_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-query key ranges [k_start, k_end) ([B, T] each): the Transfusion mask in the form
-    block-sparse kernels skip blocks with (`mask.key_ranges`)."""
-    return key_ranges(segment_ids, image_ids)
-
-
 # Mesh axes of the activations' batch and head dims (sharding.DEFAULT_RULES: act_batch, heads).
 _BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
 
@@ -139,4 +133,5 @@ def _tokamax(q_BTNH, k_BSKH, v_BSKH, ranges_BT):
 register("xla", dense_mask, xla_attention)
 register("dot_product", dense_mask, _jax_nn(None))
 register("cudnn", dense_mask, _jax_nn("cudnn"))
-register("tokamax", ranges, _tokamax)
+# Per-query key ranges: the form block-sparse kernels skip blocks with.
+register("tokamax", key_ranges, _tokamax)
