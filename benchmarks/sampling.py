@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfx_jax import layout, rolling, samplers, sharding
+from tfx_jax import layout, sharding
 from tfx_jax.config import Config, DiffusionConfig, MeshConfig, ModelConfig
-from tfx_jax.decode import Decoder, ImageSampling, mesh_context
+from tfx_jax.diffusion import rolling, samplers
+from tfx_jax.generate.decode import Decoder, ImageSampling, mesh_context
 from tfx_jax.models.transformer import Transfusion
 
 

@@ -4,7 +4,8 @@
         --set data.seq_len=4096 --set data.global_batch_size=8 --set model.attention_impl=cudnn
 
 Needs no grain/TFDS (runs on the GPU machine as installed). Prints one table row: tokens/s,
-step time, model TFLOP/s per device and MFU (FLOPs counted from the config by tfx_jax.flops).
+step time, model TFLOP/s per device and MFU (FLOPs counted from the config by
+tfx_jax.observability.flops).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import time
 import jax
 import numpy as np
 
-from tfx_jax import flops
 from tfx_jax.config import load_config
 from tfx_jax.data import synthetic
-from tfx_jax.train import Trainer
+from tfx_jax.observability import flops
+from tfx_jax.train.loop import Trainer
 
 
 def main() -> None:

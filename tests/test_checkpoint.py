@@ -14,7 +14,7 @@ from conftest import REPO
 from tfx_jax import sharding
 from tfx_jax.checkpoint import Checkpointer
 from tfx_jax.config import ConfigError
-from tfx_jax.train import KILL_AT_STEP_ENV, NonFiniteLossError, Trainer, train
+from tfx_jax.train.loop import KILL_AT_STEP_ENV, NonFiniteLossError, Trainer, train
 
 STEPS = 8
 FLAGS = [
@@ -127,7 +127,7 @@ def test_restore_onto_other_meshes_and_continue(tiny_config, tmp_path):
         emb = state.params["embed"]["embedding"]
         assert len(emb.sharding.device_set) == n_devices
         trainer.state = state
-        from tfx_jax.train import make_batches
+        from tfx_jax.train.loop import make_batches
 
         m = trainer.train_step(next(make_batches(cfg2)))
         assert np.isfinite(float(m["loss"])) and int(trainer.state.step) == 5
@@ -161,7 +161,7 @@ def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):
 
 
 def _nan_batches(cfg):
-    from tfx_jax.train import make_batches
+    from tfx_jax.train.loop import make_batches
 
     it = make_batches(cfg)
     for i, b in enumerate(it):

@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfx_jax import diffusion, losses
+from tfx_jax.diffusion import ddpm
+from tfx_jax.train import losses
 
 
 def test_cosine_schedule_matches_formula():
     T, s = 1000, 0.008
-    sched = diffusion.make_schedule("cosine", T)
+    sched = ddpm.make_schedule("cosine", T)
     f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2  # Nichol & Dhariwal eq. 17
     t = np.arange(1, T + 1)
     expected = f(t) / f(0)
@@ -20,10 +21,10 @@ def test_cosine_schedule_matches_formula():
 
 
 def test_q_sample_moments():
-    sched = diffusion.make_schedule("cosine", 1000)
+    sched = ddpm.make_schedule("cosine", 1000)
     x0 = jnp.ones((4096, 8))
     t = jnp.full((4096,), 500)
-    xt = diffusion.q_sample(sched, x0, t, jax.random.normal(jax.random.key(0), x0.shape))
+    xt = ddpm.q_sample(sched, x0, t, jax.random.normal(jax.random.key(0), x0.shape))
     abar = sched.alphas_cumprod[500]
     np.testing.assert_allclose(float(xt.mean()), np.sqrt(abar), atol=0.01)
     np.testing.assert_allclose(float(xt.var()), 1 - abar, rtol=0.03)

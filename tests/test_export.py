@@ -17,7 +17,7 @@ import pytest
 from tfx_jax import export
 from tfx_jax.data import tokenizer as tok
 from tfx_jax.models.transformer import Transfusion
-from tfx_jax.train import dummy_inputs
+from tfx_jax.train.loop import dummy_inputs
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

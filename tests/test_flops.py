@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tfx_jax import flops
 from tfx_jax.config import load_config
 from tfx_jax.models.transformer import Transfusion
-from tfx_jax.train import dummy_inputs
+from tfx_jax.observability import flops
+from tfx_jax.train.loop import dummy_inputs
 
 
 def _paper(size):

@@ -119,7 +119,7 @@ def test_tokamax_ranges_match_the_reference_on_a_sharded_mesh(tiny_config):
     pytest.importorskip("tokamax")
     from test_model import fixed_batch
 
-    from tfx_jax.train import Trainer
+    from tfx_jax.train.loop import Trainer
 
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
     ref = Trainer(tiny_config(None, mesh))

@@ -12,7 +12,7 @@ from PIL import Image
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
-from tfx_jax.metric_writers import (
+from tfx_jax.observability.metric_writers import (
     JsonlWriter,
     MultiWriter,
     NullWriter,
@@ -20,7 +20,7 @@ from tfx_jax.metric_writers import (
     image_grid,
     make_writers,
 )
-from tfx_jax.profiling import ProfileWindow
+from tfx_jax.observability.profiling import ProfileWindow
 
 
 def _masked_crc(data: bytes) -> int:

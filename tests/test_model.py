@@ -5,10 +5,11 @@ import numpy as np
 import optax
 import pytest
 
-from tfx_jax import diffusion, sharding
+from tfx_jax import sharding
 from tfx_jax.data import synthetic
-from tfx_jax.steps import forward_losses
-from tfx_jax.train import Trainer, mesh_context
+from tfx_jax.diffusion import ddpm
+from tfx_jax.train.loop import Trainer, mesh_context
+from tfx_jax.train.steps import forward_losses
 
 
 def fixed_batch(cfg, seed=0):
@@ -51,7 +52,7 @@ def test_loss_same_on_one_device_and_2x2x2_mesh(tiny_config, arg):
 
 def _grads(cfg):
     trainer = Trainer(cfg)
-    schedule = diffusion.make_schedule("cosine", 1000)
+    schedule = ddpm.make_schedule("cosine", 1000)
     batch = trainer.put_batch(fixed_batch(cfg))
     fn = jax.jit(
         jax.grad(
@@ -84,7 +85,7 @@ def test_tiny_model_overfits_one_batch(tiny_config):
     """With the batch, t and ε held fixed, both losses fall by more than 90%."""
     cfg = tiny_config(None, ["model.d_model=96", "mesh.data=8"])
     trainer = Trainer(cfg)
-    schedule = diffusion.make_schedule("cosine", 1000)
+    schedule = ddpm.make_schedule("cosine", 1000)
     batch = trainer.put_batch(fixed_batch(cfg))
     tx = optax.adam(3e-3)
     rng = jax.random.key(7)

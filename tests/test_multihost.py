@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 from tfx_jax.checkpoint import Checkpointer
-from tfx_jax.train import Trainer, train
+from tfx_jax.train.loop import Trainer, train
 
 
 def free_port() -> int:

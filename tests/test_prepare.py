@@ -47,7 +47,7 @@ def _cfg(tiny_config, tmp_path, *overrides):
 
 @pytest.mark.slow
 def test_folder_source_prepares_skips_bad_files_and_trains(tiny_config, tmp_path):
-    from tfx_jax.train import train
+    from tfx_jax.train.loop import train
 
     folder = _folder(tmp_path / "pics")
     cfg = _cfg(

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfx_jax import diffusion, layout, rolling
+from tfx_jax import layout
+from tfx_jax.diffusion import ddpm, rolling
 from tfx_jax.models import kv_cache
 from tfx_jax.models.transformer import Transfusion
 
@@ -28,7 +29,7 @@ def test_local_time_formulas():
     lev = rolling.levels(np.array([0.0, 0.0004, 0.0006, 0.5, 1.0]), T)
     np.testing.assert_array_equal(lev, [0, 0, 1, 500, 1000])
     np.testing.assert_array_equal(rolling.model_timesteps(lev), [0, 0, 0, 499, 999])
-    sched = diffusion.make_schedule("cosine", T)
+    sched = ddpm.make_schedule("cosine", T)
     abar = rolling.alpha_bars(sched)
     assert abar[0] == 1.0 and abar[1] == sched.alphas_cumprod[0] and abar[T] < 1e-6
 
@@ -72,7 +73,7 @@ def test_training_inputs(tiny_config):
     cfg = tiny_config(None, ["diffusion.mode=rolling"])
     m = cfg.model
     g, c = 4, 4
-    sched = diffusion.make_schedule("cosine", T)
+    sched = ddpm.make_schedule("cosine", T)
     # One row: BOS, BOI, 16 patches, EOI, then padding; two images per row in slot terms.
     seg = np.zeros((6, 24), np.int32)
     img = np.zeros((6, 24), np.int32)
@@ -193,8 +194,8 @@ def test_cached_window_equals_training_forward(tiny_config):
 
 
 def test_rolling_generation_streams_rows_top_to_bottom(tiny_config):
-    from tfx_jax import sample
     from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
+    from tfx_jax.generate import sample
 
     cfg, _, params = tiny_model(tiny_config)
     tok = Tokenizer(train_tokenizer([f"shape number {i} is red" for i in range(50)], 300))

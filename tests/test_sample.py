@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfx_jax import diffusion, layout, sample, samplers, sharding
+from tfx_jax import layout, sharding
 from tfx_jax.config import load_config
 from tfx_jax.data import encoded, pipeline
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, Tokenizer, train_tokenizer
-from tfx_jax.decode import Decoder, ImageSampling
+from tfx_jax.diffusion import ddpm, samplers
+from tfx_jax.generate import sample
+from tfx_jax.generate.decode import Decoder, ImageSampling
 from tfx_jax.models import kv_cache
 from tfx_jax.models.transformer import Transfusion
 
@@ -194,7 +196,7 @@ def test_image_sampling_with_prefix_cache_equals_uncached_sampling(tiny):
         args = (seq["tokens"], seq["segment_ids"], seq["positions"], seq["image_ids"])
         return model.apply({"params": params}, *args, slot, start, x, t_BMI)[1]
 
-    sched = diffusion.make_schedule("cosine", 1000)
+    sched = ddpm.make_schedule("cosine", 1000)
     x0_full = samplers.sample(
         denoise, x_T, sched, dec.timesteps, "ddim", jax.random.key(1), dec.images.clip_x0
     )
@@ -378,7 +380,7 @@ def test_noise_limit_for_images_before_their_caption(limit):
     """With the switch on, images flagged image-first train with t <= 500 of 1000; unflagged
     images and the switch off keep the full range."""
     from tfx_jax.data import synthetic
-    from tfx_jax.steps import forward_losses
+    from tfx_jax.train.steps import forward_losses
 
     cfg = make(None, [f"diffusion.noise_limit_image_first={limit}", "data.global_batch_size=16"])
     m = cfg.model
@@ -386,7 +388,7 @@ def test_noise_limit_for_images_before_their_caption(limit):
     flagged = np.arange(16) % 2 == 0  # flag every image of the even rows
     batch["tokens"] = np.where(flagged[:, None] & (batch["image_ids"] > 0), 1, batch["tokens"])
     params = init_params(cfg)
-    sched = diffusion.make_schedule("cosine", 1000)
+    sched = ddpm.make_schedule("cosine", 1000)
     losses = jax.jit(
         lambda key: forward_losses(
             params, Transfusion(m), cfg, sched, batch, key, with_details=True

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfx_jax import diffusion, samplers
-from tfx_jax.decode import sample_tokens
+from tfx_jax.diffusion import ddpm, samplers
+from tfx_jax.generate.decode import sample_tokens
 
-SCHED = diffusion.make_schedule("cosine", 1000)
+SCHED = ddpm.make_schedule("cosine", 1000)
 
 
 def ddpm_reference(x_t, eps, t, s, z):
@@ -116,7 +116,7 @@ def test_token_sampling_rules():
 @pytest.mark.parametrize("sampler, steps", [("ddim", 50), ("ddpm", 250)])
 def test_oracle_denoiser_recovers_the_data(sampler, steps):
     """With the exact ε of a one-point data distribution, both samplers end on that point."""
-    schedule = diffusion.make_schedule("cosine", 1000)
+    schedule = ddpm.make_schedule("cosine", 1000)
     x0 = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 4)), jnp.float32)
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
 
@@ -132,7 +132,7 @@ def test_oracle_denoiser_recovers_the_data(sampler, steps):
 def test_clipping_x0_keeps_an_imperfect_denoiser_bounded():
     """The cosine schedule's ᾱ_{T-1} ~ 1e-9 turns a small ε̂ error into a huge x̂_0; clipping
     x̂_0 (and re-deriving ε̂ from it) bounds every step, and leaves an exact ε̂ unchanged."""
-    sched = diffusion.make_schedule("cosine", 1000)
+    sched = ddpm.make_schedule("cosine", 1000)
     key = jax.random.key(0)
     x0 = jnp.clip(jax.random.normal(key, (64, 8, 8, 4)), -3, 3)
     eps = jax.random.normal(jax.random.key(1), x0.shape)

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from tfx_jax.data import builders, judge, shapes, text_corpus
+from tfx_jax.data.embedded import builders, judge, shapes, text_corpus
 
 PLACEHOLDER = shapes.IMAGE_PLACEHOLDER
 

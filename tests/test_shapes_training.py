@@ -10,7 +10,7 @@ from conftest import REPO
 from tfx_jax.checkpoint import Checkpointer
 from tfx_jax.config import load_config
 from tfx_jax.data import prepare
-from tfx_jax.train import train
+from tfx_jax.train.loop import train
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tfx_jax import vae_train as vt
 from tfx_jax.models.vae import VAE, num_groups, stage_widths
+from tfx_jax.train import vae_trainer as vt
 
 
 @pytest.fixture(autouse=True)

@@ -90,9 +90,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from tfx_jax import train
+    from tfx_jax.train import loop
 
-    train.train(_load(args), args.workdir, resume=args.resume, init_from=args.init_from)
+    loop.train(_load(args), args.workdir, resume=args.resume, init_from=args.init_from)
 
 
 def load_checkpoint_params(workdir: str, step: int | None = None):
@@ -100,7 +100,7 @@ def load_checkpoint_params(workdir: str, step: int | None = None):
     from etils import epath
 
     from tfx_jax.checkpoint import Checkpointer, saved_config
-    from tfx_jax.train import Trainer
+    from tfx_jax.train.loop import Trainer
 
     root = epath.Path(workdir)
     root = root / "checkpoints" if (root / "checkpoints").exists() else root
@@ -163,7 +163,7 @@ def _sample_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from tfx_jax import sample
+    from tfx_jax.generate import sample
 
     if args.export:
         from tfx_jax import export
@@ -217,7 +217,7 @@ def cmd_vae(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     import jax
 
-    from tfx_jax import train
+    from tfx_jax.train import loop
 
     cfg = _load(args)
     validate(cfg, num_devices=jax.device_count())
@@ -230,7 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"tfx_jax demo: training '{cfg.name}' for {cfg.train.steps} steps on "
         f"{cfg.data.source} data (packed text + image latents)."
     )
-    history = train.train(cfg, args.workdir)
+    history = loop.train(cfg, args.workdir)
     if history:
         first, last = history[0], history[-1]
         print("\n               first logged   last logged")
@@ -245,9 +245,10 @@ def demo_samples(workdir: str, per_split: int = 4) -> None:
     """Draws images for captions from train and held-out combinations and scores them."""
     import numpy as np
 
-    from tfx_jax import sample
-    from tfx_jax.data import judge, prepare, shapes
+    from tfx_jax.data import prepare
+    from tfx_jax.data.embedded import judge, shapes
     from tfx_jax.data.tokenizer import Tokenizer
+    from tfx_jax.generate import sample
 
     cfg, params, step = load_checkpoint_params(workdir)
     rng = np.random.default_rng(1234)
@@ -269,7 +270,9 @@ def demo_samples(workdir: str, per_split: int = 4) -> None:
     )
     out = Path(workdir) / "samples" / f"step_{step}"
     paths = sample.write_documents(results, out)
-    print(f"\nsamples (step {step}; DDIM 50 steps, guidance 3; judged by tfx_jax.data.judge):")
+    print(
+        f"\nsamples (step {step}; DDIM 50 steps, guidance 3; judged by data.embedded.judge):"
+    )
     for split in ("train", "heldout"):
         scores = []
         for (sp, text), res in zip(prompts, results, strict=True):

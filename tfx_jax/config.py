@@ -88,7 +88,8 @@ class DiffusionConfig:
     # Transfusion §4.3: images that precede their caption train with t <= 500 of 1000.
     noise_limit_image_first: bool = False
     # "standard" (one t per image) or "rolling": rolling diffusion over patch rows (Ruhe et al.
-    # 2024; tfx_jax.rolling), each row at its own level inside a window of `rolling_window` rows.
+    # 2024; tfx_jax.diffusion.rolling), each row at its own level inside a window of
+    # `rolling_window` rows.
     mode: str = "standard"
     rolling_window: int = 4
     rolling_init_prob: float = 0.1  # share of images trained on the init (first-window) schedule

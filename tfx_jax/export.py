@@ -87,7 +87,7 @@ def param_template(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
       {"layers/attn/query": ShapeDtypeStruct, ...} with the keys `export_params` writes.
     """
     from tfx_jax.models.transformer import Transfusion
-    from tfx_jax.train import dummy_inputs
+    from tfx_jax.train.loop import dummy_inputs
 
     # The kernel and the remat policy do not change the parameters; the reference kernel traces
     # on any backend (a GPU-only kernel might refuse to trace on a CPU host).

@@ -102,7 +102,7 @@ def tokenizer_is_current(cfg: Config) -> bool:
 
 def build_tokenizer(cfg: Config) -> epath.Path:
     """Trains SentencePiece with `model.vocab_size` pieces on the training split's text."""
-    from tfx_jax.data import text_corpus
+    from tfx_jax.data.embedded import text_corpus
     from tfx_jax.data.encoded import IMAGE_PLACEHOLDER
     from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -142,14 +142,14 @@ def _images(cfg: Config, split: str, limit: int | None = None) -> np.ndarray:
 
 def train_vae(cfg: Config) -> dict:
     """Trains the VAE on the training images (sharded, logged and checkpointed under vae/,
-    resumable: `vae_train.run`); returns (and saves) its summary."""
-    from tfx_jax import vae_train
+    resumable: `vae_trainer.run`); returns (and saves) its summary."""
+    from tfx_jax.train import vae_trainer
 
     images = _images(cfg, "train")
     held_split = "validation" if "validation" in sources.splits(cfg) else "train"
     held_out = _images(cfg, held_split, limit=256)
     out = vae_dir(cfg)
-    result = vae_train.run(cfg, images, held_out, out)
+    result = vae_trainer.run(cfg, images, held_out, out)
     if jax.process_index() == 0:
         (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(result["params"]))
     summary = {
@@ -233,12 +233,12 @@ def _latent_shape(cfg: Config) -> tuple[int, int, int]:
 def image_encoder(cfg: Config, device: jax.Device | None = None):
     """uint8 images [N, H, W, 3] -> scaled latents (numpy) with the frozen VAE, or None for a
     text-only source. `device`: where the VAE runs (default: the default device)."""
-    from tfx_jax import vae_train
+    from tfx_jax.train import vae_trainer
 
     if not sources.has_images(cfg):
         return None
     model, params, scale = load_vae(cfg)
-    fn = jax.jit(functools.partial(vae_train.encode_images, model=model, scale_factor=scale))
+    fn = jax.jit(functools.partial(vae_trainer.encode_images, model=model, scale_factor=scale))
     params = jax.device_put(params, device)
 
     def encode_images(x: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ an example that cannot be decoded; the encode stage skips and counts it, or fail
 
 Sources:
 
-  shapes  the embedded `tfx_shapes` TFDS dataset (`tfx_jax.data.builders`), built locally.
+  shapes  the embedded `tfx_shapes` TFDS dataset (`tfx_jax.data.embedded.builders`), built locally.
   tfds    any TFDS dataset prepared in ArrayRecord format under `data.tfds_data_dir` (default
           `<data_dir>/tfds`), read with TFDS's random-access data source and never downloaded.
           `data.image_key` names the image; exactly one of `data.caption_key` (text, or a list
@@ -106,7 +106,7 @@ def build(cfg: Config) -> None:
     it does not."""
     source = cfg.data.source
     if source == "shapes":
-        from tfx_jax.data import builders
+        from tfx_jax.data.embedded import builders
 
         builders.build(
             str(epath.Path(cfg.data.data_dir) / "tfds"), cfg.data.tfds_config, cfg.data.image_size
@@ -140,7 +140,7 @@ def open_split(cfg: Config, split: str) -> Sequence[dict]:
     """Random access to the raw examples of `split` (see the module docstring)."""
     d = cfg.data
     if d.source == "shapes":
-        from tfx_jax.data import builders
+        from tfx_jax.data.embedded import builders
 
         return builders.data_source(
             str(epath.Path(d.data_dir) / "tfds"), split, d.tfds_config, d.image_size
@@ -168,7 +168,7 @@ def prompts(cfg: Config, num: int, seed: int = 0) -> list[str]:
     (the same every eval, so samples are comparable across steps); none for text."""
     source = cfg.data.source
     if source == "shapes":
-        from tfx_jax.data import shapes
+        from tfx_jax.data.embedded import shapes
 
         rng = np.random.default_rng(seed)
         return [shapes.caption(shapes.sample_scene(rng, "heldout")) for _ in range(num)]
@@ -314,7 +314,7 @@ def _tfds_builder(cfg: Config):
     """
     import tensorflow_datasets as tfds
 
-    from tfx_jax.data import builders  # noqa: F401  (its import drops TFDS's OpenCV hint)
+    from tfx_jax.data.embedded import builders  # noqa: F401  (its import drops TFDS's OpenCV hint)
 
     name = cfg.data.tfds_name
     data_dir = _tfds_data_dir(cfg)

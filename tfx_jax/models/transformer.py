@@ -13,7 +13,7 @@ inside each image (§3.2, Fig. 4). The same backbone produces next-token logits 
 Decoding runs the same module on a chunk of new positions with a KV cache (`models/kv_cache.py`):
 the chunk's keys and values are written at each row's cache index and its queries attend to every
 cached slot under the same mask rule; the layer scan then also scans the cache over the layer
-axis (`tfx_jax.decode` drives it).
+axis (`tfx_jax.generate.decode` drives it).
 
 Legend: B batch, T length, D d_model, V vocab, M image slots per row, I patches per image,
 h/w/C latent grid.
@@ -61,7 +61,7 @@ class Transfusion(nn.Module):
         with_logits: bool = True,
     ) -> tuple[jax.Array, ...]:
         """Runs the model on a packed batch (see `tfx_jax.layout` for the format), or on a chunk
-        of new positions written into a KV cache (decoding, see `tfx_jax.decode`).
+        of new positions written into a KV cache (decoding, see `tfx_jax.generate.decode`).
 
         Args:
           tokens_BT, segment_ids_BT, positions_BT, image_ids_BT: the packed layout (of the chunk

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tfx_jax.data import shapes
+from tfx_jax.data.embedded import shapes
 
 # RGB distance from the nearest background-to-colour mix beyond which a pixel is off the palette.
 COLOR_THRESHOLD = 40.0

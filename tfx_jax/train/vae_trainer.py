@@ -525,7 +525,7 @@ def _check_images(name: str, images: np.ndarray, image_size: int) -> np.ndarray:
 def _sigterm_flag():
     """SIGTERM (preemption) sets `flag["requested"]`; the loop saves at the next step boundary.
 
-    As in `tfx_jax.train`: each process acts on its own signal (preemption notices reach every
+    As in `tfx_jax.train.loop`: each process acts on its own signal (preemption notices reach every
     host of a slice together).
     """
     flag = {"requested": False}
@@ -575,7 +575,7 @@ def _resume_step(ckpt_dir, settings: dict, steps: int, log: Callable[[str], None
         if stale.exists():
             stale.rmtree()
         ckpt_dir.rename(stale)
-    multihost_utils.sync_global_devices("tfx_jax.vae_train: stale checkpoints moved")
+    multihost_utils.sync_global_devices("tfx_jax.train.vae_trainer: stale checkpoints moved")
     return None
 
 
@@ -660,7 +660,7 @@ def _evaluate(programs: _Programs, params, held_out: np.ndarray, chunk: int):
     last one padded, its padding dropped). The grid shows the first `GRID_IMAGES` originals above
     their reconstructions.
     """
-    from tfx_jax.metric_writers import image_grid
+    from tfx_jax.observability.metric_writers import image_grid
 
     psnrs, first = [], None
     for indices, valid in _chunks(len(held_out), chunk):
@@ -734,9 +734,10 @@ def run(
     from etils import epath
     from tqdm.auto import tqdm
 
-    from tfx_jax import metric_writers, sharding
+    from tfx_jax import sharding
     from tfx_jax.checkpoint import Checkpointer, abstract_like
     from tfx_jax.config import validate
+    from tfx_jax.observability import metric_writers
 
     validate(cfg)
     v, seed = cfg.vae, cfg.data.seed

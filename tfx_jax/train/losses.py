@@ -1,6 +1,6 @@
 """The Transfusion objective: L = L_LM + λ · L_DDPM (Zhou et al. 2024, §3.3, eq. 4).
 
-Both terms are pure functions of arrays; `tfx_jax.train` wires them to the model.
+Both terms are pure functions of arrays; `tfx_jax.train.loop` wires them to the model.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ from tfx_jax import sharding
 from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
 from tfx_jax.config import IMAGE_SOURCES, Config, ConfigError, validate
 from tfx_jax.models.transformer import Transfusion
-from tfx_jax.optim import learning_rate_schedule, make_optimizer
 from tfx_jax.sharding import mesh_context
-from tfx_jax.steps import TrainState, make_eval_step, make_train_step
+from tfx_jax.train.optim import learning_rate_schedule, make_optimizer
+from tfx_jax.train.steps import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("tfx_jax")
 
@@ -242,9 +242,9 @@ class SampleGrid:
         self.judged = cfg.data.source == "shapes"
 
     def __call__(self, trainer: Trainer) -> tuple[np.ndarray, float]:
-        from tfx_jax import sample
-        from tfx_jax.data import judge
-        from tfx_jax.metric_writers import image_grid
+        from tfx_jax.data.embedded import judge
+        from tfx_jax.generate import sample
+        from tfx_jax.observability.metric_writers import image_grid
 
         opts = sample.SampleOptions(
             max_new_tokens=2,
@@ -379,7 +379,7 @@ def train(
     """Trains to `cfg.train.steps`, resuming if possible; returns the logged metrics."""
     from tqdm.auto import tqdm
 
-    from tfx_jax import metric_writers
+    from tfx_jax.observability import metric_writers
 
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
@@ -501,7 +501,7 @@ def train(
 
 def _flops_and_peak(cfg: Config) -> tuple[float, float]:
     """Model FLOPs per step from the config, and the per-device peak (0 if unknown)."""
-    from tfx_jax import flops
+    from tfx_jax.observability import flops
 
     peak = flops.peak_flops_per_device(cfg.train.peak_tflops)
     return flops.train_flops_per_step(cfg), peak or 0.0
@@ -510,6 +510,6 @@ def _flops_and_peak(cfg: Config) -> tuple[float, float]:
 def _profiler(cfg: Config, workdir: epath.Path, is_main: bool):
     if not cfg.train.profile_steps or not is_main:
         return None
-    from tfx_jax.profiling import ProfileWindow
+    from tfx_jax.observability.profiling import ProfileWindow
 
     return ProfileWindow(str(workdir / "profile"), cfg.train.profile_start, cfg.train.profile_steps)

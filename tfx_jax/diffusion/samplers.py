@@ -4,7 +4,7 @@ Every step moves x from a noise level with cumulative signal ᾱ_t to a lower on
 ᾱ_s = 1 for the last step (clean data). Writing a step for an arbitrary pair (ᾱ_t, ᾱ_s) is what
 timestep respacing needs (Nichol & Dhariwal 2021, §4: sample with a subsequence of the training
 timesteps, using α = ᾱ_t/ᾱ_s in place of the per-step α_t), and what rolling diffusion needs (every
-row of patches steps between its own pair of levels, see `tfx_jax.rolling`).
+row of patches steps between its own pair of levels, see `tfx_jax.diffusion.rolling`).
 
   x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t                                    Ho et al. 2020, eq. 15
   DDPM:  x_s = 1/√α (x_t − (1−α)/√(1−ᾱ_t) ε̂) + σ z,  α = ᾱ_t/ᾱ_s       Ho et al. 2020, eq. 11
@@ -12,7 +12,7 @@ row of patches steps between its own pair of levels, see `tfx_jax.rolling`).
   DDIM:  x_s = √ᾱ_s x̂_0 + √(1−ᾱ_s) ε̂    (η = 0, deterministic)         Song et al. 2021, eq. 12
   CFG:   ε̂ = ε̂_u + s (ε̂_c − ε̂_u)        (s = 1 + w)                    Ho & Salimans 2022, eq. 6
 
-Timestep indices follow `tfx_jax.diffusion`: index i in 0..T-1 has ᾱ = alphas_cumprod[i].
+Timestep indices follow `tfx_jax.diffusion.ddpm`: index i in 0..T-1 has ᾱ = alphas_cumprod[i].
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfx_jax.diffusion import Schedule
+from tfx_jax.diffusion.ddpm import Schedule
 
 SAMPLERS = ("ddpm", "ddim")
 # Step counts when none is given: DDPM respaced to 250 steps (the Transfusion paper samples

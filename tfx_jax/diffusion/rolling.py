@@ -48,8 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfx_jax import diffusion, layout
-from tfx_jax.diffusion import Schedule
+from tfx_jax import layout
+from tfx_jax.diffusion import ddpm
+from tfx_jax.diffusion.ddpm import Schedule
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -209,7 +210,7 @@ def training_inputs(
     idx_BMg = model_timesteps(levels(tau_BMg, T))
     # Noise every latent pixel row at its patch row's level (Ruhe et al. §3.1, per-frame q).
     idx_BMhw = jnp.broadcast_to(jnp.repeat(idx_BMg, patch_size, axis=-1)[..., None], (B, M, h, w))
-    xt_BMhwC = diffusion.q_sample(schedule, x0_BMhwC, idx_BMhw, eps_BMhwC)
+    xt_BMhwC = ddpm.q_sample(schedule, x0_BMhwC, idx_BMhw, eps_BMhwC)
     t_BMI = jnp.repeat(idx_BMg, c, axis=-1)  # raster order: patch i is in row i // c
     in_window_BMg = (rows_g >= r0_BM[..., None]) & (rows_g < r0_BM[..., None] + W)
     weight_BMI = jnp.repeat(in_window_BMg, c, axis=-1).astype(jnp.float32)

@@ -14,7 +14,7 @@ different things (one runs an image while another writes text) never waste each 
 Public API:
   generate(cfg, params, tokenizer, prompts, options, vae=None) -> list[GenerationResult]
   caption_images(cfg, params, tokenizer, images_uint8, vae, options) -> list[GenerationResult]
-  write_documents(results, out_dir) -> {"markdown": path, "html": path}   (tfx_jax.documents)
+  write_documents(results, out_dir) -> {"markdown": path, "html": path} (generate.documents)
   generate_cli(cfg, params, prompts, out_dir, **options) -> {"markdown": path, "html": path}
 """
 
@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tfx_jax import rolling, sharding
+from tfx_jax import sharding
 from tfx_jax.config import Config
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
-from tfx_jax.decode import CHUNK_KEYS, DEFAULT_CLIP_X0, Decoder, ImageSampling
-from tfx_jax.documents import write_documents
+from tfx_jax.diffusion import rolling
+from tfx_jax.generate.decode import CHUNK_KEYS, DEFAULT_CLIP_X0, Decoder, ImageSampling
+from tfx_jax.generate.documents import write_documents
 
 IMAGE_PLACEHOLDER = "<image>"  # where a prompt's images go (the data pipeline's marker)
 
@@ -48,7 +49,7 @@ class Prompt:
 
     Attributes:
       text: the prompt; each "<image>" marks where the next of `images` goes.
-      images: scaled VAE latents [h, w, C] (as `vae_train.encode_images` gives), inserted as
+      images: scaled VAE latents [h, w, C] (as `vae_trainer.encode_images` gives), inserted as
         clean image blocks (t = 0): the model sees them as it saw images during training.
       force_image: end the prompt with BOI, so the first thing generated is an image.
     """
@@ -478,10 +479,10 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
 
 def decode_images(results: Sequence[GenerationResult], vae: tuple[Any, Any, float]) -> None:
     """Fills `Piece.image` (uint8) for every image piece of the results, prompts included."""
-    from tfx_jax import vae_train
+    from tfx_jax.train import vae_trainer
 
     model, vae_params, scale = vae
-    decode = jax.jit(lambda prm, z: vae_train.decode_latents(prm, model, z, scale))
+    decode = jax.jit(lambda prm, z: vae_trainer.decode_latents(prm, model, z, scale))
     for res in results:
         for piece in res.prompt_pieces + res.pieces:
             if piece.kind == "image" and piece.latents is not None:
@@ -507,10 +508,10 @@ def caption_images(
       prefix: text after the image that the caption continues.
       kw: passed to `generate` (mesh, on_row).
     """
-    from tfx_jax import vae_train
+    from tfx_jax.train import vae_trainer
 
     model, vae_params, scale = vae
-    encode = jax.jit(lambda prm, x: vae_train.encode_images(prm, model, x, scale))
+    encode = jax.jit(lambda prm, x: vae_trainer.encode_images(prm, model, x, scale))
     lat = np.asarray(encode(vae_params, jnp.asarray(images_uint8)))
     prompts = [Prompt(f"{IMAGE_PLACEHOLDER} {prefix}".rstrip(), (lat[i],)) for i in range(len(lat))]
     return generate(cfg, params, tokenizer, prompts, options, vae=vae, **kw)
@@ -585,11 +586,11 @@ def generate_cli(
 def _encode_files(cfg: Config, vae, files: Sequence[str]) -> np.ndarray:
     from PIL import Image
 
-    from tfx_jax import vae_train
+    from tfx_jax.train import vae_trainer
 
     size = cfg.data.image_size
     pix = np.stack(
         [np.asarray(Image.open(f).convert("RGB").resize((size, size)), np.uint8) for f in files]
     )
     model, vae_params, scale = vae
-    return np.asarray(vae_train.encode_images(vae_params, model, jnp.asarray(pix), scale))
+    return np.asarray(vae_trainer.encode_images(vae_params, model, jnp.asarray(pix), scale))

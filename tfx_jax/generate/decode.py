@@ -2,13 +2,13 @@
 
 Every function here is pure (params, cache, chunk, ...) -> arrays, jitted once per shape by
 `Decoder`, which holds the model, the mesh and the static choices (sampler, steps, guidance).
-`tfx_jax.sample` drives them from the host.
+`tfx_jax.generate.sample` drives them from the host.
 
   prefill      write the prompt (text and clean prompt images, t = 0); logits at each row's end
   text_step    write one token per row; sample the next (greedy / temperature / top-k / top-p)
   image_full   the reverse process over one image block: each step runs the transformer on the
                block only, attending to the cached prefix (the cache is read, never kept)
-  rolling_pass one sweep of a rolling window of patch rows (tfx_jax.rolling)
+  rolling_pass one sweep of a rolling window of patch rows (tfx_jax.diffusion.rolling)
   commit       write clean latents (t = 0) into the cache: a finished image or image row
 
 Classifier-free guidance (Ho & Salimans 2022) doubles the batch: rows [0, B) are the prompts and
@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tfx_jax import diffusion, layout, rolling, samplers, sharding
+from tfx_jax import layout, sharding
 from tfx_jax.config import Config
+from tfx_jax.diffusion import ddpm, rolling, samplers
 from tfx_jax.models.kv_cache import KV_AXES, META_AXES, KVCache, init_cache
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.sharding import mesh_context
@@ -150,7 +151,7 @@ class Decoder:
             raise ValueError("rolling sampling needs model.patch_encoder=linear (see config.py)")
         self.cfg, self.mesh, self.images, self.text = cfg, mesh, images, text
         self.model = Transfusion(cfg.model)
-        self.schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+        self.schedule = ddpm.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
         m = cfg.model
         self.rows = m.latent_size // m.patch_size  # g: rows of patches
         self.window = min(images.window or cfg.diffusion.rolling_window, self.rows)

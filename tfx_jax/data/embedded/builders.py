@@ -1,6 +1,6 @@
 """TFDS builder for the embedded shapes dataset (`tfx_shapes`), written as ArrayRecord.
 
-Everything is generated locally by `tfx_jax.data.shapes` (nothing is downloaded), so
+Everything is generated locally by `tfx_jax.data.embedded.shapes` (nothing is downloaded), so
 `download_and_prepare` only renders, PNG-encodes and writes. TensorFlow is not needed: TFDS
 writes and reads ArrayRecord without it, and `tfds.features.Image` encodes through Pillow when
 given PNG bytes (a numpy array would go through `tf.image.encode_png`, so we encode ourselves).
@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from tfx_jax.data import shapes
+from tfx_jax.data.embedded import shapes
 
 
 class _DropOpenCvHint(logging.Filter):
@@ -117,7 +117,7 @@ class TfxShapes(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description=(
                 "Synthetic coloured shapes on a plain background with exact captions "
-                "(tfx_jax.data.shapes), interleaved multi-image documents, and text-only "
+                "(tfx_jax.data.embedded.shapes), interleaved multi-image documents, and text-only "
                 f"documents from Python docstrings. Held-out (shape, colour) pairs: {heldout}."
             ),
             features=tfds.features.FeaturesDict(

@@ -2,7 +2,7 @@
 
 A *scene* is a tuple of one to three `SceneObject`s (shape, colour, size, position). Each object
 sits in its own cell of a 3x3 grid, so objects never overlap, and is drawn with crisp (aliased)
-edges so that `tfx_jax.data.judge` can read a rendered scene back exactly.
+edges so that `tfx_jax.data.embedded.judge` can read a rendered scene back exactly.
 
 Vocabulary (4 shapes x 6 colours x 2 sizes x 9 positions):
   shapes     circle, square, triangle (apex up), diamond
@@ -32,7 +32,7 @@ Examples. `generate_examples` yields `(key, example)` with
   caption      text = the caption, images = [its image] (no placeholder: the pipeline decides
                whether the caption goes before or after the image)
   interleaved  a 2-3 image document; `text` holds `IMAGE_PLACEHOLDER` once per image, in order
-  text         a text-only document from `tfx_jax.data.text_corpus`, images = []
+  text         a text-only document from `tfx_jax.data.embedded.text_corpus`, images = []
 Every example draws from its own generator seeded by (seed, split, index), so example i does not
 depend on how many examples are requested and the same arguments always give the same output.
 """
@@ -46,7 +46,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from tfx_jax.data import text_corpus
+from tfx_jax.data.embedded import text_corpus
 
 IMAGE_PLACEHOLDER = "<image>"
 

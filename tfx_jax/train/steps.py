@@ -1,4 +1,4 @@
-"""Pure train and eval steps: functions of (state, batch, rng), jitted by `tfx_jax.train`.
+"""Pure train and eval steps: functions of (state, batch, rng), jitted by `tfx_jax.train.loop`.
 
 One step of the Transfusion objective (Zhou et al. 2024, §3.3):
   1. find the image slots of the packed batch and read each image's clean latent x_0;
@@ -6,7 +6,7 @@ One step of the Transfusion objective (Zhou et al. 2024, §3.3):
      the latent before patchifying, so the U-Net sees a spatially coherent noisy latent);
      with `diffusion.noise_limit_image_first`, images that precede their caption draw t <= 500
      of 1000 (Transfusion §4.3); with `diffusion.mode=rolling`, every patch row gets its own
-     level and the loss covers the rolling window (`tfx_jax.rolling`);
+     level and the loss covers the rolling window (`tfx_jax.diffusion.rolling`);
   3. one forward pass gives next-token logits and ε̂ for every image;
   4. L = L_LM + λ · L_DDPM.
 Gradient accumulation scans over micro-batches and averages their gradients.
@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tfx_jax import diffusion, layout, losses, rolling
+from tfx_jax import layout
 from tfx_jax.config import Config
+from tfx_jax.diffusion import ddpm, rolling
+from tfx_jax.train import losses
 
 
 @flax.struct.dataclass
@@ -39,7 +41,7 @@ def forward_losses(
     params: Any,
     model: nn.Module,
     cfg: Config,
-    schedule: diffusion.Schedule,
+    schedule: ddpm.Schedule,
     batch: dict[str, jax.Array],
     rng: jax.Array,
     with_details: bool = False,
@@ -64,7 +66,7 @@ def forward_losses(
         t_BM = jnp.where(layout.image_first(batch["tokens"], img, start_BM), limited_BM, t_BM)
     eps_BMhwC = jax.random.normal(noise_rng, x0_BMhwC.shape, jnp.float32)
     attn_img = img
-    if dc.mode == "rolling":  # every patch row at its own noise level (tfx_jax.rolling)
+    if dc.mode == "rolling":  # every patch row at its own noise level (tfx_jax.diffusion.rolling)
         roll = rolling.training_inputs(
             jax.random.fold_in(t_rng, 2),
             schedule,
@@ -80,7 +82,7 @@ def forward_losses(
         xt_BMhwC, t_BMI, t_BM = roll["xt_BMhwC"], roll["t_BMI"], roll["t_BM"]
         attn_img = roll["attn_image_ids_BT"]
     else:
-        xt_BMhwC = diffusion.q_sample(schedule, x0_BMhwC, t_BM, eps_BMhwC)
+        xt_BMhwC = ddpm.q_sample(schedule, x0_BMhwC, t_BM, eps_BMhwC)
         t_BMI = jnp.broadcast_to(t_BM[:, :, None], (B, M, m.num_patches))
 
     logits_BTV, eps_hat_BMhwC = model.apply(
@@ -97,16 +99,16 @@ def forward_losses(
     text_mask_BT = layout.text_target_mask(seg, img)
     lm, ce, n_text = losses.lm_loss(logits_BTV, batch["tokens"], text_mask_BT, cfg.train.z_loss)
     if dc.mode == "rolling":
-        ddpm, per_image_BM, n_img = rolling.windowed_diffusion_loss(
+        ddpm_loss, per_image_BM, n_img = rolling.windowed_diffusion_loss(
             eps_hat_BMhwC, eps_BMhwC, roll["weight_BMI"], valid_BM, m.patch_size
         )
     else:
-        ddpm, per_image_BM, n_img = losses.diffusion_loss(eps_hat_BMhwC, eps_BMhwC, valid_BM)
-    total = lm + cfg.diffusion.loss_weight * ddpm
+        ddpm_loss, per_image_BM, n_img = losses.diffusion_loss(eps_hat_BMhwC, eps_BMhwC, valid_BM)
+    total = lm + cfg.diffusion.loss_weight * ddpm_loss
     metrics = {
         "loss": total,
         "lm_loss": ce,
-        "diffusion_loss": ddpm,
+        "diffusion_loss": ddpm_loss,
         "text_tokens": n_text,
         "images": n_img,
         "tokens": (seg > 0).sum().astype(jnp.float32),
@@ -132,7 +134,7 @@ def make_train_step(
     model: nn.Module, cfg: Config, tx: optax.GradientTransformation, lr_fn: Callable
 ) -> Callable:
     """Returns train_step(state, batch, rng) -> (state, metrics); pure, to be jitted."""
-    schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    schedule = ddpm.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     accum = cfg.optimizer.grad_accum_steps
     grad_fn = jax.value_and_grad(
         lambda p, b, r: forward_losses(p, model, cfg, schedule, b, r), has_aux=True
@@ -190,7 +192,7 @@ def make_eval_step(model: nn.Module, cfg: Config, num_buckets: int = 10) -> Call
     Besides the losses it returns, per timestep bucket b (t in [b·T/n, (b+1)·T/n)), the sum of
     per-image diffusion losses and the image count, so the caller can average over batches.
     """
-    schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    schedule = ddpm.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     width = schedule.num_timesteps / num_buckets
 
     def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
