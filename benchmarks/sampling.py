@@ -35,7 +35,9 @@ import numpy as np
 from tfx_jax import layout, sharding
 from tfx_jax.config import Config, DiffusionConfig, MeshConfig, ModelConfig
 from tfx_jax.diffusion import rolling, samplers
-from tfx_jax.generate.decode import Decoder, ImageSampling, mesh_context
+from tfx_jax.generate.decode import Decoder, mesh_context
+from tfx_jax.generate.options import SampleOptions
+from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 
 
@@ -59,13 +61,10 @@ def build(args) -> tuple[Config, Decoder, dict, jax.sharding.Mesh]:
         mesh=MeshConfig(data=1),
     )
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    dec = Decoder(cfg, mesh, ImageSampling("ddim", steps=args.steps, mode="full"))
-    m = cfg.model
-    ints = jnp.zeros((1, 8), jnp.int32)
-    lat = jnp.zeros((1, 1, 32, 32, 4))
-    t = jnp.zeros((1, 1, m.num_patches), jnp.int32)
-    init_args = (ints, ints, ints, ints, ints - 1, jnp.zeros((1, 1), jnp.int32), lat, t)
-    params = jax.jit(lambda k: Transfusion(m).init(k, *init_args)["params"])(jax.random.key(0))
+    opts = SampleOptions(sampler="ddim", diffusion_steps=args.steps, image_mode="full")
+    dec = Decoder(cfg, mesh, opts)
+    inputs = ModelInputs.dummy(cfg, length=8, images=1)
+    params = jax.jit(lambda k: Transfusion(cfg.model).init(k, inputs)["params"])(jax.random.key(0))
     return cfg, dec, dec.put_params(params), mesh
 
 
@@ -130,7 +129,8 @@ def bench_full(dec, params, seq, P, B, cached: bool, repeats: int) -> tuple[int,
         def denoise(x, t):
             t_BMI = jnp.full((B, 1, I), t, jnp.int32)
             args = (s["tokens"], s["segment_ids"], s["positions"], s["image_ids"], slot, start)
-            return model.apply({"params": params}, *args, x, t_BMI, with_logits=False)[1]
+            out = model.apply({"params": params}, ModelInputs(*args, x, t_BMI), with_logits=False)
+            return out.eps
 
         return samplers.sample(denoise, x_T, dec.schedule, dec.timesteps, "ddim", key)
 
@@ -188,7 +188,8 @@ def bench_rolling(dec, params, seq, P, B, cached: bool, repeats: int, W: int) ->
         def body(x, j):
             t_BMI = jnp.broadcast_to(jnp.repeat(rolling.model_timesteps(lev[j]), g), (B, 1, I))
             args = (s["tokens"], s["segment_ids"], s["positions"], attn, slot, start)
-            eps = model.apply({"params": params}, *args, x, t_BMI, with_logits=False)[1]
+            inputs = ModelInputs(*args, x, t_BMI)
+            eps = model.apply({"params": params}, inputs, with_logits=False).eps
             a_t = jnp.repeat(abar[lev[j]], p)[None, None, :, None, None]
             a_s = jnp.repeat(abar[lev[j + 1]], p)[None, None, :, None, None]
             return samplers.ddim_step(x, eps, a_t, a_s), None

@@ -16,8 +16,8 @@ import pytest
 
 from tfx_jax import export
 from tfx_jax.data import tokenizer as tok
+from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
-from tfx_jax.train.loop import dummy_inputs
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -51,17 +51,15 @@ def our_logits(cfg, params, ids_BT):
     B, T = ids_BT.shape
     m = cfg.model
     M = 1  # text-only: the image inputs do not reach the logits, any slot count works
-    args = (
-        ids_BT,
-        np.ones((B, T), np.int32),  # segment_ids
-        np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),  # positions
-        np.zeros((B, T), np.int32),  # image_ids
-        np.full((B, T), -1, np.int32),  # slot_BT: no image positions
-        np.zeros((B, M), np.int32),  # start_BM
-        np.zeros((B, M, m.latent_size, m.latent_size, m.latent_channels), np.float32),
-        np.zeros((B, M, m.num_patches), np.int32),
-    )
-    logits, _ = jax.jit(Transfusion(cfg.model).apply)({"params": params}, *args)
+    text = {
+        "tokens": ids_BT,
+        "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+        "image_ids": np.zeros((B, T), np.int32),  # no image positions
+    }
+    noisy = np.zeros((B, M, m.latent_size, m.latent_size, m.latent_channels), np.float32)
+    inputs = ModelInputs.from_layout(text, noisy, np.zeros((B, M, m.num_patches), np.int32))
+    logits = jax.jit(Transfusion(cfg.model).apply)({"params": params}, inputs).logits
     return np.asarray(logits)
 
 
@@ -130,7 +128,7 @@ def test_params_round_trip_fp32_is_bit_exact(tiny_config, tokenizer_file, tmp_pa
     loaded_cfg, loaded = export.load_export(out)
     assert loaded_cfg == cfg
     model = Transfusion(cfg.model)
-    init = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(cfg)))
+    init = jax.eval_shape(lambda: model.init(jax.random.key(0), ModelInputs.dummy(cfg)))
     init_tree = nn.meta.unbox(init["params"])
     assert jax.tree.structure(loaded) == jax.tree.structure(init_tree)
     want, got = _leaves(params), _leaves(loaded)

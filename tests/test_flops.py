@@ -10,9 +10,9 @@ import pytest
 from conftest import REPO
 
 from tfx_jax.config import load_config
+from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.observability import flops
-from tfx_jax.train.loop import dummy_inputs
 
 
 def _paper(size):
@@ -23,7 +23,7 @@ def _real_matmul_params(cfg) -> dict[str, int]:
     """Kernel sizes of the initialised model, grouped like `flops.matmul_params`."""
     model = Transfusion(cfg.model)
     abstract = jax.eval_shape(
-        lambda r: nn.meta.unbox(model.init(r, *dummy_inputs(cfg))), jax.random.key(0)
+        lambda r: nn.meta.unbox(model.init(r, ModelInputs.dummy(cfg))), jax.random.key(0)
     )["params"]
     out: dict[str, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
@@ -105,9 +105,9 @@ def test_forward_flops_match_xla_cost_analysis(tiny_config, encoder):
     )
     B, T = 2, cfg.data.seq_len
     model = Transfusion(cfg.model)
-    inputs = dummy_inputs(cfg, batch=B)
-    params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(r, *inputs)), jax.random.key(0))
-    xla = jax.jit(model.apply).lower(params, *inputs).compile().cost_analysis()["flops"]
+    inputs = ModelInputs.dummy(cfg, batch=B)
+    params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(r, inputs)), jax.random.key(0))
+    xla = jax.jit(model.apply).lower(params, inputs).compile().cost_analysis()["flops"]
     per_token = flops.flops_per_token(cfg.model, T, attention="full")["total"]
     per_image = flops.flops_per_image(cfg.model)["total"]
     ours_forward = (B * T * per_token + B * cfg.max_images_per_row * per_image) / 3

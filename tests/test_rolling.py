@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import forward
 
 from tfx_jax import layout
 from tfx_jax.diffusion import ddpm, rolling
@@ -140,13 +141,14 @@ def test_cached_window_equals_training_forward(tiny_config):
     row[0, 4:20] = np.arange(16) // c
     lat = np.asarray(jax.random.normal(jax.random.key(0), (1, 1, 8, 8, m.latent_channels)))
     slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 1)
-    forward = jax.jit(lambda *a: model.apply({"params": params}, *a)[1])
+    fwd = jax.jit(lambda *a: forward(model, params, *a)[1])
 
     @jax.jit
     def write(cache, a, tok_c, seg_c, pos_c, img_c, attn_c, lat_in, t_in):
         s, st, _ = layout.image_slots(seg_c, img_c, lat_in.shape[1])
-        return model.apply(
-            {"params": params},
+        return forward(
+            model,
+            params,
             tok_c,
             seg_c,
             pos_c,
@@ -163,7 +165,7 @@ def test_cached_window_equals_training_forward(tiny_config):
         attn = np.asarray(rolling.attention_image_ids(jnp.asarray(img), jnp.asarray(row), r0, W, g))
         t_rows = np.array([0] * r0 + [300, 700][: g - r0] + [999] * max(g - r0 - W, 0))[:g]
         t_BMI = jnp.asarray(np.repeat(t_rows, c)[None, None])
-        eps_full = forward(tokens, seg, pos, attn, slot, start, lat, t_BMI)
+        eps_full = fwd(tokens, seg, pos, attn, slot, start, lat, t_BMI)
 
         def chunk(a, n, latents, t, attn=attn):
             sl = slice(a, a + n)
@@ -200,7 +202,9 @@ def test_rolling_generation_streams_rows_top_to_bottom(tiny_config):
     cfg, _, params = tiny_model(tiny_config)
     tok = Tokenizer(train_tokenizer([f"shape number {i} is red" for i in range(50)], 300))
     seen = []
-    opts = sample.SampleOptions(max_new_tokens=2, diffusion_steps=4, sampler="ddpm", seed=1)
+    opts = sample.SampleOptions(
+        max_new_tokens=2, diffusion_steps=4, sampler="ddpm", guidance_scale=None, seed=1
+    )
     prompts = [sample.Prompt("a red", force_image=True), sample.Prompt("blue", force_image=True)]
     res = sample.generate(
         cfg, params, tok, prompts, opts, on_row=lambda b, r, x: seen.append((b, r, np.array(x)))

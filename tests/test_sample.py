@@ -9,14 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import forward
 
 from tfx_jax import layout, sharding
-from tfx_jax.config import load_config
+from tfx_jax.config import ConfigError, load_config
 from tfx_jax.data import encoded, pipeline
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, Tokenizer, train_tokenizer
 from tfx_jax.diffusion import ddpm, samplers
 from tfx_jax.generate import sample
-from tfx_jax.generate.decode import Decoder, ImageSampling
+from tfx_jax.generate.decode import Decoder
+from tfx_jax.generate.options import SampleOptions
+from tfx_jax.layout import ModelInputs
 from tfx_jax.models import kv_cache
 from tfx_jax.models.transformer import Transfusion
 
@@ -28,20 +31,9 @@ def make(arg=None, overrides=()):
 
 
 def init_params(cfg, seed=0):
-    m = cfg.model
-    ints = jnp.zeros((1, 8), jnp.int32)
-    lat = jnp.zeros((1, 1, m.latent_size, m.latent_size, m.latent_channels))
-    args = (
-        ints,
-        ints,
-        ints,
-        ints,
-        ints - 1,
-        jnp.zeros((1, 1), jnp.int32),
-        lat,
-        jnp.zeros((1, 1, m.num_patches), jnp.int32),
-    )
-    init = jax.jit(lambda key: nn.meta.unbox(Transfusion(m).init(key, *args)["params"]))
+    model = Transfusion(cfg.model)
+    inputs = ModelInputs.dummy(cfg, length=8, images=1)
+    init = jax.jit(lambda key: nn.meta.unbox(model.init(key, inputs)["params"]))
     return init(jax.random.key(seed))
 
 
@@ -87,7 +79,7 @@ def test_cached_decoding_equals_uncached_forward(arg):
     model = Transfusion(m)
     tok, seg, pos, img, lat, t = two_documents(m)
     slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 1)
-    logits_full, eps_full = model.apply({"params": params}, tok, seg, pos, img, slot, start, lat, t)
+    logits_full, eps_full = forward(model, params, tok, seg, pos, img, slot, start, lat, t)
 
     # Row 0 caches [0, 5) then its image [5, 21); row 1 caches [0, 9) then its image [9, 25):
     # one call per chunk for both rows, different offsets per row.
@@ -97,8 +89,9 @@ def test_cached_decoding_equals_uncached_forward(arg):
 
     def apply(cache, index, tok_c, seg_c, pos_c, img_c, lat_in, t_in):
         s, st, _ = layout.image_slots(seg_c, img_c, lat_in.shape[1])
-        return model.apply(
-            {"params": params},
+        return forward(
+            model,
+            params,
             tok_c,
             seg_c,
             pos_c,
@@ -145,7 +138,7 @@ def test_image_sampling_with_prefix_cache_equals_uncached_sampling(tiny):
     m = cfg.model
     I = m.num_patches
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    dec = Decoder(cfg, mesh, ImageSampling("ddim", steps=5))
+    dec = Decoder(cfg, mesh, SampleOptions(sampler="ddim", diffusion_steps=5, guidance_scale=None))
     model = Transfusion(m)
     prefix = np.array([[BOS_ID, 40, 41, 42, 43, 44, BOI_ID]], np.int32)
     P = prefix.shape[1]
@@ -194,11 +187,11 @@ def test_image_sampling_with_prefix_cache_equals_uncached_sampling(tiny):
     def denoise(x, t):
         t_BMI = jnp.full((1, 1, I), t, jnp.int32)
         args = (seq["tokens"], seq["segment_ids"], seq["positions"], seq["image_ids"])
-        return model.apply({"params": params}, *args, slot, start, x, t_BMI)[1]
+        return forward(model, params, *args, slot, start, x, t_BMI)[1]
 
     sched = ddpm.make_schedule("cosine", 1000)
     x0_full = samplers.sample(
-        denoise, x_T, sched, dec.timesteps, "ddim", jax.random.key(1), dec.images.clip_x0
+        denoise, x_T, sched, dec.timesteps, "ddim", jax.random.key(1), dec.clip_x0
     )
     np.testing.assert_allclose(np.asarray(x0_cached), np.asarray(x0_full), rtol=1e-4, atol=1e-4)
 
@@ -209,9 +202,10 @@ def greedy_uncached(cfg, params, prompt_ids, n_new, tokenizer_vocab, T=32):
     model = Transfusion(cfg.model)
     allowed = sample._allowed_tokens(cfg.model.vocab_size, tokenizer_vocab)
     allowed[BOI_ID] = False
-    forward = jax.jit(
-        lambda x, seg: model.apply(
-            {"params": params},
+    full_logits = jax.jit(
+        lambda x, seg: forward(
+            model,
+            params,
             x,
             seg,
             jnp.arange(T)[None],
@@ -227,7 +221,7 @@ def greedy_uncached(cfg, params, prompt_ids, n_new, tokenizer_vocab, T=32):
     for _ in range(n_new):
         x = np.zeros((1, T), np.int32)
         x[0, : len(ids)] = ids
-        logits = forward(x, (np.arange(T) < len(ids))[None].astype(np.int32))
+        logits = full_logits(x, (np.arange(T) < len(ids))[None].astype(np.int32))
         nxt = int(np.argmax(np.where(allowed, np.asarray(logits[0, len(ids) - 1]), -np.inf)))
         out.append(nxt)
         if nxt == EOS_ID:
@@ -241,7 +235,7 @@ def test_greedy_generation_equals_uncached_greedy_decoding(tiny, tokenizer):
     8 rows), decode exactly what token-by-token uncached argmax decoding gives."""
     cfg, params = tiny
     prompts = ["red circle", "a small blue square at the top left", "green"]
-    opts = sample.SampleOptions(max_new_tokens=5, max_images=0, temperature=0.0)
+    opts = sample.SampleOptions(max_new_tokens=5, max_images=0, guidance_scale=None)
     results = sample.generate(cfg, params, tokenizer, prompts, opts)
     assert len(results) == 3
     for prompt, res in zip(prompts, results, strict=True):
@@ -283,7 +277,14 @@ def test_generate_writes_markdown_and_html_with_pngs(tiny, tokenizer, tiny_vae, 
         "blue square",
     ]
     opts = sample.SampleOptions(
-        max_new_tokens=4, diffusion_steps=3, top_k=50, top_p=0.9, sampler="ddpm", seed=3
+        max_new_tokens=4,
+        diffusion_steps=3,
+        temperature=1.0,
+        top_k=50,
+        top_p=0.9,
+        sampler="ddpm",
+        guidance_scale=None,
+        seed=3,
     )
     results = sample.generate(cfg, params, tokenizer, prompts, opts, vae=tiny_vae)
     forced = results[0]
@@ -315,7 +316,7 @@ def test_guidance_scale_one_equals_the_conditional_prediction(tiny, tokenizer):
     def run(scale):
         # No x̂_0 clipping: random weights saturate it, hiding the guidance difference.
         opts = sample.SampleOptions(
-            max_new_tokens=3, temperature=0.0, diffusion_steps=4, guidance_scale=scale, clip_x0=None
+            max_new_tokens=3, temperature=0.0, diffusion_steps=4, guidance_scale=scale, clip_x0=0
         )
         return sample.generate(cfg, params, tokenizer, prompts, opts)
 
@@ -418,12 +419,11 @@ def test_generate_cli(tiny, tokenizer, tmp_path):
         params,
         ["red", "blue circle"],
         tmp_path / "out",
-        max_new_tokens=2,
-        diffusion_steps=2,
+        SampleOptions(max_new_tokens=2, diffusion_steps=2),
         force_image=True,
     )
     md = paths["markdown"].read_text()
     assert md.count("## Sample") == 2 and md.count("](images/") == 2
     assert paths["html"].exists() and len(paths["images"]) == 2
-    with pytest.raises(TypeError, match="unknown generate options"):
-        sample.generate_cli(cfg, params, ["red"], tmp_path / "out", temprature=0.5)
+    with pytest.raises(ConfigError, match="generate option top_p=1.5"):
+        sample.generate_cli(cfg, params, ["red"], tmp_path / "out", SampleOptions(top_p=1.5))

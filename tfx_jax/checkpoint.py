@@ -154,6 +154,33 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["meta"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Restores only `state.params` (Orbax partial restore): every other leaf of the saved
+        state (optimizer moments, counters) is a placeholder and is never read.
+
+        Args:
+          step: the step to restore.
+          abstract_params: the params tree as `jax.ShapeDtypeStruct`s with shardings.
+        """
+        # The state item was written by StandardCheckpointHandler, a thin layer over the PyTree
+        # handler; only the latter takes `partial_restore` (leaves left out are never read).
+        reader = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(create=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        )
+        target = {"params": abstract_params}
+        restore = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        try:
+            out = reader.restore(step, args=ocp.args.Composite(state=restore))
+        finally:
+            reader.close()
+        return out["state"]["params"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

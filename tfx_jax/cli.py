@@ -14,8 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from tfx_jax import params as params_lib
 from tfx_jax.config import Config, ConfigError, load_config, validate
 from tfx_jax.data.sources import RecordError
+from tfx_jax.generate import options as sample_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.py"
@@ -95,31 +97,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     loop.train(_load(args), args.workdir, resume=args.resume, init_from=args.init_from)
 
 
-def load_checkpoint_params(workdir: str, step: int | None = None):
-    """(cfg, params, step) from a run's checkpoint, restored sharded over this host's devices."""
-    from etils import epath
-
-    from tfx_jax.checkpoint import Checkpointer, saved_config
-    from tfx_jax.train.loop import Trainer
-
-    root = epath.Path(workdir)
-    root = root / "checkpoints" if (root / "checkpoints").exists() else root
-    ckpt = Checkpointer(root, async_save=False, create=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{root}: no complete checkpoint to load.")
-    cfg = saved_config(ckpt.read_meta(step))
-    trainer = Trainer(cfg)
-    state, _ = ckpt.restore(step, trainer.abstract_state())
-    ckpt.close()
-    return cfg, state.params, step
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     from tfx_jax import export
     from tfx_jax.data import prepare
 
-    cfg, params, step = load_checkpoint_params(args.workdir, args.step)
+    cfg, params, step = params_lib.restore_params(args.workdir, step=args.step)
     out = args.out or f"{args.workdir}/export/step_{step}"
     if args.format == "params":
         tok = prepare.tokenizer_path(cfg)
@@ -143,25 +125,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported step {step} ({args.format}, {args.dtype}) to {path}")
 
 
-def _sample_options(args: argparse.Namespace) -> dict:
-    opts = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "sampler": args.sampler,
-        "diffusion_steps": args.diffusion_steps,
-        "guidance_scale": args.guidance,
-        "clip_x0": args.clip_x0 or None,
-        "image_mode": args.image_mode,
-        "seed": args.seed,
-        "force_image": args.force_image,
-    }
-    if args.rolling_window:
-        opts["rolling_window"] = args.rolling_window
-    return opts
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from tfx_jax.generate import sample
 
@@ -171,12 +134,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         cfg, params = export.load_export(args.export)
         out = args.out or f"{args.export}/samples"
     else:
-        cfg, params, step = load_checkpoint_params(args.workdir, args.step)
+        cfg, params, step = params_lib.restore_params(args.workdir, step=args.step)
         out = args.out or f"{args.workdir}/samples/step_{step}"
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=args.data_dir))
     sample.generate_cli(
-        cfg, params, args.prompt, out, input_images=args.image, **_sample_options(args)
+        cfg,
+        params,
+        args.prompt,
+        out,
+        sample_options.from_args(args),
+        input_images=args.image,
+        force_image=args.force_image,
     )
 
 
@@ -250,7 +219,7 @@ def demo_samples(workdir: str, per_split: int = 4) -> None:
     from tfx_jax.data.tokenizer import Tokenizer
     from tfx_jax.generate import sample
 
-    cfg, params, step = load_checkpoint_params(workdir)
+    cfg, params, step = params_lib.restore_params(workdir)
     rng = np.random.default_rng(1234)
     prompts = [
         (split, shapes.caption(shapes.sample_scene(rng, split)))
@@ -363,22 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: WORKDIR/samples/step_N")
     p.add_argument("--data-dir", default=None, help="tokenizer/VAE location if moved")
     p.add_argument("--force-image", action="store_true", help="start every answer with an image")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--diffusion-steps", type=int, default=50, help="paper: 250 DDPM steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument(
-        "--clip-x0",
-        type=float,
-        default=6.0,
-        help="clip predicted clean latents to ±this at every step (0 = off; see samplers.clip_eps)",
-    )
-    p.add_argument("--image-mode", choices=["full", "rolling"], default="full")
-    p.add_argument("--rolling-window", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    sample_options.add_arguments(p)
     _add_distributed(p)
     p.set_defaults(fn=cmd_generate)
 

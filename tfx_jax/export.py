@@ -25,7 +25,6 @@ Legend: D d_model, N query heads, K kv heads, H head dim, F mlp hidden, V vocab,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ import safetensors
 import safetensors.numpy
 from etils import epath
 
+from tfx_jax import params as params_lib
 from tfx_jax.config import Config, ModelConfig, from_dict
 from tfx_jax.data import prepare
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -86,15 +86,7 @@ def param_template(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
     Returns:
       {"layers/attn/query": ShapeDtypeStruct, ...} with the keys `export_params` writes.
     """
-    from tfx_jax.models.transformer import Transfusion
-    from tfx_jax.train.loop import dummy_inputs
-
-    # The kernel and the remat policy do not change the parameters; the reference kernel traces
-    # on any backend (a GPU-only kernel might refuse to trace on a CPU host).
-    model_cfg = dataclasses.replace(cfg.model, attention_impl="xla", remat_policy="none")
-    model = Transfusion(model_cfg)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(cfg)))
-    return _flatten(abstract["params"])
+    return _flatten(params_lib.abstract_params(cfg))
 
 
 def _listed(keys: list[str]) -> str:

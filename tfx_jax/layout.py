@@ -18,20 +18,130 @@ wrapped by BOI ... EOI text tokens, and never split across rows. A (segment, ima
 in a row, so the model can find image *slots* (at most M per row) without extra metadata: that is
 what `image_slots` computes, vectorised and with no data-dependent shapes.
 
+What the model itself reads is one pytree, `ModelInputs`: this layout plus the image slots and
+the noisy latents with their timesteps. `ModelInputs.spec(cfg)` / `.dummy(cfg)` give its shapes for
+init, eval_shape, lowering and export; the train step, the decoder and export all build it, so the
+contract is stated once, here.
+
 Legend: B batch, T length, M image slots per row, I patches per image, P patch dim, h/w/C latent.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:  # layout is imported by the data layer, which config imports: no cycle
+    from tfx_jax.config import Config
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "patches")
 # The `tokens` value at the patches of an image that precedes its caption (see the docstring).
 # Kept inside `tokens`, which the model ignores at image positions, so the batch keeps five
 # fields: the stock packer, the batch shardings and checkpoints need no change.
 IMAGE_FIRST_MARK = 1
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+def batch_spec(cfg: Config, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global packed batch (the fields above)."""
+    B = batch_size or cfg.data.global_batch_size
+    T, P = cfg.data.seq_len, cfg.model.patch_dim
+    spec = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in BATCH_KEYS[:4]}
+    spec["patches"] = jax.ShapeDtypeStruct((B, T, P), jnp.float32)
+    return spec
+
+
+@flax.struct.dataclass
+class ModelInputs:
+    """Everything `Transfusion` reads, as one pytree (big_vision/gemma style: one contract).
+
+    Attributes:
+      tokens: int32 [B, T] text ids (ignored at image positions).
+      segment_ids: int32 [B, T] packed document ids, 0 = padding.
+      positions: int32 [B, T] RoPE positions inside each document.
+      image_ids: int32 [B, T] what the attention mask sees: k >= 1 on the patches of the k-th
+        image of a document (rolling diffusion gives each window row block its own id).
+      slots: int32 [B, T] image slot of each position, -1 for text (`image_slots`).
+      starts: int32 [B, M] first position of each slot.
+      noisy_latents: float32 [B, M, h, w, C] x_t of every slot (anything for empty slots); when
+        decoding with the linear patch encoder, h may be a window of patch rows.
+      timesteps: int32 [B, M, I] diffusion timestep of every patch.
+    """
+
+    tokens: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    image_ids: jax.Array
+    slots: jax.Array
+    starts: jax.Array
+    noisy_latents: jax.Array
+    timesteps: jax.Array
+
+    @classmethod
+    def spec(
+        cls, cfg: Config, batch: int = 1, length: int | None = None, images: int | None = None
+    ) -> ModelInputs:
+        """Shapes and dtypes (`jax.ShapeDtypeStruct`s) of the inputs for `batch` rows of
+        `length` positions (default `data.seq_len`) with `images` slots (default: a row's
+        maximum)."""
+        m = cfg.model
+        T = cfg.data.seq_len if length is None else length
+        M = cfg.max_images_per_row if images is None else images
+        ints = jax.ShapeDtypeStruct((batch, T), jnp.int32)
+        latent = (batch, M, m.latent_size, m.latent_size, m.latent_channels)
+        return cls(
+            tokens=ints,
+            segment_ids=ints,
+            positions=ints,
+            image_ids=ints,
+            slots=ints,
+            starts=jax.ShapeDtypeStruct((batch, M), jnp.int32),
+            noisy_latents=jax.ShapeDtypeStruct(latent, jnp.float32),
+            timesteps=jax.ShapeDtypeStruct((batch, M, m.num_patches), jnp.int32),
+        )
+
+    @classmethod
+    def dummy(cls, cfg: Config, batch: int = 1, **kw) -> ModelInputs:
+        """Zeros of `spec`'s shapes (text everywhere: slots = -1), for init."""
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cls.spec(cfg, batch, **kw))
+        return zeros.replace(slots=zeros.slots - 1)
+
+    @classmethod
+    def from_layout(
+        cls,
+        layout_BT: dict[str, jax.Array],
+        noisy_BMhwC: jax.Array,
+        t_BMI: jax.Array,
+        attn_image_ids_BT: jax.Array | None = None,
+    ) -> ModelInputs:
+        """The inputs for a packed layout (`tokens`, `segment_ids`, `positions`, `image_ids`)
+        and the noisy latents of its M image slots; the slots are found with `image_slots`.
+
+        Args:
+          attn_image_ids_BT: the image ids the attention mask should see, when they differ from
+            the layout's (rolling diffusion's row blocks); slots always follow the layout's.
+        """
+        seg, img = layout_BT["segment_ids"], layout_BT["image_ids"]
+        slot_BT, start_BM, _ = image_slots(seg, img, noisy_BMhwC.shape[1])
+        return cls(
+            tokens=layout_BT["tokens"],
+            segment_ids=seg,
+            positions=layout_BT["positions"],
+            image_ids=img if attn_image_ids_BT is None else attn_image_ids_BT,
+            slots=slot_BT,
+            starts=start_BM,
+            noisy_latents=noisy_BMhwC,
+            timesteps=t_BMI,
+        )
+
+
+# ----------------------------------------------------------------------------- image slots
 
 
 def image_starts(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.Array:

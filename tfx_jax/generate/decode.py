@@ -22,19 +22,19 @@ V vocab, W window rows, h/w/C latent grid.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from tfx_jax import layout, sharding
+from tfx_jax import params as params_lib
 from tfx_jax.config import Config
 from tfx_jax.diffusion import ddpm, rolling, samplers
+from tfx_jax.generate.options import SampleOptions
 from tfx_jax.models.kv_cache import KV_AXES, META_AXES, KVCache, init_cache
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.sharding import mesh_context
@@ -91,40 +91,6 @@ def sample_tokens(
 # ----------------------------------------------------------------------------- decoder
 
 
-DEFAULT_CLIP_X0 = 6.0  # latents are scaled to unit variance; the demo data's max |z| is 6.75
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSampling:
-    """How image blocks are denoised.
-
-    Attributes:
-      sampler: "ddpm" (ancestral) or "ddim" (η = 0).
-      steps: reverse steps of full-image sampling (0 = 250 for DDPM, 50 for DDIM); for rolling
-        sampling, the steps a row spends in the window (steps_per_row = steps // window).
-      guidance_scale: classifier-free guidance s; None = no guidance (no unconditional batch).
-        Any number runs the unconditional twins (s = 1 reproduces the conditional result).
-      mode: "full" (the whole block at one noise level) or "rolling" (patch rows, top to bottom).
-      window: rows in the rolling window (0 = `diffusion.rolling_window`).
-      clip_x0: the predicted clean latent is clipped to [−clip_x0, clip_x0] at every step
-        (`samplers.clip_eps`; latents are scaled to unit variance, so 6 is 6σ); None: no clip.
-    """
-
-    sampler: str = "ddim"
-    steps: int = 0
-    guidance_scale: float | None = None
-    mode: str = "full"
-    window: int = 0
-    clip_x0: float | None = DEFAULT_CLIP_X0
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale is not None
-
-    def num_steps(self) -> int:
-        return self.steps or samplers.DEFAULT_STEPS[self.sampler]
-
-
 class Decoder:
     """The jitted decode functions of one model on one mesh.
 
@@ -132,31 +98,22 @@ class Decoder:
       cfg: the run's config (model, diffusion schedule, mesh rules).
       mesh: where the batch and the cache are sharded (batch over the data axes, kv heads over
         tensor, as the rules say).
-      images: how image blocks are sampled.
-      text: (temperature, top_k, top_p) for text tokens.
+      options: text and image sampling choices (resolved for `cfg`: steps, image mode and
+        window are filled in; `self.opts` holds the result).
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        mesh: Mesh,
-        images: ImageSampling = ImageSampling(),
-        text: tuple[float, int, float] = (1.0, 0, 1.0),
-    ):
-        if images.sampler not in samplers.SAMPLERS:
-            raise ValueError(f"sampler={images.sampler!r}: use one of {samplers.SAMPLERS}")
-        if images.mode not in ("full", "rolling"):
-            raise ValueError(f"image mode={images.mode!r}: use 'full' or 'rolling'")
-        if images.mode == "rolling" and cfg.model.patch_encoder != "linear":
-            raise ValueError("rolling sampling needs model.patch_encoder=linear (see config.py)")
-        self.cfg, self.mesh, self.images, self.text = cfg, mesh, images, text
+    def __init__(self, cfg: Config, mesh: Mesh, options: SampleOptions = SampleOptions()):
+        self.cfg, self.mesh = cfg, mesh
+        self.opts = options.resolved(cfg)
         self.model = Transfusion(cfg.model)
         self.schedule = ddpm.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
         m = cfg.model
         self.rows = m.latent_size // m.patch_size  # g: rows of patches
-        self.window = min(images.window or cfg.diffusion.rolling_window, self.rows)
+        self.window = self.opts.rolling_window
+        self.clip_x0 = self.opts.clip_x0 or None  # 0 = off
         self.timesteps = samplers.respaced_timesteps(
-            self.schedule.num_timesteps, min(images.num_steps(), self.schedule.num_timesteps)
+            self.schedule.num_timesteps,
+            min(self.opts.diffusion_steps, self.schedule.num_timesteps),
         )
         self.prefill = self._jit(self._prefill)
         self.text_step = self._jit(self._text_step)
@@ -186,17 +143,7 @@ class Decoder:
 
     def put_params(self, params: Any) -> Any:
         """Parameters placed by their logical names (as the trainer shards them)."""
-        m = self.cfg.model
-        ints = jnp.zeros((1, 8), jnp.int32)
-        lat = jnp.zeros((1, 1, m.latent_size, m.latent_size, m.latent_channels))
-        t = jnp.zeros((1, 1, m.num_patches), jnp.int32)
-        args = (ints, ints, ints, ints, ints - 1, jnp.zeros((1, 1), jnp.int32), lat, t)
-        with mesh_context(self.mesh, self.cfg):
-            abstract = jax.eval_shape(self.model.init, jax.random.key(0), *args)["params"]
-            shardings = nn.logical_to_mesh_sharding(
-                nn.get_partition_spec(abstract), self.mesh, self.cfg.mesh.rules
-            )
-        return jax.device_put(nn.meta.unbox(params), shardings)
+        return params_lib.put_params(self.cfg, params, self.mesh)
 
     def new_cache(self, rows: int, length: int) -> KVCache:
         """An empty cache of `length` slots for `rows` rows, sharded by the logical rules."""
@@ -214,37 +161,29 @@ class Decoder:
     # -------------------------------------------------------------- model calls
 
     def _forward(self, params, cache, index_R, chunk, latents_RMhwC, t_RMI, with_logits):
-        slot_RT, start_RM, _ = layout.image_slots(
-            chunk["segment_ids"], chunk["image_ids"], latents_RMhwC.shape[1]
+        """One cached forward pass over a chunk: (logits, ε̂, cache)."""
+        layout_RT = {k: chunk[k] for k in ("tokens", "segment_ids", "positions", "image_ids")}
+        inputs = layout.ModelInputs.from_layout(
+            layout_RT, latents_RMhwC, t_RMI, attn_image_ids_BT=chunk["attn_image_ids"]
         )
-        return self.model.apply(
-            {"params": params},
-            chunk["tokens"],
-            chunk["segment_ids"],
-            chunk["positions"],
-            chunk["attn_image_ids"],
-            slot_RT,
-            start_RM,
-            latents_RMhwC,
-            t_RMI,
-            cache=cache,
-            index_B=index_R,
-            with_logits=with_logits,
+        out = self.model.apply(
+            {"params": params}, inputs, cache=cache, index_B=index_R, with_logits=with_logits
         )
+        return out.logits, out.eps, out.cache
 
     def _twin(self, x_B: jax.Array) -> jax.Array:
         """The latent of every cache row: the conditional rows' latent, again for the twins."""
-        return jnp.concatenate([x_B, x_B]) if self.images.guided else x_B
+        return jnp.concatenate([x_B, x_B]) if self.opts.guided else x_B
 
     def _eps(self, params, cache, index_R, chunk, x_BMhwC, t_RMI):
         """ε̂ for the B rows' latents: one batched pass, guided when the twins are present."""
         _, eps_RMhwC, _ = self._forward(
             params, cache, index_R, chunk, self._twin(x_BMhwC), t_RMI, False
         )
-        if not self.images.guided:
+        if not self.opts.guided:
             return eps_RMhwC
         B = x_BMhwC.shape[0]
-        return samplers.guided_eps(eps_RMhwC[:B], eps_RMhwC[B:], self.images.guidance_scale)
+        return samplers.guided_eps(eps_RMhwC[:B], eps_RMhwC[B:], self.opts.guidance_scale)
 
     def _prefill(self, params, cache, index_R, chunk, latents_RMhwC, last_R, rng, allowed_BV):
         """Writes the prompts (clean prompt images at t = 0); samples each row's first token
@@ -258,8 +197,8 @@ class Decoder:
         return self._sample(logits_RV[:B], rng, allowed_BV), cache
 
     def _sample(self, logits_BV, rng, allowed_BV):
-        temperature, top_k, top_p = self.text
-        return sample_tokens(logits_BV, rng, temperature, top_k, top_p, allowed_BV)
+        o = self.opts
+        return sample_tokens(logits_BV, rng, o.temperature, o.top_k, o.top_p, allowed_BV)
 
     def _patches(self, latents_RMhwC) -> int:
         p = self.cfg.model.patch_size
@@ -287,9 +226,9 @@ class Decoder:
             x_T_BMhwC,
             self.schedule,
             self.timesteps,
-            self.images.sampler,
+            self.opts.sampler,
             rng,
-            self.images.clip_x0,
+            self.clip_x0,
         )
 
     def _rolling_pass(self, params, cache, index_R, chunk, x_BMhwC, taus_NW, rng):
@@ -314,7 +253,7 @@ class Decoder:
             eps = self._eps(params, cache, index_R, chunk, x, t_RMI)
             a_t, a_s = rows_to_latent(abar[lev_t]), rows_to_latent(abar[lev_s])
             key = jax.random.fold_in(rng, j)
-            moved = samplers.step(self.images.sampler, x, eps, a_t, a_s, key, self.images.clip_x0)
+            moved = samplers.step(self.opts.sampler, x, eps, a_t, a_s, key, self.clip_x0)
             return jnp.where(rows_to_latent(lev_t != lev_s), moved, x), None
 
         x_BMhwC, _ = jax.lax.scan(body, x_BMhwC, jnp.arange(lev_NW.shape[0] - 1))

@@ -35,8 +35,9 @@ from tfx_jax import sharding
 from tfx_jax.config import Config
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
 from tfx_jax.diffusion import rolling
-from tfx_jax.generate.decode import CHUNK_KEYS, DEFAULT_CLIP_X0, Decoder, ImageSampling
+from tfx_jax.generate.decode import CHUNK_KEYS, Decoder
 from tfx_jax.generate.documents import write_documents
+from tfx_jax.generate.options import SampleOptions
 
 IMAGE_PLACEHOLDER = "<image>"  # where a prompt's images go (the data pipeline's marker)
 
@@ -57,50 +58,6 @@ class Prompt:
     text: str = ""
     images: tuple[np.ndarray, ...] = ()
     force_image: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleOptions:
-    """Decoding and diffusion choices (see `decode.ImageSampling` for the image ones).
-
-    Attributes:
-      max_new_tokens: text tokens to sample per prompt (BOI and EOS count).
-      max_images: images a prompt may generate (BOI is banned afterwards).
-      temperature, top_k, top_p: text sampling (temperature 0 = greedy).
-      sampler, diffusion_steps, guidance_scale: "ddpm" | "ddim", reverse steps (0 = the
-        sampler's default), classifier-free guidance scale s (None = off; a number runs the
-        unconditional twins, and s = 1 gives the conditional result).
-      image_mode, rolling_window: "full" | "rolling" ("" = rolling if the model was trained
-        with diffusion.mode=rolling, else full), and the window in patch rows (0 = config).
-      clip_x0: predicted clean latents are clipped to ±clip_x0 at every step (None: off);
-        see `samplers.clip_eps` for why the cosine schedule needs it.
-      seed: all randomness derives from it.
-    """
-
-    max_new_tokens: int = 64
-    max_images: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    sampler: str = "ddim"
-    diffusion_steps: int = 0
-    guidance_scale: float | None = None
-    image_mode: str = ""
-    rolling_window: int = 0
-    clip_x0: float | None = DEFAULT_CLIP_X0
-    seed: int = 0
-
-    def image_sampling(self, cfg: Config) -> ImageSampling:
-        """The image choices; `image_mode` "" follows how the model was trained."""
-        mode = self.image_mode or ("rolling" if cfg.diffusion.mode == "rolling" else "full")
-        return ImageSampling(
-            self.sampler,
-            self.diffusion_steps,
-            self.guidance_scale,
-            mode,
-            self.rolling_window,
-            self.clip_x0,
-        )
 
 
 @dataclasses.dataclass
@@ -240,12 +197,11 @@ def generate(
     m = cfg.model
     I, g = m.num_patches, m.latent_size // m.patch_size
     mesh = mesh or sharding.make_mesh(cfg.mesh)
-    text_opts = (options.temperature, options.top_k, options.top_p)
-    dec = Decoder(cfg, mesh, options.image_sampling(cfg), text_opts)
+    dec = Decoder(cfg, mesh, options)
     params = dec.put_params(params)
     n = len(prompts)
     B = math.ceil(n / dec.batch_parallel()) * dec.batch_parallel()
-    R = 2 * B if dec.images.guided else B
+    R = 2 * B if dec.opts.guided else B
     rng = jax.random.key(options.seed)
 
     encoded = [encode_prompt(pr, tokenizer.encode, I) for pr in prompts]
@@ -443,7 +399,7 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
     B, I, g, p = len(phase), m.num_patches, dec.rows, m.patch_size
     C, hw = m.latent_channels, m.latent_size
     noise_key, pass_key = jax.random.split(rng)
-    if dec.images.mode == "full":
+    if dec.opts.image_mode == "full":
         chunk, index = _block_chunk(dec, st, phase, R, 0, I, lambda k, off: np.full(off.shape, k))
         x_T = jax.random.normal(noise_key, (B, 1, hw, hw, C), jnp.float32)
         x0 = dec.image_full(params, cache, index, chunk, dec.put(np.asarray(x_T)), pass_key)
@@ -451,7 +407,7 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
         return cache, np.asarray(x0)
 
     W = dec.window
-    plan = rolling.sampling_plan(g, W, max(dec.images.num_steps() // W, 1))
+    plan = rolling.sampling_plan(g, W, max(dec.opts.diffusion_steps // W, 1))
     x_win = np.asarray(jax.random.normal(noise_key, (B, 1, W * p, hw, C), jnp.float32))
     finished = []
     for i, ps in enumerate(plan):
@@ -525,10 +481,11 @@ def generate_cli(
     params: Any,
     prompts: Sequence[str],
     out_dir: str | Path,
+    options: SampleOptions = SampleOptions(),
     *,
     input_images: Sequence[str] = (),
+    force_image: bool = False,
     mesh: Mesh | None = None,
-    **options: Any,
 ) -> dict[str, Path]:
     """Everything `python -m tfx_jax generate` does once the parameters are loaded.
 
@@ -543,10 +500,9 @@ def generate_cli(
       input_images: PNG/JPEG paths, resized to `data.image_size` and VAE-encoded; prompt i gets
         image i before its text (image to text), unless its text has "<image>" markers, which
         then take the next images in order.
+      options: decoding and diffusion choices.
+      force_image: every answer starts with an image (BOI is appended to each prompt).
       mesh: defaults to the config's mesh.
-      options: `SampleOptions` fields (max_new_tokens, temperature, top_k, top_p, sampler,
-        diffusion_steps, guidance_scale, image_mode, rolling_window, max_images, seed,
-        force_image).
 
     Returns:
       {"markdown": path, "html": path, "images": [png paths]}.
@@ -554,12 +510,7 @@ def generate_cli(
     from tfx_jax.data import prepare
     from tfx_jax.data.tokenizer import Tokenizer
 
-    force_image = bool(options.pop("force_image", False))
-    fields = {f.name for f in dataclasses.fields(SampleOptions)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise TypeError(f"unknown generate options {unknown}; valid: {sorted(fields)}")
-    opts = SampleOptions(**options)
+    opts = options.resolved(cfg)  # bad options fail before anything is loaded
     tokenizer = Tokenizer.from_file(prepare.tokenizer_path(cfg))
     vae = prepare.load_vae(cfg) if (prepare.vae_dir(cfg) / "vae.json").exists() else None
     if input_images and vae is None:

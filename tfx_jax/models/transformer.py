@@ -22,11 +22,12 @@ h/w/C latent grid.
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from tfx_jax.config import ModelConfig
-from tfx_jax.layout import gather_image_tokens, scatter_image_tokens
+from tfx_jax.layout import ModelInputs, gather_image_tokens, scatter_image_tokens
 from tfx_jax.models import attention
 from tfx_jax.models.kv_cache import KVCache, decode_mask
 from tfx_jax.models.layers import Block, RMSNorm
@@ -42,44 +43,53 @@ REMAT_POLICIES = {
 }
 
 
+@flax.struct.dataclass
+class ModelOutput:
+    """What one forward pass gives (gemma's `Output` is the model for this).
+
+    Attributes:
+      logits: float32 [B, T, V] next-token logits; None when called with `with_logits=False`.
+      eps: float32 [B, M, h, w, C] predicted noise ε̂ of every image slot.
+      cache: the updated KV cache when decoding, else None.
+    """
+
+    logits: jax.Array | None
+    eps: jax.Array
+    cache: KVCache | None = None
+
+
 class Transfusion(nn.Module):
+    """The model. `Transfusion(cfg.model).apply({"params": p}, ModelInputs(...))` -> ModelOutput."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(
         self,
-        tokens_BT: jax.Array,
-        segment_ids_BT: jax.Array,
-        positions_BT: jax.Array,
-        image_ids_BT: jax.Array,
-        slot_BT: jax.Array,
-        start_BM: jax.Array,
-        noisy_BMhwC: jax.Array,
-        t_BMI: jax.Array,
+        inputs: ModelInputs,
         cache: KVCache | None = None,
         index_B: jax.Array | None = None,
         with_logits: bool = True,
-    ) -> tuple[jax.Array, ...]:
-        """Runs the model on a packed batch (see `tfx_jax.layout` for the format), or on a chunk
-        of new positions written into a KV cache (decoding, see `tfx_jax.generate.decode`).
+    ) -> ModelOutput:
+        """Runs the model on a packed batch, or on a chunk of new positions written into a KV
+        cache (decoding, see `tfx_jax.generate.decode`).
 
         Args:
-          tokens_BT, segment_ids_BT, positions_BT, image_ids_BT: the packed layout (of the chunk
-            when decoding; `image_ids_BT` is what the attention mask sees).
-          slot_BT, start_BM: image slots from `layout.image_slots` (of the chunk).
-          noisy_BMhwC: noised latents x_t for every slot (anything for empty slots). M may be 0
-            (a text-only chunk). When decoding with the linear patch encoder the latent may be a
-            non-square window of patch rows (rolling diffusion).
-          t_BMI: integer diffusion timestep of every patch.
+          inputs: the packed layout, image slots, noisy latents and timesteps (`ModelInputs`;
+            of the chunk when decoding). M may be 0 (a text-only chunk).
           cache: None for the training forward pass; else the KV cache the chunk is written into
             (queries attend to every cached slot under the Transfusion mask).
           index_B: [B] first cache slot of each row's chunk (with `cache`).
           with_logits: False skips the LM head (diffusion steps need only ε̂).
 
         Returns:
-          logits_BTV (float32, None without `with_logits`), the predicted noise ε̂ as
-          [B, M, h, w, C] (float32) and, with a cache, the updated cache.
+          `ModelOutput`: logits (float32 [B, T, V], None without `with_logits`), ε̂ (float32
+          [B, M, h, w, C]) and, with a cache, the updated cache.
         """
+        tokens_BT, segment_ids_BT = inputs.tokens, inputs.segment_ids
+        positions_BT, image_ids_BT = inputs.positions, inputs.image_ids
+        slot_BT, start_BM = inputs.slots, inputs.starts
+        noisy_BMhwC, t_BMI = inputs.noisy_latents, inputs.timesteps
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embed = nn.Embed(
@@ -121,9 +131,7 @@ class Transfusion(nn.Module):
             eps_BMhwC = eps_BMhwC.astype(jnp.float32)
         else:
             eps_BMhwC = jnp.zeros(noisy_BMhwC.shape, jnp.float32)
-        if cache is None:
-            return logits_BTV, eps_BMhwC
-        return logits_BTV, eps_BMhwC, cache
+        return ModelOutput(logits=logits_BTV, eps=eps_BMhwC, cache=cache)
 
     def _lm_head(self, embed: nn.Embed, x_BTD: jax.Array) -> jax.Array:
         cfg = self.cfg

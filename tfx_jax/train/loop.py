@@ -30,9 +30,10 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from tfx_jax import sharding
+from tfx_jax import layout, sharding
 from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
 from tfx_jax.config import IMAGE_SOURCES, Config, ConfigError, validate
+from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.sharding import mesh_context
 from tfx_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -51,32 +52,6 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- setup
 
 
-def dummy_inputs(cfg: Config, batch: int = 1) -> tuple[jax.Array, ...]:
-    """Model inputs of the right shapes (for init and eval_shape)."""
-    m, T, M = cfg.model, cfg.data.seq_len, cfg.max_images_per_row
-    ints = jnp.zeros((batch, T), jnp.int32)
-    return (
-        ints,
-        ints,
-        ints,
-        ints,  # tokens, segment_ids, positions, image_ids
-        ints - 1,  # slot_BT
-        jnp.zeros((batch, M), jnp.int32),  # start_BM
-        jnp.zeros((batch, M, m.latent_size, m.latent_size, m.latent_channels), jnp.float32),
-        jnp.zeros((batch, M, m.num_patches), jnp.int32),  # t_BMI
-    )
-
-
-def batch_spec(cfg: Config, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of one global batch (see `tfx_jax.layout`)."""
-    B = batch_size or cfg.data.global_batch_size
-    T, P = cfg.data.seq_len, cfg.model.patch_dim
-    spec = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("tokens", "segment_ids")}
-    spec |= {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("positions", "image_ids")}
-    spec["patches"] = jax.ShapeDtypeStruct((B, T, P), jnp.float32)
-    return spec
-
-
 def create_train_state(
     cfg: Config, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array
 ) -> tuple[TrainState, Any]:
@@ -87,7 +62,7 @@ def create_train_state(
     """
 
     def init_fn(rng):
-        params = model.init(rng, *dummy_inputs(cfg))["params"]
+        params = model.init(rng, ModelInputs.dummy(cfg))["params"]
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero)
 
@@ -122,7 +97,7 @@ class Trainer:
         rules = cfg.mesh.rules
         self.batch_shardings = {
             k: sharding.batch_sharding(self.mesh, rules, len(v.shape))
-            for k, v in batch_spec(cfg).items()
+            for k, v in layout.batch_spec(cfg).items()
         }
         repl = sharding.replicated(self.mesh)
         self._train_step = jax.jit(
@@ -141,7 +116,7 @@ class Trainer:
     def compile(self) -> Any:
         """Lowers and compiles the train step once; returns the compiled executable."""
         with mesh_context(self.mesh, self.cfg):
-            lowered = self._train_step.lower(self.state, batch_spec(self.cfg), self.step_rng)
+            lowered = self._train_step.lower(self.state, layout.batch_spec(self.cfg), self.step_rng)
             self.compiled_train_step = lowered.compile()
         return self.compiled_train_step
 

@@ -85,17 +85,18 @@ def forward_losses(
         xt_BMhwC = ddpm.q_sample(schedule, x0_BMhwC, t_BM, eps_BMhwC)
         t_BMI = jnp.broadcast_to(t_BM[:, :, None], (B, M, m.num_patches))
 
-    logits_BTV, eps_hat_BMhwC = model.apply(
-        {"params": params},
-        batch["tokens"],
-        seg,
-        batch["positions"],
-        attn_img,
-        slot_BT,
-        start_BM,
-        xt_BMhwC,
-        t_BMI,
+    inputs = layout.ModelInputs(
+        tokens=batch["tokens"],
+        segment_ids=seg,
+        positions=batch["positions"],
+        image_ids=attn_img,
+        slots=slot_BT,
+        starts=start_BM,
+        noisy_latents=xt_BMhwC,
+        timesteps=t_BMI,
     )
+    out = model.apply({"params": params}, inputs)
+    logits_BTV, eps_hat_BMhwC = out.logits, out.eps
     text_mask_BT = layout.text_target_mask(seg, img)
     lm, ce, n_text = losses.lm_loss(logits_BTV, batch["tokens"], text_mask_BT, cfg.train.z_loss)
     if dc.mode == "rolling":
