@@ -40,6 +40,7 @@ RESUMABLE_DIFFERENCES = (
     "train.profile_start",
     "train.profile_steps",
     "train.nan_policy",
+    "train.strict_eval",
     "checkpoint.",
     "mesh.",
     "model.attention_impl",
@@ -100,6 +101,7 @@ class Checkpointer:
         if "://" not in directory:  # Orbax/TensorStore need absolute local paths
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_every or None,
@@ -185,6 +187,10 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves to commit, then releases the manager (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
 

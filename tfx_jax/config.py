@@ -227,6 +227,7 @@ class TrainConfig:
     eval_batches: int = 4
     eval_samples: int = 0  # images drawn for held-out captions at each eval (needs a VAE)
     nan_policy: str = "skip"  # non-finite loss: "skip" the update (counted) or "stop"
+    strict_eval: bool = False  # a failing evaluator stops the run (default: one line, counted)
     profile_start: int = 0  # JAX profiler trace for steps [start, start + profile_steps)
     profile_steps: int = 0
 

@@ -54,8 +54,15 @@ def abstract_on_mesh(cfg: Config, mesh: Mesh) -> Any:
 
 
 def put_params(cfg: Config, params: Any, mesh: Mesh) -> Any:
-    """Params (host arrays or arrays on any placement) sharded as the trainer shards them."""
-    return jax.device_put(nn.meta.unbox(params), param_shardings(cfg, mesh))
+    """Params (host arrays, the same on every process, or `jax.Array`s on any placement)
+    sharded as the trainer shards them, on a mesh that may span several processes."""
+
+    def put(x, s):
+        if isinstance(x, jax.Array):
+            return x if x.sharding == s else jax.device_put(x, s)
+        return sharding.put_host_array(x, s)
+
+    return jax.tree.map(put, nn.meta.unbox(params), param_shardings(cfg, mesh))
 
 
 def inference_mesh(cfg: Config) -> Mesh:

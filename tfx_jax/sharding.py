@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tfx_jax.config import MeshConfig, resolve_mesh_shape
@@ -84,3 +85,21 @@ def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Any) -> di
         sharding = batch_sharding(mesh, rules, np.ndim(value))
         out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
     return out
+
+
+def put_host_array(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array that every process holds in full (the same values everywhere), placed on a
+    sharding that may span several processes: each process writes only its own shards."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array on every process's host.
+
+    `np.asarray` only works when this process holds every shard; otherwise the shards are
+    gathered from all processes (a collective: every process must call it, in the same order).
+    """
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

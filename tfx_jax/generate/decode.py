@@ -138,25 +138,31 @@ class Decoder:
         return sharding.batch_parallel_size(self.mesh, self.cfg.mesh.rules)
 
     def put(self, x: np.ndarray) -> jax.Array:
-        """A host array with a leading batch dim, sharded over the batch axes."""
-        return jax.device_put(x, sharding.batch_sharding(self.mesh, self.cfg.mesh.rules, x.ndim))
+        """A host array with a leading batch dim (the same on every process), sharded over the
+        batch axes; each process writes only its own rows."""
+        return sharding.put_host_array(
+            x, sharding.batch_sharding(self.mesh, self.cfg.mesh.rules, np.ndim(x))
+        )
+
+    @staticmethod
+    def fetch(x: jax.Array) -> np.ndarray:
+        """A decode output back on every process's host (gathered across processes)."""
+        return sharding.fetch(x)
 
     def put_params(self, params: Any) -> Any:
         """Parameters placed by their logical names (as the trainer shards them)."""
         return params_lib.put_params(self.cfg, params, self.mesh)
 
     def new_cache(self, rows: int, length: int) -> KVCache:
-        """An empty cache of `length` slots for `rows` rows, sharded by the logical rules."""
+        """An empty cache of `length` slots for `rows` rows, created already sharded by the
+        logical rules (never whole on one device, and across processes)."""
         m, rules = self.cfg.model, self.cfg.mesh.rules
-        cache = init_cache(m.n_layers, rows, length, m.kv_heads, m.head_dim, jnp.dtype(m.dtype))
         kv = sharding.logical_sharding(self.mesh, rules, KV_AXES)
         meta = sharding.logical_sharding(self.mesh, rules, META_AXES)
-        return KVCache(
-            k=jax.device_put(cache.k, kv),
-            v=jax.device_put(cache.v, kv),
-            segment_ids=jax.device_put(cache.segment_ids, meta),
-            image_ids=jax.device_put(cache.image_ids, meta),
+        make = functools.partial(
+            init_cache, m.n_layers, rows, length, m.kv_heads, m.head_dim, jnp.dtype(m.dtype)
         )
+        return jax.jit(make, out_shardings=KVCache(k=kv, v=kv, segment_ids=meta, image_ids=meta))()
 
     # -------------------------------------------------------------- model calls
 

@@ -242,7 +242,7 @@ def generate(
         jax.random.fold_in(rng, 0),
         allowed_now(),
     )
-    _take_samples(st, np.asarray(first), ~st.need_image & ~st.done, options.max_new_tokens)
+    _take_samples(st, dec.fetch(first), ~st.need_image & ~st.done, options.max_new_tokens)
 
     step = 0
     while not st.done.all():
@@ -275,7 +275,7 @@ def generate(
         for b in np.flatnonzero(active & (wrote == EOI_ID)):
             st.token_ids[b].append(EOI_ID)
         st.need_image |= active & (wrote == BOI_ID)
-        _take_samples(st, np.asarray(nxt), active & ~st.need_image, options.max_new_tokens)
+        _take_samples(st, dec.fetch(nxt), active & ~st.need_image, options.max_new_tokens)
 
     results = []
     for b in range(n):
@@ -404,7 +404,7 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
         x_T = jax.random.normal(noise_key, (B, 1, hw, hw, C), jnp.float32)
         x0 = dec.image_full(params, cache, index, chunk, dec.put(np.asarray(x_T)), pass_key)
         cache = dec.commit(params, cache, index, chunk, x0)
-        return cache, np.asarray(x0)
+        return cache, dec.fetch(x0)
 
     W = dec.window
     plan = rolling.sampling_plan(g, W, max(dec.opts.diffusion_steps // W, 1))
@@ -416,7 +416,7 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
         chunk, index = _block_chunk(dec, st, phase, R, r0 * g, W * g, window_id)
         taus = jnp.asarray(ps.taus, jnp.float32)
         key = jax.random.fold_in(pass_key, i)
-        x_win = np.asarray(dec.rolling_pass(params, cache, index, chunk, dec.put(x_win), taus, key))
+        x_win = dec.fetch(dec.rolling_pass(params, cache, index, chunk, dec.put(x_win), taus, key))
         row = np.ascontiguousarray(x_win[:, :, :p])  # row r0 is clean (τ = 0)
         row_id = lambda k, off: np.full(off.shape, rolling.block_id(k, r0, g))  # noqa: B023
         row_chunk, row_index = _block_chunk(dec, st, phase, R, r0 * g, g, row_id)
@@ -526,6 +526,8 @@ def generate_cli(
         imgs, lats = tuple(lats[:k]), lats[k:]
         reqs.append(Prompt(text, imgs, force_image))
     results = generate(cfg, params, tokenizer, reqs, opts, vae=vae, mesh=mesh)
+    if jax.process_index() != 0:  # every process generated the same documents; one writes
+        return {}
     paths = write_documents(results, out_dir)
     for i, res in enumerate(results):
         n_img = len(res.images)

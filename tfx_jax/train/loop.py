@@ -19,7 +19,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -251,6 +251,55 @@ class SampleGrid:
         return image_grid(np.stack([img for img, _ in pairs]), cols=4), score
 
 
+def run_evaluators(
+    trainer: Trainer,
+    batches: Iterator[dict[str, np.ndarray]],
+    sampler: SampleGrid | None,
+    step: int,
+    writer: Any,
+    failures: dict[str, int],
+) -> dict[str, float]:
+    """Runs the held-out evaluators and writes what they give.
+
+    A failing evaluator is reported in one line and counted (`eval/failures`); training goes on
+    unless `train.strict_eval`, which re-raises. Its exception never reaches the checkpoint
+    (saved before the evaluators run) or the other evaluators' metrics.
+    """
+    out: dict[str, float] = {}
+
+    def attempt(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as e:
+            if trainer.cfg.train.strict_eval:
+                raise
+            failures[name] = failures.get(name, 0) + 1
+            log.error(
+                "eval at step %d: the %s evaluator failed (%s: %s); training goes on "
+                "(train.strict_eval=true stops instead)",
+                step,
+                name,
+                type(e).__name__,
+                e,
+            )
+
+    def losses() -> None:
+        out.update(evaluate(trainer, batches, trainer.cfg.train.eval_batches))
+
+    def samples() -> None:
+        grid, judged = sampler(trainer)
+        if not math.isnan(judged):
+            out["eval/judge_fraction"] = judged
+        writer.write_images(step, {"samples": grid})
+
+    attempt("losses", losses)
+    if sampler is not None:
+        attempt("sample grid", samples)
+    out["eval/failures"] = float(sum(failures.values()))
+    writer.write_scalars(step, out)
+    return out
+
+
 # ----------------------------------------------------------------------------- loop
 
 
@@ -408,13 +457,17 @@ def train(
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
 
     start = int(trainer.state.step)
+    eval_failures: dict[str, int] = {}
     history: list[dict[str, float]] = []
     bar = tqdm(
         total=cfg.train.steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True
     )
     t_last, steps_since = time.time(), 0
     step = start
-    with _Preemption() as preempt:
+    # Whatever ends the loop (the last step, SIGTERM, an exception), pending async saves are
+    # committed and the writers flushed before the function returns or the error propagates.
+    closers = [bar.close, ckpt.close, writer.close] + ([profiler.close] if profiler else [])
+    with _closing(closers), _Preemption() as preempt:
         while step < cfg.train.steps:
             step += 1
             if profiler:
@@ -444,34 +497,34 @@ def train(
                 bar.set_postfix_str(_fmt(host))
                 if is_main:
                     bar.write(f"step {step:>6} {_fmt(host)}")
+            # The checkpoint first: an evaluator that fails must never cost it.
+            if step % ck.every_steps == 0 or last or preempt.requested:
+                ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
             if eval_iter is not None and (step % cfg.train.eval_every == 0 or last):
-                ev = evaluate(trainer, eval_iter, cfg.train.eval_batches)
-                if sampler is not None:
-                    grid, judged = sampler(trainer)
-                    if not math.isnan(judged):
-                        ev["eval/judge_fraction"] = judged
-                    writer.write_images(step, {"samples": grid})
-                writer.write_scalars(step, ev)
-                if is_main:
+                ev = run_evaluators(trainer, eval_iter, sampler, step, writer, eval_failures)
+                if is_main and "eval/perplexity" in ev:
                     bar.write(
                         f"eval {step:>6} perplexity={ev['eval/perplexity']:.4g} "
                         f"diffusion_loss={ev['eval/diffusion_loss']:.4g}"
                     )
                 if history:
                     history[-1].update(ev)
-            if step % ck.every_steps == 0 or last or preempt.requested:
-                ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if preempt.requested:
                 log.warning("preempted: checkpoint for step %d written, exiting", step)
                 break
-    bar.close()
-    ckpt.close()
-    writer.close()
-    if profiler:
-        profiler.close()
     return history
+
+
+@contextlib.contextmanager
+def _closing(closers: list[Callable[[], None]]):
+    """Calls every closer on the way out, in order, even when the body raised."""
+    try:
+        yield
+    finally:
+        for close in closers:
+            close()
 
 
 def _flops_and_peak(cfg: Config) -> tuple[float, float]:
