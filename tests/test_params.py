@@ -14,6 +14,7 @@ from tfx_jax.cli import build_parser
 from tfx_jax.config import ConfigError, MeshConfig
 from tfx_jax.generate import options
 from tfx_jax.generate.options import SampleOptions
+from tfx_jax.train import loop as train_lib
 from tfx_jax.train.loop import Trainer
 
 
@@ -112,3 +113,23 @@ def test_cli_flags_are_the_options_with_the_same_defaults():
 def test_bad_options_name_the_option(tiny_config, bad, name):
     with pytest.raises(ConfigError, match=f"generate option {name}="):
         SampleOptions(**bad).resolved(tiny_config())
+
+
+def test_init_from_may_change_the_optimizer_recipe(tiny_config, tmp_path, caplog):
+    """--init-from takes the params alone: fine-tuning with another learning rate and schedule
+    works (resuming with them would be refused); a changed model is still refused."""
+    base = ["train.steps=2", "train.log_every=1", "checkpoint.every_steps=2"]
+    pre_hist = train_lib.train(tiny_config(overrides=base), tmp_path / "pre")
+    tuned = tiny_config(overrides=[*base, "optimizer.learning_rate=1e-4", "optimizer.b2=0.99"])
+    hist = train_lib.train(tuned, tmp_path / "tune", init_from=str(tmp_path / "pre"))
+    assert [h["step"] for h in hist] == [1, 2]
+    # Step 1 sees the same batch as the pre-training's step 1, from the trained params.
+    assert hist[0]["loss"] < pre_hist[0]["loss"] - 0.05
+    wider = tiny_config(overrides=[*base, "model.mlp_dim=256"])
+    with pytest.raises(ConfigError, match="model.mlp_dim"):
+        train_lib.train(wider, tmp_path / "wide", init_from=str(tmp_path / "pre"))
+    with pytest.raises(ConfigError, match="optimizer.learning_rate"):
+        train_lib.train(tuned, tmp_path / "pre2", resume=str(tmp_path / "pre"))
+    caplog.clear()
+    train_lib.train(tiny_config(overrides=[*base]), tmp_path / "pre")
+    assert any("nothing to train" in r.getMessage() for r in caplog.records)

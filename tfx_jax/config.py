@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 import math
+import traceback
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -373,13 +375,44 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"Config file '{file}' does not exist (see experiments/ for examples).")
     spec = importlib.util.spec_from_file_location(f"tfx_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"Config file '{file}' line {e.lineno}: syntax error: {e.msg}.") from e
+    except Exception as e:  # an import or a name inside the user's file: say which and where
+        raise ConfigError(
+            f"Config file '{file}' failed to load: {type(e).__name__}: {e}"
+            f"{_user_line(e, file)}."
+        ) from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"Config file '{file}' must define get_config(arg=None) -> Config.")
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    params = inspect.signature(module.get_config).parameters
+    if arg is not None and not params:
+        raise ConfigError(
+            f"Config file '{file}' was given ':{arg}' but its get_config() takes no argument: "
+            f"drop ':{arg}' or add a parameter (get_config(arg=None))."
+        )
+    try:
+        cfg = module.get_config(arg) if arg is not None else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"get_config({'' if arg is None else repr(arg)}) in '{file}' raised "
+            f"{type(e).__name__}: {e}{_user_line(e, file)}."
+        ) from e
     if not isinstance(cfg, Config):
         raise ConfigError(f"get_config() in '{file}' returned {type(cfg).__name__}, not Config.")
     return apply_overrides(cfg, overrides)
+
+
+def _user_line(error: BaseException, file: Path) -> str:
+    """' (line N)' of the innermost frame of `error` inside `file`, if any."""
+    line = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if Path(frame.filename).resolve() == file.resolve():
+            line = frame.lineno
+    return f" (line {line})" if line else ""
 
 
 def from_dict(d: dict[str, Any], cls: type = Config, _prefix: str = "") -> Any:
@@ -563,13 +596,36 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         f"optimizer.grad_accum_steps={o.grad_accum_steps}.",
     )
     need(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
-    need(cfg.train.steps > 0, f"train.steps={cfg.train.steps} must be > 0.")
+    need(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0.")
+    need(o.decay_steps >= 0, f"optimizer.decay_steps={o.decay_steps} must be >= 0 (0 = steps).")
+    need(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1].")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1).")
+    need(o.eps > 0, f"optimizer.eps={o.eps} must be > 0.")
+    need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0.")
+    need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 = off).")
+    tr = cfg.train
+    need(tr.steps > 0, f"train.steps={tr.steps} must be > 0.")
+    need(tr.log_every > 0, f"train.log_every={tr.log_every} must be > 0.")
+    need(tr.eval_every >= 0, f"train.eval_every={tr.eval_every} must be >= 0 (0 = never).")
+    need(
+        tr.eval_batches > 0 or not tr.eval_every,
+        f"train.eval_batches={tr.eval_batches} must be > 0 when train.eval_every is set "
+        "(or set train.eval_every=0 to skip evaluation).",
+    )
+    need(tr.eval_samples >= 0, f"train.eval_samples={tr.eval_samples} must be >= 0.")
+    need(tr.z_loss >= 0, f"train.z_loss={tr.z_loss} must be >= 0.")
+    need(tr.peak_tflops >= 0, f"train.peak_tflops={tr.peak_tflops} must be >= 0 (0 = lookup).")
+    need(
+        tr.profile_start >= 0 and tr.profile_steps >= 0,
+        "train.profile_start and train.profile_steps must be >= 0.",
+    )
     need(
         cfg.train.nan_policy in ("skip", "stop"),
         f"train.nan_policy={cfg.train.nan_policy!r}: skip | stop.",
     )
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be > 0.")
     need(cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0.")
+    need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = none).")
     if num_devices is not None:
         data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
         micro = d.global_batch_size // o.grad_accum_steps

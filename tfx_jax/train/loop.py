@@ -354,14 +354,24 @@ def _meta(cfg: Config, step: int) -> dict[str, Any]:
 def restore_into(
     trainer: Trainer, ckpt: Checkpointer, step: int, data_iter: Any, params_only: bool = False
 ) -> dict:
-    """Restores `step` onto this trainer's mesh (any shape or device count)."""
+    """Restores `step` onto this trainer's mesh (any shape or device count).
+
+    `params_only` (--init-from) reads the parameters alone: the optimizer, schedule, data and
+    objective may all differ (fine-tuning); only the model's own settings must match.
+    """
     meta = ckpt.read_meta(step)
     diffs = config_differences(meta["config"], trainer.cfg)
+    if params_only:
+        diffs = [d for d in diffs if d.startswith("model.")]
     if diffs:
         raise ConfigError(
             f"checkpoint {ckpt.directory} step {step} was trained with a different config; "
             "resuming would change the experiment. Differing keys: " + "; ".join(diffs)
         )
+    if params_only:
+        abstract = abstract_like(trainer.state.params, trainer.state_shardings.params)
+        trainer.state = trainer.state.replace(params=ckpt.restore_params(step, abstract))
+        return meta
     data_dir = ckpt.directory / str(step) / "data"
     can_restore_data = (
         not params_only
@@ -386,10 +396,7 @@ def restore_into(
     state, meta = ckpt.restore(
         step, trainer.abstract_state(), data_iter if can_restore_data else None
     )
-    if params_only:
-        trainer.state = trainer.state.replace(params=state.params)
-    else:
-        trainer.state = state
+    trainer.state = state
     return meta
 
 
@@ -457,6 +464,13 @@ def train(
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
 
     start = int(trainer.state.step)
+    if start >= cfg.train.steps:
+        log.warning(
+            "the checkpoint is at step %d and train.steps=%d: nothing to train (raise "
+            "train.steps to continue this run)",
+            start,
+            cfg.train.steps,
+        )
     eval_failures: dict[str, int] = {}
     history: list[dict[str, float]] = []
     bar = tqdm(

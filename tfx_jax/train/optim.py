@@ -40,7 +40,8 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
+        # 0 = no clipping (both states are empty: the tree is the same either way)
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(
             learning_rate_schedule(cfg, total_steps),
             b1=cfg.b1,
