@@ -128,6 +128,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from tfx_jax.generate import sample
 
+    # Everything that can be wrong with the request fails before the model is loaded.
+    options = sample_options.from_args(args)
+    options.validate()
+    for image in args.image:
+        if not Path(image).is_file():
+            raise ConfigError(f"--image {image}: no such file (give an image file).")
+    sample.plan_prompt_images(args.prompt, len(args.image))
     if args.export:
         from tfx_jax import export
 
@@ -143,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         params,
         args.prompt,
         out,
-        sample_options.from_args(args),
+        options,
         input_images=args.image,
         force_image=args.force_image,
     )

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tfx_jax import sharding
-from tfx_jax.config import Config
+from tfx_jax.config import Config, ConfigError
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
 from tfx_jax.diffusion import rolling
 from tfx_jax.generate.decode import CHUNK_KEYS, Decoder
@@ -517,12 +517,10 @@ def generate_cli(
         raise FileNotFoundError(
             f"input images need the VAE: none in {prepare.vae_dir(cfg)} (python -m tfx_jax vae)"
         )
+    plan = plan_prompt_images(prompts, len(input_images))
     lats = list(_encode_files(cfg, vae, input_images)) if input_images else []
     reqs = []
-    for text in prompts:
-        k = text.count(IMAGE_PLACEHOLDER)
-        if lats and k == 0:
-            text, k = f"{IMAGE_PLACEHOLDER} {text}".strip(), 1
+    for text, k in plan:
         imgs, lats = tuple(lats[:k]), lats[k:]
         reqs.append(Prompt(text, imgs, force_image))
     results = generate(cfg, params, tokenizer, reqs, opts, vae=vae, mesh=mesh)
@@ -534,6 +532,37 @@ def generate_cli(
         print(f"[{i}] {res.prompt.text!r} -> {res.text!r} + {n_img} image(s) (stop: {res.stop})")
     print(f"wrote {paths['markdown']} and {paths['html']}")
     return paths
+
+
+def plan_prompt_images(prompts: Sequence[str], num_images: int) -> list[tuple[str, int]]:
+    """Which input images go to which prompt: each "<image>" marker takes the next image, and a
+    prompt without markers takes one (image to text) while images are left; every image must be
+    used and every marker filled.
+
+    Returns:
+      [(prompt text with its markers, number of images)] per prompt.
+
+    Raises:
+      ConfigError: more markers than images, or images that no prompt takes.
+    """
+    left, plan = num_images, []
+    for text in prompts:
+        k = text.count(IMAGE_PLACEHOLDER)
+        if k == 0 and left > 0:
+            text, k = f"{IMAGE_PLACEHOLDER} {text}".strip(), 1
+        if k > left:
+            raise ConfigError(
+                f"prompt {text!r} has {k} {IMAGE_PLACEHOLDER} marker(s) but only {left} of the "
+                f"{num_images} --image file(s) are left for it: give one --image per marker."
+            )
+        left -= k
+        plan.append((text, k))
+    if left:
+        raise ConfigError(
+            f"{left} of the {num_images} --image file(s) are not used by any prompt: add "
+            f"{IMAGE_PLACEHOLDER} markers or prompts for them."
+        )
+    return plan
 
 
 def _encode_files(cfg: Config, vae, files: Sequence[str]) -> np.ndarray:
