@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfx_jax.data import synthetic
+from tfx_jax.data.sources import synthetic
 from tfx_jax.models import attention
 
 

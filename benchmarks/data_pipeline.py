@@ -22,8 +22,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tfx_jax import artifacts  # noqa: E402
 from tfx_jax.config import load_config  # noqa: E402
-from tfx_jax.data import prepare  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
             *args.set,
         ],
     )
-    it = prepare.batches(cfg)
+    it = artifacts.batches(cfg)
     for _ in range(args.warmup):
         next(it)
     real = slots = images = 0

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from tfx_jax.config import load_config
-from tfx_jax.data import synthetic
+from tfx_jax.data.sources import synthetic
 from tfx_jax.observability import flops
 from tfx_jax.train.loop import Trainer
 

@@ -14,7 +14,7 @@ from conftest import REPO
 from tfx_jax import sharding
 from tfx_jax.checkpoint import Checkpointer
 from tfx_jax.config import ConfigError
-from tfx_jax.train.loop import KILL_AT_STEP_ENV, NonFiniteLossError, Trainer, train
+from tfx_jax.train.loop import NonFiniteLossError, Trainer, train
 
 STEPS = 8
 FLAGS = [
@@ -52,6 +52,40 @@ def run_cli(workdir, *extra, env_extra=None, wait=True):
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+# The crash: `train` with an `after_step` hook that SIGKILLs the process right after a step
+# (its checkpoint logic done), in a subprocess configured exactly like `run_cli`'s.
+KILL_SNIPPET = """
+import os, signal, sys
+from tfx_jax.config import load_config
+from tfx_jax.train import loop
+
+kill_at, workdir, config, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+
+def after_step(step):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+loop.train(load_config(config, overrides), workdir, after_step=after_step)
+"""
+
+
+def run_killed(workdir, kill_at, *extra):
+    """Like `run_cli(workdir, *extra)` (only `--set` flags), SIGKILLed after step `kill_at`."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = [*FLAGS, *extra]
+    assert flags[::2] == ["--set"] * (len(flags) // 2), flags
+    cmd = [
+        sys.executable,
+        "-c",
+        KILL_SNIPPET,
+        str(kill_at),
+        str(workdir),
+        str(REPO / "experiments/tiny.py"),
+        *flags[1::2],
+    ]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 def final_params(tiny_config, workdir, overrides=()):
     cfg = tiny_config(overrides=[f"train.steps={STEPS}", *overrides])
     trainer = Trainer(cfg)
@@ -78,12 +112,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path):
     # (Orbax finishes save 3 before starting save 6, so at step 7 at least step 3 is complete).
     for kill_at, async_save in ((4, "false"), (7, "true")):
         wd = tmp_path / f"killed_at_{kill_at}"
-        dead = run_cli(
-            wd,
-            "--set",
-            f"checkpoint.async_save={async_save}",
-            env_extra={KILL_AT_STEP_ENV: str(kill_at)},
-        )
+        dead = run_killed(wd, kill_at, "--set", f"checkpoint.async_save={async_save}")
         assert dead.returncode == -signal.SIGKILL, dead.stdout + dead.stderr
         resumed = run_cli(wd)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr

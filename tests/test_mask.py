@@ -111,6 +111,94 @@ def test_xla_attention_matches_jax_nn():
     np.testing.assert_allclose(np.asarray(gqa), np.asarray(rep), atol=1e-5)
 
 
+def _mesh(data, fsdp, tensor):
+    import jax
+
+    return jax.make_mesh(
+        (data, fsdp, tensor),
+        ("data", "fsdp", "tensor"),
+        axis_types=(jax.sharding.AxisType.Auto,) * 3,
+        devices=jax.devices()[: data * fsdp * tensor],
+    )
+
+
+def test_shard_map_specs_follow_the_rules_table():
+    """The kernel's shard_map specs come from the logical names (act_batch, act_heads,
+    act_kv_heads) through the active rules, never from mesh axis names in the model code."""
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    from tfx_jax.config import MeshConfig
+    from tfx_jax.models.attention import shard_map_specs
+
+    mesh = _mesh(2, 2, 2)
+    with nn.logical_axis_rules(MeshConfig().rules):  # the default table
+        assert shard_map_specs(mesh, 8, 4, 2) == (
+            P(("data", "fsdp"), None, ("tensor",), None),
+            P(("data", "fsdp"), None),
+        )
+        # An axis that does not divide its dim is replicated (batch 6 over 4, 3 kv heads over 2).
+        assert shard_map_specs(mesh, 6, 6, 3) == (P(None, None, None, None), P(None, None))
+    changed = (
+        ("act_batch", "tensor"),
+        ("act_heads", ("data", "fsdp")),
+        ("act_kv_heads", ("data", "fsdp")),
+    )
+    with nn.logical_axis_rules(changed):
+        assert shard_map_specs(mesh, 8, 4, 4) == (
+            P(("tensor",), None, ("data", "fsdp"), None),
+            P(("tensor",), None),
+        )
+    # q and k/v heads on different axes would split a kv head from its query group: replicate.
+    split = (("act_batch", "data"), ("act_heads", "tensor"), ("act_kv_heads", "fsdp"))
+    with nn.logical_axis_rules(split):
+        assert shard_map_specs(mesh, 8, 4, 4) == (
+            P(("data",), None, None, None),
+            P(("data",), None),
+        )
+    # No rules at all: every dim replicated.
+    assert shard_map_specs(mesh, 8, 4, 4) == (P(None, None, None, None), P(None, None))
+
+
+def test_shard_map_with_derived_specs_matches_unsharded():
+    """A per-shard attention over key ranges (what the tokamax path runs, with the xla reference
+    as the local kernel) under shard_map with the derived specs equals the unsharded result, for
+    the default and a changed rules table."""
+    import flax.linen as nn
+    import jax
+
+    from tfx_jax.config import MeshConfig
+    from tfx_jax.models import attention
+
+    rng = np.random.default_rng(3)
+    B, T, N, K, H = 4, 24, 4, 2, 8
+    rows = [random_layout(rng, T) for _ in range(B)]
+    seg = jnp.asarray(np.stack([r[0] for r in rows]))
+    img = jnp.asarray(np.stack([r[1] for r in rows]))
+    q = jax.random.normal(jax.random.key(0), (B, T, N, H))
+    k, v = (jax.random.normal(jax.random.key(i), (B, T, K, H)) for i in (1, 2))
+    want = attention.xla_attention(q, k, v, attention.dense_mask(seg, img))
+
+    def local(q, k, v, k_start, k_end):
+        j = jnp.arange(k.shape[1])[None, None, :]
+        mask = (j >= k_start[:, :, None]) & (j < k_end[:, :, None])
+        return attention.xla_attention(q, k, v, mask[:, None])
+
+    mesh = _mesh(2, 2, 2)
+    changed = (
+        ("act_batch", "fsdp"),
+        ("act_heads", ("data", "tensor")),
+        ("act_kv_heads", ("data", "tensor")),
+    )
+    for rules in (MeshConfig().rules, changed):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            qkv, rng_spec = attention.shard_map_specs(mesh, B, N, K)
+            assert qkv != jax.sharding.PartitionSpec(None, None, None, None)
+            fn = jax.shard_map(local, in_specs=(qkv, qkv, qkv, rng_spec, rng_spec), out_specs=qkv)
+            got = jax.jit(fn)(q, k, v, *key_ranges(seg, img))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_tokamax_ranges_match_the_reference_on_a_sharded_mesh(tiny_config):
     """The tokamax implementation (key ranges; its XLA path on CPU, the Mosaic GPU kernel on a
     GPU) gives the reference losses and gradient norm on a data x fsdp x tensor mesh, where it

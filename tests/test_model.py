@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from tfx_jax import sharding
-from tfx_jax.data import synthetic
+from tfx_jax.data.sources import synthetic
 from tfx_jax.diffusion import ddpm
 from tfx_jax.train.loop import Trainer, mesh_context
 from tfx_jax.train.steps import forward_losses

@@ -5,6 +5,7 @@ import pytest
 
 from tfx_jax.data import encoded, pipeline, sources
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
+from tfx_jax.models.mask import attention_mask
 
 SPEC = pipeline.SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
 
@@ -244,8 +245,6 @@ def test_encoded_records_round_trip_and_skip_bad_examples(tmp_path):
 
 def test_packed_batch_of_a_hand_made_source_is_exact():
     """Three documents, first-fit into two rows of 24: every id, position and mask entry."""
-    from tfx_jax.models.mask import attention_mask
-
     src = [
         enc({"kind": "caption", "text": "a red dot", "latents": np.stack([lat(1.0)])}),  # 11
         enc({"kind": "text", "text": "hi there"}),  # 4: fits after the first

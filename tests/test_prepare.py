@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfx_jax.data import prepare
+from tfx_jax import artifacts, stages
+from tfx_jax.train.loop import train
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
 
@@ -47,8 +48,6 @@ def _cfg(tiny_config, tmp_path, *overrides):
 
 @pytest.mark.slow
 def test_folder_source_prepares_skips_bad_files_and_trains(tiny_config, tmp_path):
-    from tfx_jax.train.loop import train
-
     folder = _folder(tmp_path / "pics")
     cfg = _cfg(
         tiny_config,
@@ -62,21 +61,21 @@ def test_folder_source_prepares_skips_bad_files_and_trains(tiny_config, tmp_path
         "train.eval_samples=2",
         "checkpoint.every_steps=2",
     )
-    prepare.prepare_all(cfg)
-    made_by = json.loads((prepare.encoded_path(cfg, "train").parent / "made_by.json").read_text())
+    stages.prepare_all(cfg)
+    made_by = json.loads((artifacts.encoded_path(cfg, "train").parent / "made_by.json").read_text())
     assert made_by["stats"]["train"]["skipped"] == 2  # corrupt.png and uncaptioned.png
     assert made_by["stats"]["train"]["images"] == 24
     assert made_by["stats"]["validation"]["images"] == 6
-    assert prepare.encoded_is_current(cfg)
+    assert artifacts.encoded_is_current(cfg)
 
-    batch = next(prepare.batches(cfg))
+    batch = next(artifacts.batches(cfg))
     assert batch["tokens"].shape == (8, 128) and (batch["image_ids"] > 0).any()
     # Encoding on the fly gives the same batches as the records precomputed once (latents to
     # float16 rounding: the VAE sees other batch sizes, so XLA may round differently).
     fly = _cfg(tiny_config, tmp_path, "data.source=folder", f"data.path={folder}")
     fly = dataclasses.replace(fly, data=dataclasses.replace(fly.data, latents="on_the_fly"))
-    want = next(prepare.batches(cfg, "validation", shuffle=False))
-    got = next(prepare.batches(fly, "validation", shuffle=False))
+    want = next(artifacts.batches(cfg, "validation", shuffle=False))
+    got = next(artifacts.batches(fly, "validation", shuffle=False))
     assert (want["image_ids"] > 0).any()
     for key in ("tokens", "segment_ids", "positions", "image_ids"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
@@ -91,7 +90,7 @@ def test_folder_source_prepares_skips_bad_files_and_trains(tiny_config, tmp_path
         tiny_config, tmp_path, "data.source=folder", f"data.path={folder}", "data.on_error=raise"
     )
     with pytest.raises(ValueError, match=r"corrupt\.png"):
-        prepare.encode(strict)
+        stages.encode(strict)
 
 
 def test_text_source_needs_no_vae_and_packs_text_only(tiny_config, tmp_path):
@@ -101,9 +100,9 @@ def test_text_source_needs_no_vae_and_packs_text_only(tiny_config, tmp_path):
         paras = [f"Paragraph {j} of file {i} says something plain." for j in range(5)]
         (docs / f"f{i}.txt").write_text("\n\n".join(paras))
     cfg = _cfg(tiny_config, tmp_path, "data.source=text", f"data.path={docs}")
-    prepare.prepare_all(cfg)
-    assert not (prepare.vae_dir(cfg) / "vae.json").exists()
-    batch = next(prepare.batches(cfg))
+    stages.prepare_all(cfg)
+    assert not (artifacts.vae_dir(cfg) / "vae.json").exists()
+    batch = next(artifacts.batches(cfg))
     assert (batch["image_ids"] == 0).all() and (batch["segment_ids"] > 0).mean() > 0.5
     assert (batch["patches"] == 0).all()
 
@@ -114,16 +113,16 @@ def test_stale_records_are_detected(tiny_config, tmp_path):
     (docs / "a.txt").write_text("Some words to learn a vocabulary from.\n\nAnd a second one.")
     cfg = _cfg(tiny_config, tmp_path, "data.source=text", f"data.path={docs}")
     with pytest.raises(FileNotFoundError, match="python -m tfx_jax data tokenizer"):
-        prepare.batches(cfg)
-    prepare.prepare_all(cfg)
-    assert prepare.encoded_is_current(cfg)
+        artifacts.batches(cfg)
+    stages.prepare_all(cfg)
+    assert artifacts.encoded_is_current(cfg)
     # Another source in the same data_dir: the tokenizer and records are stale, and say so.
     other = tmp_path / "other"
     other.mkdir()
     (other / "b.txt").write_text("Different text entirely.")
     cfg2 = _cfg(tiny_config, tmp_path, "data.source=text", f"data.path={other}")
-    assert not prepare.tokenizer_is_current(cfg2)
+    assert not artifacts.tokenizer_is_current(cfg2)
     with pytest.raises(FileNotFoundError, match="python -m tfx_jax data encode"):
-        prepare.batches(cfg2)
-    prepare.prepare_all(cfg2)
-    assert prepare.encoded_is_current(cfg2) and not prepare.encoded_is_current(cfg)
+        artifacts.batches(cfg2)
+    stages.prepare_all(cfg2)
+    assert artifacts.encoded_is_current(cfg2) and not artifacts.encoded_is_current(cfg)

@@ -380,7 +380,7 @@ def test_image_first_flag():
 def test_noise_limit_for_images_before_their_caption(limit):
     """With the switch on, images flagged image-first train with t <= 500 of 1000; unflagged
     images and the switch off keep the full range."""
-    from tfx_jax.data import synthetic
+    from tfx_jax.data.sources import synthetic
     from tfx_jax.train.steps import forward_losses
 
     cfg = make(None, [f"diffusion.noise_limit_image_first={limit}", "data.global_batch_size=16"])

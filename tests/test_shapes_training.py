@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from tfx_jax import artifacts, stages
 from tfx_jax.checkpoint import Checkpointer
 from tfx_jax.config import load_config
-from tfx_jax.data import prepare
 from tfx_jax.train.loop import train
 
 
@@ -37,12 +37,12 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
             "checkpoint.every_steps=4",
         ],
     )
-    prepare.prepare_all(cfg)
-    assert prepare.vae_is_current(cfg)
-    summary = json.loads((prepare.vae_dir(cfg) / "vae.json").read_text())
+    stages.prepare_all(cfg)
+    assert artifacts.vae_is_current(cfg)
+    summary = json.loads((artifacts.vae_dir(cfg) / "vae.json").read_text())
     assert summary["heldout_psnr_db"] > 0 and summary["scale_factor"] > 0
 
-    batch = next(prepare.batches(cfg))
+    batch = next(artifacts.batches(cfg))
     assert batch["tokens"].shape == (8, 128) and batch["patches"].shape == (8, 128, 16)
     assert (batch["image_ids"] > 0).any() and (batch["segment_ids"] > 0).mean() > 0.8
 
@@ -56,5 +56,5 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False, create=False)
     meta = ckpt.read_meta(4)
     ckpt.close()
-    assert meta["tokenizer"] == str(prepare.tokenizer_path(cfg))
-    assert meta["vae"] == str(prepare.vae_dir(cfg)) and meta["config"]["name"] == "demo"
+    assert meta["tokenizer"] == str(artifacts.tokenizer_path(cfg))
+    assert meta["vae"] == str(artifacts.vae_dir(cfg)) and meta["config"]["name"] == "demo"

@@ -1,4 +1,5 @@
-"""Tests for the file-backed data sources (tfds, folder, text) of tfx_jax.data.sources.
+"""Tests for the file-backed data sources (tfds, folder, text) of tfx_jax.data.sources and
+the registry.
 
 The TFDS tests prepare two tiny fake datasets (a labelled digits set and a coco-like captions
 set) into a temporary directory; nothing is downloaded.
@@ -20,10 +21,15 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from tfx_jax.config import Config, DataConfig
+from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.data import sources
+from tfx_jax.data.config import DataConfig
+from tfx_jax.data.sources import images
+from tfx_jax.data.sources import text as text_source
+from tfx_jax.data.sources.synthetic import SyntheticIterator
 
 DIGIT_NAMES = ["zero", "one", "two"]
+TFDS, FOLDER, TEXT = (sources.get(name) for name in ("tfds", "folder", "text"))
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -153,9 +159,9 @@ def _captions(tfds_dir: str, **data) -> Config:
 
 def test_label_dataset_gives_template_captions_and_rgb_images(tfds_dir):
     cfg = _digits(tfds_dir)
-    sources.build(cfg)
-    assert sources.splits(cfg) == ("train", "validation")  # No validation split: test is used.
-    train, validation = sources.open_split(cfg, "train"), sources.open_split(cfg, "validation")
+    TFDS.build(cfg)
+    assert TFDS.splits(cfg) == ("train", "validation")  # No validation split: test is used.
+    train, validation = TFDS.open_split(cfg, "train"), TFDS.open_split(cfg, "validation")
     assert (len(train), len(validation)) == (6, 3)
     example = train[4]
     assert example["kind"] == "caption" and example["text"] == "a digit one"
@@ -170,8 +176,8 @@ def test_label_dataset_gives_template_captions_and_rgb_images(tfds_dir):
 
 def test_nested_caption_key_picks_one_caption_per_record(tfds_dir):
     cfg = _captions(tfds_dir)
-    assert sources.splits(cfg) == ("train", "validation")
-    train = sources.open_split(cfg, "train")
+    assert TFDS.splits(cfg) == ("train", "validation")
+    train = TFDS.open_split(cfg, "train")
     # Record i has i + 1 captions; it uses caption i % (i + 1) = i.
     assert [train[i]["text"] for i in range(4)] == [f"train cap {i} {i}" for i in range(4)]
     image = train[2]["images"][0]
@@ -180,21 +186,21 @@ def test_nested_caption_key_picks_one_caption_per_record(tfds_dir):
     assert (image.reshape(-1, 3) == (0, 20, 200)).all()
     with pytest.raises(sources.RecordError, match=r"tfx_fake_captions.*record 4.*captions/text"):
         train[4]  # No captions at all.
-    assert sources.open_split(cfg, "validation")[1]["text"] == "val cap 1 1"
+    assert TFDS.open_split(cfg, "validation")[1]["text"] == "val cap 1 1"
 
 
 def test_split_mapping(tfds_dir):
     cfg = _digits(tfds_dir, tfds_splits="train=train[:4], validation=train[4:], heldout=test")
-    assert sources.splits(cfg) == ("train", "validation", "heldout")
-    lengths = [len(sources.open_split(cfg, split)) for split in sources.SPLITS]
+    assert TFDS.splits(cfg) == ("train", "validation", "heldout")
+    lengths = [len(TFDS.open_split(cfg, split)) for split in sources.SPLITS]
     assert lengths == [4, 2, 3]
-    assert sources.open_split(cfg, "validation")[0]["text"] == "a digit one"  # Record 4.
+    assert TFDS.open_split(cfg, "validation")[0]["text"] == "a digit one"  # Record 4.
 
     only_train = _digits(tfds_dir, tfds_splits="train=train+test")
-    assert sources.splits(only_train) == ("train",)
-    assert len(sources.open_split(only_train, "train")) == 9
+    assert TFDS.splits(only_train) == ("train",)
+    assert len(TFDS.open_split(only_train, "train")) == 9
     with pytest.raises(ValueError, match=r"no split 'validation'; it has \('train',\)"):
-        sources.open_split(only_train, "validation")
+        TFDS.open_split(only_train, "validation")
 
 
 @pytest.mark.parametrize(
@@ -209,7 +215,7 @@ def test_split_mapping(tfds_dir):
 )
 def test_bad_split_mapping_names_the_setting(tfds_dir, spec, fragment):
     with pytest.raises(ValueError, match=fragment) as error:
-        sources.splits(_digits(tfds_dir, tfds_splits=spec))
+        TFDS.splits(_digits(tfds_dir, tfds_splits=spec))
     assert "data.tfds_splits=" in str(error.value)
 
 
@@ -226,7 +232,7 @@ def no_network(monkeypatch):
 def test_unprepared_dataset_says_how_to_prepare_it(tmp_path, no_network):
     cfg = _cfg(source="tfds", tfds_name="mnist", tfds_data_dir=str(tmp_path), label_key="label")
     with pytest.raises(FileNotFoundError) as error:
-        sources.build(cfg)
+        TFDS.build(cfg)
     message = str(error.value)
     assert f"not prepared in {tmp_path}" in message
     assert (
@@ -239,7 +245,7 @@ def test_unprepared_dataset_says_how_to_prepare_it(tmp_path, no_network):
 def test_unknown_dataset_name(tmp_path, no_network):
     cfg = _cfg(source="tfds", tfds_name="fashion_mnistt", tfds_data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="TFDS has no dataset 'fashion_mnistt'.*'fashion_mnist'"):
-        sources.splits(cfg)
+        TFDS.splits(cfg)
 
 
 def test_dataset_not_in_array_record_format(tfds_dir, tmp_path):
@@ -249,7 +255,7 @@ def test_dataset_not_in_array_record_format(tfds_dir, tmp_path):
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps(info | {"fileFormat": "tfrecord"}))
     with pytest.raises(ValueError, match=r"prepared as \['tfrecord'\].*needs array_record"):
-        sources.build(_digits(str(copy)))
+        TFDS.build(_digits(str(copy)))
 
 
 @pytest.mark.parametrize(
@@ -263,7 +269,7 @@ def test_dataset_not_in_array_record_format(tfds_dir, tmp_path):
 )
 def test_bad_feature_key_lists_the_features(tfds_dir, make, key, fragment):
     with pytest.raises(ValueError, match=fragment) as error:
-        sources.build(make(tfds_dir, **key))
+        TFDS.build(make(tfds_dir, **key))
     message = str(error.value)
     if make is _captions:
         assert "captions/text (Text)" in message and "captions/id (Tensor)" in message
@@ -272,7 +278,7 @@ def test_bad_feature_key_lists_the_features(tfds_dir, make, key, fragment):
 
 
 def test_tfds_source_pickles(tfds_dir):
-    source = sources.open_split(_captions(tfds_dir), "validation")
+    source = TFDS.open_split(_captions(tfds_dir), "validation")
     copy = pickle.loads(pickle.dumps(source))
     assert len(copy) == 2 and copy[1]["text"] == source[1]["text"]
     np.testing.assert_array_equal(copy[1]["images"][0], source[1]["images"][0])
@@ -285,14 +291,14 @@ def test_tfds_source_pickles(tfds_dir):
 
 def test_images_become_rgb_squares():
     rgba = np.zeros((8, 12, 4), np.uint8)  # Fully transparent black: composited onto white.
-    out = sources.square_resize(sources.array_to_image(rgba), 4)
+    out = images.square_resize(images.array_to_image(rgba), 4)
     assert out.shape == (4, 4, 3) and (out == 255).all()
     grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
-    out = sources.square_resize(sources.array_to_image(grey), 8)
+    out = images.square_resize(images.array_to_image(grey), 8)
     np.testing.assert_array_equal(out, np.repeat(grey[..., None], 3, axis=-1))
     tall = np.zeros((20, 10, 3), np.uint8)
     tall[:5], tall[15:], tall[5:15] = 255, 255, (1, 2, 3)
-    assert (sources.square_resize(Image.fromarray(tall), 5).reshape(-1, 3) == (1, 2, 3)).all()
+    assert (images.square_resize(Image.fromarray(tall), 5).reshape(-1, 3) == (1, 2, 3)).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,16 +329,16 @@ def test_folder_split_by_file_name_hash(tmp_path):
     assert expected["validation"] and expected["train"]  # Both splits are exercised.
 
     cfg = _cfg(source="folder", path=str(tmp_path), image_size=8)
-    sources.build(cfg)
-    assert sources.splits(cfg) == ("train", "validation")
+    FOLDER.build(cfg)
+    assert FOLDER.splits(cfg) == ("train", "validation")
     for split, files in expected.items():
-        source = sources.open_split(cfg, split)
+        source = FOLDER.open_split(cfg, split)
         assert len(source) == len(files)
         texts = [source[i]["text"] for i in range(len(source))]
         assert texts == [f"caption {name}" for name in files]
-    example = sources.open_split(cfg, "validation")[0]
+    example = FOLDER.open_split(cfg, "validation")[0]
     assert example["kind"] == "caption" and example["images"][0].shape == (8, 8, 3)
-    assert sources.prompts(cfg, 3) == [f"caption {n}" for n in expected["validation"] * 3][:3]
+    assert FOLDER.prompts(cfg, 3) == [f"caption {n}" for n in expected["validation"] * 3][:3]
 
 
 def test_folder_with_split_directories(tmp_path):
@@ -342,19 +348,19 @@ def test_folder_with_split_directories(tmp_path):
     _save_image(tmp_path / "train" / "d.webp", mode="L", caption="fourth")
     _save_image(tmp_path / "validation" / "e.bmp", caption="held")
     cfg = _cfg(source="folder", path=str(tmp_path), image_size=8)
-    assert sources.splits(cfg) == ("train", "validation")
-    train = sources.open_split(cfg, "train")
+    assert FOLDER.splits(cfg) == ("train", "validation")
+    train = FOLDER.open_split(cfg, "train")
     assert [train[i]["text"] for i in range(len(train))] == ["first", "third", "fourth", "second"]
     for i in range(len(train)):
         image = train[i]["images"][0]
         assert image.shape == (8, 8, 3) and image.dtype == np.uint8
-    assert sources.open_split(cfg, "validation")[0]["text"] == "held"
-    assert sources.prompts(cfg, 2) == ["held", "held"]
+    assert FOLDER.open_split(cfg, "validation")[0]["text"] == "held"
+    assert FOLDER.prompts(cfg, 2) == ["held", "held"]
 
     # Without a validation directory there is only train.
     shutil.rmtree(tmp_path / "validation")
-    assert sources.splits(cfg) == ("train",)
-    assert sources.prompts(cfg, 2) == ["first", "third"]
+    assert FOLDER.splits(cfg) == ("train",)
+    assert FOLDER.prompts(cfg, 2) == ["first", "third"]
 
 
 def test_folder_bad_records_raise_record_errors(tmp_path):
@@ -363,7 +369,7 @@ def test_folder_bad_records_raise_record_errors(tmp_path):
     (tmp_path / "train" / "b.txt").write_text("caption of a broken image")
     _save_image(tmp_path / "train" / "c.png", caption=None)
     _save_image(tmp_path / "train" / "d.png", caption="   ")
-    train = sources.open_split(_cfg(source="folder", path=str(tmp_path)), "train")
+    train = FOLDER.open_split(_cfg(source="folder", path=str(tmp_path)), "train")
     assert train[0]["text"] == "a caption"
     with pytest.raises(sources.RecordError, match=r"b\.png: cannot decode the image"):
         train[1]
@@ -379,10 +385,10 @@ def test_folder_bad_records_raise_record_errors(tmp_path):
 
 def test_folder_build_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sources.build(_cfg(source="folder", path=str(tmp_path / "missing")))
+        FOLDER.build(_cfg(source="folder", path=str(tmp_path / "missing")))
     (tmp_path / "a.txt").write_text("a caption without an image")
     with pytest.raises(FileNotFoundError, match="has no training images"):
-        sources.build(_cfg(source="folder", path=str(tmp_path)))
+        FOLDER.build(_cfg(source="folder", path=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,14 +399,14 @@ def test_folder_build_errors(tmp_path):
 def test_cut_documents_groups_paragraphs():
     paragraphs = ["a" * 900, "b" * 900, "c" * 900, "d" * 2500, "    indented\n  code", "e"]
     text = "\n\n".join(paragraphs[:3]) + "\n \n\n" + "\n\n".join(paragraphs[3:]) + "\n"
-    documents = sources.cut_documents(text)
+    documents = text_source.cut_documents(text)
     assert documents == [
         "a" * 900 + "\n\n" + "b" * 900,
         "c" * 900,
         "d" * 2500,  # A long paragraph stays whole.
         "    indented\n  code\n\ne",
     ]
-    assert sources.cut_documents("\n \n") == []
+    assert text_source.cut_documents("\n \n") == []
 
 
 def test_text_source(tmp_path):
@@ -416,11 +422,11 @@ def test_text_source(tmp_path):
     assert expected["validation"] and expected["train"]
 
     cfg = _cfg(source="text", path=str(tmp_path))
-    sources.build(cfg)
-    assert sources.splits(cfg) == ("train", "validation")
-    assert sources.prompts(cfg, 4) == []
+    TEXT.build(cfg)
+    assert TEXT.splits(cfg) == ("train", "validation")
+    assert TEXT.prompts(cfg, 4) == []
     for split, files in expected.items():
-        source = sources.open_split(cfg, split)
+        source = TEXT.open_split(cfg, split)
         assert len(source) == 2 * len(files)  # "one" alone (+ x would pass 2000), x + "three".
         one = f"{files[0]} one{'.' * 80}"
         assert source[0] == {"kind": "text", "text": one, "images": []}
@@ -430,7 +436,7 @@ def test_text_source(tmp_path):
 
     glob = _cfg(source="text", path=f"{tmp_path}/dir1/*.md")
     in_dir1 = [n for n in sorted(names) if n.startswith("dir1/") and n.endswith(".md")]
-    total = sum(len(sources.open_split(glob, split)) for split in sources.splits(glob))
+    total = sum(len(TEXT.open_split(glob, split)) for split in TEXT.splits(glob))
     assert total == 2 * len(in_dir1)
 
 
@@ -439,7 +445,7 @@ def test_text_source_bad_file(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"caf\xe9 latin-1")
     (tmp_path / "c.txt").write_text("third")
     assert not any(_is_validation(name) for name in ("a.txt", "b.txt", "c.txt"))
-    train = sources.open_split(_cfg(source="text", path=str(tmp_path / "*.txt")), "train")
+    train = TEXT.open_split(_cfg(source="text", path=str(tmp_path / "*.txt")), "train")
     assert len(train) == 3  # The undecodable file keeps one slot, which raises.
     assert [train[i]["text"] for i in (0, 2)] == ["first\n\nsecond", "third"]
     with pytest.raises(sources.RecordError, match=r"b\.txt: not UTF-8"):
@@ -466,22 +472,97 @@ def test_source_id_is_safe_and_changes_with_settings(tfds_dir):
         _cfg(source="text", path="/data/corpus"),
         _cfg(source="text", path="/data/corpus/*.md"),
     ]
-    ids = [sources.source_id(cfg) for cfg in variants]
+    ids = [sources.of(cfg).source_id(cfg) for cfg in variants]
     assert len(set(ids)) == len(ids), ids
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", i) for i in ids), ids
     assert re.fullmatch(r"tfds_tfx_fake_digits_16px_[0-9a-f]{8}", ids[0])
     assert ids[6] == f"folder_imgs_{zlib.crc32(b'/data/imgs'):08x}_32px"
     assert ids[9] == f"text_corpus_{zlib.crc32(b'/data/corpus'):08x}"
     # The data directory is where a dataset is, not what it holds.
-    assert sources.source_id(_digits(tfds_dir + "/other")) == ids[0]
+    assert TFDS.source_id(_digits(tfds_dir + "/other")) == ids[0]
 
 
 def test_prompts(tfds_dir):
-    assert sources.prompts(_digits(tfds_dir), 4) == [
+    assert TFDS.prompts(_digits(tfds_dir), 4) == [
         "a digit zero",
         "a digit one",
         "a digit two",
         "a digit zero",
     ]
-    assert sources.prompts(_captions(tfds_dir), 3) == ["val cap 0 0", "val cap 1 1", "val cap 0 0"]
-    assert len(sources.prompts(_cfg(source="shapes"), 5)) == 5
+    assert TFDS.prompts(_captions(tfds_dir), 3) == ["val cap 0 0", "val cap 1 1", "val cap 0 0"]
+    assert len(sources.get("shapes").prompts(_cfg(source="shapes"), 5)) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_names_the_choices_and_knows_each_source():
+    assert set(sources.names()) == {"synthetic", "shapes", "tfds", "folder", "text"}
+    with pytest.raises(sources.DataConfigError, match=r"data.source='tfsd': use one of folder \|"):
+        sources.get("tfsd")
+    assert [n for n in sources.names() if sources.get(n).has_images] == ["folder", "shapes", "tfds"]
+    assert [n for n in sources.names() if sources.get(n).makes_batches] == ["synthetic"]
+    assert [n for n in sources.names() if sources.get(n).has_judge] == ["shapes"]
+    with pytest.raises(ValueError, match=r"'synthetic' has no files \(use folder, shapes, text or"):
+        sources.get("synthetic").build(_cfg(source="synthetic"))
+
+
+def test_a_new_source_is_one_registered_class(monkeypatch):
+    monkeypatch.setattr(sources.base, "_REGISTRY", dict(sources.base._REGISTRY))
+
+    @sources.register
+    class Letters(sources.Source):
+        name = "letters"
+
+        def splits(self, cfg):
+            return ("train",)
+
+        def open_split(self, cfg, split):
+            return [{"kind": "text", "text": c, "images": []} for c in "abc"]
+
+    assert isinstance(sources.get("letters"), Letters)
+    assert sources.of(_cfg(source="letters")).prompts(_cfg(source="letters"), 4) == list("abca")
+    with pytest.raises(ValueError, match="name 'letters' is empty or taken"):
+        sources.register(Letters)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["data.source=nope"], "data.source='nope': use one of"),
+        (["data.source=tfds"], "data.source=tfds needs data.tfds_name"),
+        (["data.source=tfds", "data.tfds_name=mnist"], "needs exactly one of data.caption_key"),
+        (["data.source=folder"], "data.source=folder needs data.path"),
+        (["data.source=text"], "data.source=text needs data.path"),
+        (["data.source=shapes", "data.image_size=64"], "data.image_size=64 / vae.downsample=4"),
+        (["data.overlong=wrap"], "data.overlong='wrap': drop | truncate"),
+    ],
+)
+def test_config_validation_asks_the_source(tiny_config, overrides, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        validate(tiny_config(overrides=overrides), num_devices=8)
+    # Sources without images leave the VAE's geometry alone.
+    for source in ("synthetic", "text"):
+        settings = [f"data.source={source}", "data.path=x", "data.image_size=64"]
+        validate(tiny_config(overrides=settings), num_devices=8)
+
+
+def test_synthetic_batches_come_from_the_config_and_are_global(tiny_config):
+    cfg = tiny_config()
+    it = sources.of(cfg).batches(cfg, "train")
+    assert it.position_is_global
+    first = next(it)
+    assert first["tokens"].shape == (8, 128) and first["patches"].shape == (8, 128, 16)
+    state = it.get_state()
+    second = next(it)
+    # Two processes' rows of a global batch are the rows of the one-process batch.
+    halves = [SyntheticIterator(cfg, cfg.data.seed, i, 2) for i in range(2)]
+    for half in halves:
+        half.set_state(state)
+    np.testing.assert_array_equal(
+        np.concatenate([next(h)["tokens"] for h in halves]), second["tokens"]
+    )
+    held_out = next(sources.of(cfg).batches(cfg, "validation"))
+    assert not np.array_equal(held_out["tokens"], first["tokens"])

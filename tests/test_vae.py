@@ -1,7 +1,12 @@
-"""Tests for the KL-VAE: shapes, gradients, loss terms, learning, latent scaling, sharding, and
-the `run` driver (sharded batches, metrics, checkpoints, exact resume, SIGTERM)."""
+"""Tests for the KL-VAE: shapes, gradients, loss terms, learning, the codec (latent scaling,
+encode/decode), sharding, and the `run` driver (sharded batches, metrics, checkpoints, exact
+resume, SIGTERM)."""
 
 import functools
+import json
+import os
+import shutil
+import signal
 
 import flax.linen as nn
 import jax
@@ -9,11 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import REPO
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tfx_jax.models.vae import VAE, num_groups, stage_widths
+from tfx_jax.checkpoint import Checkpointer
+from tfx_jax.config import load_config
+from tfx_jax.models.vae import (
+    VAE,
+    Codec,
+    encode_images,
+    float_to_uint8,
+    latent_scale_factor,
+    num_groups,
+    stage_widths,
+    uint8_to_float,
+)
+from tfx_jax.train import vae_steps as vs
 from tfx_jax.train import vae_trainer as vt
+from tfx_jax.train.preemption import Preempted
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +111,7 @@ def test_config_validation_and_widths():
 
 def test_params_carry_logical_axis_names():
     model = VAE(num_res_blocks=1)
-    init = functools.partial(vt.init_state, model, optax.adam(1e-3), image_shape=(32, 32, 3))
+    init = functools.partial(vs.init_state, model, optax.adam(1e-3), image_shape=(32, 32, 3))
     state = jax.eval_shape(init, jax.random.key(0))
     specs = nn.get_partition_spec(state.params)
     flat = {
@@ -118,9 +137,9 @@ def test_gradients_finite_and_nonzero_for_all_parameters():
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
 
     def loss(p):
-        x = vt.uint8_to_float(images)
+        x = uint8_to_float(images)
         x_hat, mean, logvar = model.apply(p, x, jax.random.key(1))
-        return vt.vae_loss(x_hat, x, mean, logvar)[0]
+        return vs.vae_loss(x_hat, x, mean, logvar)[0]
 
     grads = jax.jit(jax.grad(loss))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -135,65 +154,77 @@ def test_loss_terms_match_closed_forms():
     logvar = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
     var = np.exp(logvar)
     expected_kl = 0.5 * np.sum(mean**2 + var - 1 - logvar, axis=(1, 2, 3))
-    np.testing.assert_allclose(vt.kl_divergence(mean, logvar), expected_kl, rtol=1e-5)
-    np.testing.assert_allclose(vt.kl_divergence(np.zeros_like(mean), np.zeros_like(mean)), 0.0)
+    np.testing.assert_allclose(vs.kl_divergence(mean, logvar), expected_kl, rtol=1e-5)
+    np.testing.assert_allclose(vs.kl_divergence(np.zeros_like(mean), np.zeros_like(mean)), 0.0)
 
     x = rng.uniform(-1, 0.8, size=(3, 8, 8, 3)).astype(np.float32)
     x_hat = x + 0.2  # 0.1 on the [0, 1] scale -> MSE 0.01 -> 20 dB
-    np.testing.assert_allclose(vt.psnr(x_hat, x), 20.0, rtol=1e-4)
-    np.testing.assert_allclose(vt.reconstruction_error(x_hat, x, "l1"), 0.2, rtol=1e-5)
-    np.testing.assert_allclose(vt.reconstruction_error(x_hat, x, "mse"), 0.04, rtol=1e-5)
-    loss, metrics = vt.vae_loss(x_hat, x, mean, logvar, kl_weight=0.5, recon="mse")
+    np.testing.assert_allclose(vs.psnr(x_hat, x), 20.0, rtol=1e-4)
+    np.testing.assert_allclose(vs.reconstruction_error(x_hat, x, "l1"), 0.2, rtol=1e-5)
+    np.testing.assert_allclose(vs.reconstruction_error(x_hat, x, "mse"), 0.04, rtol=1e-5)
+    loss, metrics = vs.vae_loss(x_hat, x, mean, logvar, kl_weight=0.5, recon="mse")
     np.testing.assert_allclose(loss, 0.04 + 0.5 * expected_kl.mean() / (8 * 8 * 3), rtol=1e-5)
     assert set(metrics) == {"loss", "recon", "kl", "psnr"}
     with pytest.raises(ValueError, match="recon"):
-        vt.reconstruction_error(x_hat, x, "l2")
+        vs.reconstruction_error(x_hat, x, "l2")
 
 
 def test_uint8_conversion_round_trip():
     images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-    x = vt.uint8_to_float(images)
+    x = uint8_to_float(images)
     assert float(x.min()) == -1.0 and float(x.max()) == 1.0
-    np.testing.assert_array_equal(vt.float_to_uint8(x), images)
-    np.testing.assert_array_equal(vt.float_to_uint8(jnp.array([-3.0, 3.0])), [0, 255])
+    np.testing.assert_array_equal(float_to_uint8(x), images)
+    np.testing.assert_array_equal(float_to_uint8(jnp.array([-3.0, 3.0])), [0, 255])
 
 
 def test_latent_scale_factor_gives_unit_std():
     latents = 0.23 * np.random.default_rng(0).normal(size=(64, 4, 4, 8)) + 0.1
-    factor = vt.latent_scale_factor(latents)
+    factor = latent_scale_factor(latents)
     assert isinstance(factor, float)
     np.testing.assert_allclose(np.std(latents * factor), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="std"):
-        vt.latent_scale_factor(np.zeros((4, 4)))
+        latent_scale_factor(np.zeros((4, 4)))
 
 
 def test_training_reduces_loss_and_round_trips():
-    """~150 Adam steps on 64 synthetic images: the reconstruction error must fall by half."""
+    """150 Adam steps of the pure steps on 64 synthetic images: the reconstruction error must fall
+    by half; the codec then encodes to unit-std latents and decodes them back to images."""
     images = _synthetic_images(64, seed=0)
     held_out = _synthetic_images(32, seed=1)
     model = VAE()  # the default, CPU-sized model: f8, 8 latent channels
-    result = vt.train_vae(
-        model, images, steps=150, batch_size=16, eval_images_uint8=held_out, log_every=50
-    )
-    first, last = result.history[0], result.history[-1]
-    assert [h["step"] for h in result.history] == [0, 50, 100, 149]
-    assert last["recon"] < 0.5 * first["recon"], result.history
-    assert last["psnr"] > first["psnr"] + 6.0, result.history
-    assert last["eval_psnr"] > first["eval_psnr"] + 4.0, result.history
-    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in result.history)
+    optimizer = optax.adam(2e-3)
+    rng_init, rng_steps = jax.random.split(jax.random.key(0))
+    init = functools.partial(vs.init_state, model, optimizer, image_shape=images.shape[1:])
+    state = jax.jit(init)(rng_init)
+    train_step = jax.jit(vs.make_train_step(model, optimizer), donate_argnums=0)
+    eval_step = jax.jit(vs.make_eval_step(model))
+    history = []
+    for step in range(150):
+        batch = images[vt.batch_indices(step, len(images), 16, seed=0)]
+        state, metrics = train_step(state, batch, rng_steps)
+        if step in (0, 149):
+            record = {k: float(v) for k, v in metrics.items()}
+            record["eval_psnr"] = float(np.mean(eval_step(state.params, held_out)[1]))
+            history.append(record)
+    first, last = history
+    assert last["recon"] < 0.5 * first["recon"], history
+    assert last["psnr"] > first["psnr"] + 6.0, history
+    assert last["eval_psnr"] > first["eval_psnr"] + 4.0, history
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
 
-    # Latents are scaled to unit std and decode back to uint8 images.
-    encode = jax.jit(functools.partial(vt.encode_images, model=model))
-    decode = jax.jit(functools.partial(vt.decode_latents, model=model))
-    latents = encode(result.params, images_uint8=images, scale_factor=result.scale_factor)
+    # The codec: latents scaled to unit std, decoded back to uint8 images.
+    params = nn.meta.unbox(state.params)
+    codec = Codec(model, params, latent_scale_factor(encode_images(params, model, images, 1.0)))
+    latents = codec.encode(images)
     assert latents.shape == (64, 4, 4, 8) and latents.dtype == jnp.float32
     np.testing.assert_allclose(np.std(latents), 1.0, rtol=1e-3)
-    decoded = decode(result.params, latents=latents, scale_factor=result.scale_factor)
+    decoded = codec.decode(latents)
     assert decoded.shape == images.shape and decoded.dtype == jnp.uint8
-    recon_psnr = float(vt.psnr(vt.uint8_to_float(decoded), vt.uint8_to_float(images)).mean())
+    recon_psnr = float(vs.psnr(uint8_to_float(decoded), uint8_to_float(images)).mean())
     assert recon_psnr > first["psnr"] + 6.0
-    eval_metrics = jax.jit(vt.make_eval_step(model))(result.params, held_out)
-    np.testing.assert_allclose(eval_metrics["psnr"], last["eval_psnr"], rtol=1e-4)
+    np.testing.assert_array_equal(codec.decode(codec.encode(images[:16])), decoded[:16])
+    unpacked_model, unpacked_params, scale = codec  # still unpacks as (model, params, scale)
+    assert unpacked_model is model and unpacked_params is params and scale == codec.scale_factor
 
 
 def test_train_step_runs_sharded_and_matches_single_device():
@@ -202,9 +233,9 @@ def test_train_step_runs_sharded_and_matches_single_device():
     optimizer = optax.adam(1e-3)
     images = jnp.asarray(_synthetic_images(16))
     rng = jax.random.key(3)
-    init = jax.jit(functools.partial(vt.init_state, model, optimizer, image_shape=images.shape))
+    init = jax.jit(functools.partial(vs.init_state, model, optimizer, image_shape=images.shape))
     state = init(jax.random.key(0))
-    step = vt.make_train_step(model, optimizer, recon="mse")
+    step = vs.make_train_step(model, optimizer, recon="mse")
     ref_state, ref_metrics = jax.jit(step)(state, images, rng)
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -251,10 +282,6 @@ RUN_OVERRIDES = (
 
 
 def _run_cfg(*overrides: str):
-    from conftest import REPO
-
-    from tfx_jax.config import load_config
-
     return load_config(REPO / "experiments" / "tiny.py", [*RUN_OVERRIDES, *overrides])
 
 
@@ -298,10 +325,6 @@ def test_batch_indices_are_seeded_epoch_permutations():
 
 
 def test_run_trains_sharded_logs_and_checkpoints(full_run, run_images):
-    import json
-
-    from tfx_jax.checkpoint import Checkpointer
-
     out, summary, lines, batches = full_run
     assert summary["steps"] == 4 and summary["resumed_from_step"] is None
     assert summary["mesh_shape"] == {"data": 4, "fsdp": 2, "tensor": 1}
@@ -359,14 +382,11 @@ def test_run_resumes_exactly(full_run, run_images, tmp_path):
 
 
 def test_sigterm_saves_and_resumes_exactly(full_run, run_images, tmp_path):
-    import os
-    import signal
-
     def preempt_at_step_2(line):
         if "vae step      2" in line:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(vt.VAEPreempted) as exc:
+    with pytest.raises(Preempted) as exc:
         vt.run(_run_cfg(), *run_images, tmp_path, log=preempt_at_step_2)
     assert exc.value.code == 0 and exc.value.step == 2  # saved at the step it arrived in
     resumed = vt.run(_run_cfg(), *run_images, tmp_path, log=lambda _: None)
@@ -375,8 +395,6 @@ def test_sigterm_saves_and_resumes_exactly(full_run, run_images, tmp_path):
 
 
 def test_run_with_changed_settings_starts_fresh(full_run, run_images, tmp_path):
-    import shutil
-
     shutil.copytree(full_run[0] / "checkpoints", tmp_path / "checkpoints")
     lines = []
     summary = vt.run(

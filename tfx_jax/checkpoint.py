@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from tfx_jax.config import Config, from_dict
 
@@ -65,11 +66,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
     """Keys whose values differ in ways that make resuming unsafe, as 'key: saved -> current'."""
-    a = _flatten(saved)
-    b = _flatten(_jsonable(current.to_dict()))
+    return differences(saved, _jsonable(current.to_dict()), ignore=RESUMABLE_DIFFERENCES)
+
+
+def differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """'key: saved -> current' for every (dotted, flattened) key whose values differ; a missing
+    key reads as None. `ignore`: keys, or prefixes ending in "." for whole sections, to skip."""
+    a, b = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_DIFFERENCES):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in ignore):
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
@@ -82,6 +90,22 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_jsonable(v) for v in x]
     return x
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, permissions, a vanished bucket). The
+    message names the directory and the OS error; committed checkpoints are untouched."""
+
+
+def _os_error(error: BaseException) -> BaseException:
+    """The OSError behind `error` (it may be wrapped by Orbax or TensorStore), else `error`."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return error
 
 
 class Checkpointer:
@@ -130,7 +154,10 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if hasattr(data_iter, "get_state"):  # plain generators (tests, ad-hoc feeds) have no state
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # the synchronous part, or an earlier async save's error
+            self._raise_write_error(e, step)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step
@@ -183,16 +210,40 @@ class Checkpointer:
             reader.close()
         return out["state"]["params"]
 
+    def _raise_write_error(self, error: Exception, step: int | None = None) -> None:
+        cause = _os_error(error)
+        what = f"step {step}" if step is not None else "a checkpoint"
+        raise CheckpointWriteError(
+            f"writing {what} to {self.directory} failed: {cause}. Committed checkpoints "
+            f"({self.all_steps() or 'none'}) are intact; fix the cause and rerun to resume."
+        ) from error
+
+    def check(self) -> None:
+        """Raises `CheckpointWriteError` if an asynchronous save has failed (cheap: no wait)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            self._raise_write_error(e)
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the last save is committed; raises `CheckpointWriteError` if it failed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except CheckpointWriteError:
+            raise
+        except Exception as e:
+            self._raise_write_error(e)
 
     def close(self) -> None:
         """Waits for pending saves to commit, then releases the manager (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -200,6 +251,29 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def latest_checkpoint(
+    directory: str | epath.PathLike, *, create: bool = True, read_meta: bool = False
+) -> tuple[int | None, dict[str, Any]]:
+    """(newest finalized step, its meta if `read_meta` else {}) in `directory`; (None, {}) if it
+    holds none. Opens a manager for the look and closes it again."""
+    probe = Checkpointer(directory, async_save=False, create=create)
+    try:
+        step = probe.latest_step()
+        return step, (probe.read_meta(step) if read_meta and step is not None else {})
+    finally:
+        probe.close()
+
+
+def set_aside(directory: epath.Path, stale: epath.Path) -> None:
+    """Moves a checkpoint directory to `stale` (replacing an older one) rather than deleting it:
+    process 0 renames, every process waits until it has."""
+    if jax.process_index() == 0:
+        if stale.exists():
+            stale.rmtree()
+        directory.rename(stale)
+    multihost_utils.sync_global_devices("tfx_jax.checkpoint.set_aside")
 
 
 def saved_config(meta: dict[str, Any]) -> Config:
@@ -218,18 +292,14 @@ class ResumeDecision:
 def decide_resume(
     workdir: epath.Path, resume: str | None = None, init_from: str | None = None
 ) -> ResumeDecision:
-    own = Checkpointer(workdir / "checkpoints", async_save=False)
-    step = own.latest_step()
-    own.close()
+    step, _ = latest_checkpoint(workdir / "checkpoints")
     if step is not None:
         return ResumeDecision("workdir", workdir / "checkpoints", step)
     for kind, path in (("resume", resume), ("init_from", init_from)):
         if path:
             path = epath.Path(path)
             root = path / "checkpoints" if (path / "checkpoints").exists() else path
-            other = Checkpointer(root, async_save=False, create=False)
-            step = other.latest_step()
-            other.close()
+            step, _ = latest_checkpoint(root, create=False)
             if step is None:
                 raise FileNotFoundError(
                     f"--{kind.replace('_', '-')} {path}: no complete checkpoint found there."

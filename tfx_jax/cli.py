@@ -14,10 +14,16 @@ import os
 import sys
 from pathlib import Path
 
+import jax
+
+from tfx_jax import artifacts, demo, export, stages
 from tfx_jax import params as params_lib
+from tfx_jax.checkpoint import CheckpointWriteError
 from tfx_jax.config import Config, ConfigError, load_config, validate
 from tfx_jax.data.sources import RecordError
 from tfx_jax.generate import options as sample_options
+from tfx_jax.generate import sample
+from tfx_jax.train import loop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.py"
@@ -45,8 +51,6 @@ def _env_int(name: str) -> int | None:
 
 def init_distributed(args: argparse.Namespace) -> None:
     """Joins the multi-process job before any JAX computation (no-op when off)."""
-    import jax
-
     mode = getattr(args, "distributed", "off")
     if mode == "auto":
         jax.distributed.initialize()
@@ -92,20 +96,15 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from tfx_jax.train import loop
-
     loop.train(_load(args), args.workdir, resume=args.resume, init_from=args.init_from)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from tfx_jax import export
-    from tfx_jax.data import prepare
-
     cfg, params, step = params_lib.restore_params(args.workdir, step=args.step)
     out = args.out or f"{args.workdir}/export/step_{step}"
     if args.format == "params":
-        tok = prepare.tokenizer_path(cfg)
-        vae = prepare.vae_dir(cfg)
+        tok = artifacts.tokenizer_path(cfg)
+        vae = artifacts.vae_dir(cfg)
         path = export.export_params(
             cfg,
             params,
@@ -115,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             vae_dir=vae if (vae / "vae.json").exists() else None,
         )
     else:
-        tok = prepare.tokenizer_path(cfg)
+        tok = artifacts.tokenizer_path(cfg)
         try:
             path = export.export_hf_llama(
                 cfg, params, out, tokenizer_path=tok if tok.exists() else None, dtype=args.dtype
@@ -126,8 +125,6 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from tfx_jax.generate import sample
-
     # Everything that can be wrong with the request fails before the model is loaded.
     options = sample_options.from_args(args)
     options.validate()
@@ -136,8 +133,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--image {image}: no such file (give an image file).")
     sample.plan_prompt_images(args.prompt, len(args.image))
     if args.export:
-        from tfx_jax import export
-
         cfg, params = export.load_export(args.export)
         out = args.out or f"{args.export}/samples"
     else:
@@ -157,106 +152,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    import jax
-
     cfg = _load(args)
     validate(cfg, num_devices=jax.device_count())
     print(cfg.to_json())
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    import jax
-
-    from tfx_jax.data import prepare
-
     cfg = _load(args)
     validate(cfg, num_devices=jax.device_count())
     {
-        "build": prepare.build_dataset,
-        "tokenizer": prepare.build_tokenizer,
-        "encode": prepare.encode,
-        "latents": prepare.encode,  # the former name of `encode`
-        "all": prepare.prepare_all,
+        "build": stages.build_dataset,
+        "tokenizer": stages.build_tokenizer,
+        "encode": stages.encode,
+        "latents": stages.encode,  # the former name of `encode`
+        "all": stages.prepare_all,
     }[args.stage](cfg)
 
 
 def cmd_vae(args: argparse.Namespace) -> None:
-    import jax
-
-    from tfx_jax.data import prepare
-
     cfg = _load(args)
     validate(cfg, num_devices=jax.device_count())
-    prepare.train_vae(cfg)
+    stages.train_vae(cfg)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import jax
-
-    from tfx_jax.train import loop
-
     cfg = _load(args)
     validate(cfg, num_devices=jax.device_count())
-    if cfg.data.source != "synthetic":
-        from tfx_jax.data import prepare
-
-        print(f"tfx_jax demo: preparing the {cfg.data.source} data in {cfg.data.data_dir}/")
-        prepare.prepare_all(cfg)
-    print(
-        f"tfx_jax demo: training '{cfg.name}' for {cfg.train.steps} steps on "
-        f"{cfg.data.source} data (packed text + image latents)."
-    )
-    history = loop.train(cfg, args.workdir)
-    if history:
-        first, last = history[0], history[-1]
-        print("\n               first logged   last logged")
-        for key in ("lm_loss", "diffusion_loss"):
-            print(f"  {key:<14} {first[key]:>12.4f} {last[key]:>13.4f}")
-    print(f"metrics: {Path(args.workdir) / 'metrics.jsonl'}")
-    if cfg.data.source == "shapes":
-        demo_samples(args.workdir)
-
-
-def demo_samples(workdir: str, per_split: int = 4) -> None:
-    """Draws images for captions from train and held-out combinations and scores them."""
-    import numpy as np
-
-    from tfx_jax.data import prepare
-    from tfx_jax.data.embedded import judge, shapes
-    from tfx_jax.data.tokenizer import Tokenizer
-    from tfx_jax.generate import sample
-
-    cfg, params, step = params_lib.restore_params(workdir)
-    rng = np.random.default_rng(1234)
-    prompts = [
-        (split, shapes.caption(shapes.sample_scene(rng, split)))
-        for split in ("train", "heldout")
-        for _ in range(per_split)
-    ]
-    opts = sample.SampleOptions(
-        max_new_tokens=8, temperature=0.0, sampler="ddim", diffusion_steps=50, guidance_scale=3.0
-    )
-    results = sample.generate(
-        cfg,
-        params,
-        Tokenizer.from_file(prepare.tokenizer_path(cfg)),
-        [sample.Prompt(text, (), True) for _, text in prompts],
-        opts,
-        vae=prepare.load_vae(cfg),
-    )
-    out = Path(workdir) / "samples" / f"step_{step}"
-    paths = sample.write_documents(results, out)
-    print(
-        f"\nsamples (step {step}; DDIM 50 steps, guidance 3; judged by data.embedded.judge):"
-    )
-    for split in ("train", "heldout"):
-        scores = []
-        for (sp, text), res in zip(prompts, results, strict=True):
-            if sp == split and res.images and res.images[0].image is not None:
-                scores.append(judge.score(res.images[0].image, text)["fraction"])
-        mean = float(np.mean(scores)) if scores else 0.0
-        print(f"  {split:<8} combinations: {len(scores)} images, attributes correct {mean:.0%}")
-    print(f"open {paths['html']}")
+    demo.run(cfg, args.workdir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,12 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_library_logs(record: logging.LogRecord) -> bool:
+    """Libraries' error logs (Orbax's background writers on a full disk, ...) keep their message
+    but not their traceback: the run's own one-line error says what happened and what to do."""
+    if not record.name.startswith("tfx_jax") and (record.exc_info or record.stack_info):
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     for noisy in ("jax._src.xla_bridge", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line_library_logs)
     args = build_parser().parse_args(argv)
     try:
         init_distributed(args)
@@ -372,3 +304,15 @@ def main(argv: list[str] | None = None) -> None:
     except RecordError as e:  # bad data with data.on_error=raise: the message names the record
         print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointWriteError as e:  # names the directory and the OS error
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # e.g. a full disk under the metrics: errno, message and path
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except loop.NonFiniteLossError as e:  # train.nan_policy=stop
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -22,59 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tfx_jax.data.config import DataConfig, DataConfigError, validate_data
+from tfx_jax.models.config import ModelConfig, ModelConfigError, validate_model
+
 # ----------------------------------------------------------------------------- sections
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The Transfusion transformer (Llama-style blocks) and its image patch in/out layers."""
-
-    vocab_size: int = 32000
-    d_model: int = 768
-    n_layers: int = 16
-    n_heads: int = 12
-    n_kv_heads: int = 0  # 0 = same as n_heads (multi-head); fewer = grouped-query attention
-    mlp_dim: int = 0  # 0 = Llama rule: 8/3 * d_model rounded up to a multiple of 256
-    rope_theta: float = 10_000.0
-    qk_norm: bool = False
-    tie_embeddings: bool = False
-    norm_eps: float = 1e-5
-    # Image latents (the VAE's output grid) and how they become transformer positions.
-    latent_size: int = 32  # h = w of the latent grid
-    latent_channels: int = 8  # C of the latent (Transfusion's VAE: 8)
-    patch_size: int = 2  # p x p latent pixels per transformer position
-    patch_encoder: str = "linear"  # "linear" or "unet" (Transfusion §3.2)
-    unet_channels: tuple[int, ...] = (64, 128)  # widths of the U-Net down/up stages
-    # Numerics, memory, kernels.
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "float32"  # master weights
-    scan_layers: bool = True
-    remat_policy: str = "dots_no_batch"  # see tfx_jax.models.transformer.REMAT_POLICIES
-    attention_impl: str = "xla"  # see tfx_jax.models.attention.IMPLEMENTATIONS
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        if self.mlp_dim:
-            return self.mlp_dim
-        return 256 * math.ceil(8 * self.d_model / 3 / 256)
-
-    @property
-    def num_patches(self) -> int:
-        """N: transformer positions per image."""
-        return (self.latent_size // self.patch_size) ** 2
-
-    @property
-    def patch_dim(self) -> int:
-        """P: floats per patch vector."""
-        return self.patch_size * self.patch_size * self.latent_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,49 +46,6 @@ class DiffusionConfig:
     mode: str = "standard"
     rolling_window: int = 4
     rolling_init_prob: float = 0.1  # share of images trained on the init (first-window) schedule
-
-
-SOURCES = ("synthetic", "shapes", "tfds", "folder", "text")
-IMAGE_SOURCES = ("shapes", "tfds", "folder")  # sources whose images go through the VAE
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What the trainer reads and how sequences are packed."""
-
-    # Where examples come from (tfx_jax/data/sources.py):
-    #   synthetic  random token/patch batches made from (seed, step); no files
-    #   shapes     the embedded tfx_shapes TFDS dataset (generated locally)
-    #   tfds       any prepared TFDS dataset by name (tfds_name), fields mapped by the keys below
-    #   folder     images with same-name .txt captions under `path` (train/ validation/ subdirs
-    #              or a deterministic 5% validation split by file name)
-    #   text       plain UTF-8 text files under `path` (text-only documents)
-    source: str = "synthetic"
-    data_dir: str = "data_cache"  # TFDS data, tokenizer, VAE and encoded records (local or gs://)
-    tfds_config: str = "default"  # tfx_shapes builder config: default | default_64px | tiny
-    tfds_name: str = ""  # source=tfds: e.g. "mnist", "cifar10", "coco_captions", "mnist:3.0.1"
-    tfds_data_dir: str = ""  # where that dataset is prepared; "" = <data_dir>/tfds
-    tfds_splits: str = ""  # "train=train,validation=test"; "" = train and validation|test
-    image_key: str = "image"  # source=tfds: the image feature ("/" for nested: "image/encoded")
-    caption_key: str = ""  # source=tfds: a text feature, e.g. "captions/text" (a list: one is used)
-    label_key: str = ""  # source=tfds: a ClassLabel feature, e.g. "label" (-> caption_template)
-    caption_template: str = "{label}"  # label -> caption, e.g. "a photo of a {label}"
-    path: str = ""  # source=folder|text: a directory (searched recursively) or a glob
-    # "precomputed": read the records `data encode` wrote once (tokens + VAE latents);
-    # "on_the_fly": tokenize and VAE-encode in the input pipeline (same batches, more compute).
-    latents: str = "precomputed"
-    image_size: int = 32
-    vocab_model: str = "bpe"  # SentencePiece model type: bpe | unigram
-    seq_len: int = 1024
-    global_batch_size: int = 32
-    max_images_per_row: int = 0  # 0 = the most that fit: seq_len // (num_patches + 2)
-    caption_first_prob: float = 0.8  # Transfusion §4.1: caption before its image 80% of the time
-    overlong: str = "drop"  # an example longer than seq_len: "drop" (counted) or "truncate"
-    on_error: str = "skip"  # an unreadable record: "skip" (counted) or "raise"
-    packing_bins: int = 64
-    worker_count: int = 0  # Grain prefetch processes (0 = in-process)
-    read_threads: int = 0  # threads reading records ahead (helps gs://; 0 = fastest per core)
-    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,8 +343,6 @@ def from_dict(d: dict[str, Any], cls: type = Config, _prefix: str = "") -> Any:
 
 # ----------------------------------------------------------------------------- validation
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, ...]:
     """Fills the one -1 in the mesh shape so the product equals `num_devices`."""
@@ -473,52 +379,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "latent_size", "patch_size"):
-        need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive.")
-    need(
-        m.d_model % m.n_heads == 0,
-        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}.",
-    )
-    need(
-        m.n_heads % m.kv_heads == 0,
-        f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}.",
-    )
-    need(m.head_dim % 2 == 0, f"model.d_model/n_heads={m.head_dim} must be even for RoPE.")
-    need(
-        m.latent_size % m.patch_size == 0,
-        f"model.patch_size={m.patch_size} does not tile model.latent_size={m.latent_size}: "
-        f"the patch grid must divide the latent.",
-    )
-    need(
-        m.patch_encoder in ("linear", "unet"),
-        f"model.patch_encoder={m.patch_encoder!r}: use 'linear' or 'unet'.",
-    )
-    if m.patch_encoder == "unet":
-        factor = 2 ** (len(m.unet_channels) - 1)
-        need(
-            len(m.unet_channels) >= 1 and factor == m.patch_size,
-            f"model.unet_channels={m.unet_channels} downsamples by {factor} but "
-            f"model.patch_size={m.patch_size}: a U-Net with k stages patches by 2^(k-1).",
-        )
-    need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: use one of {DTYPES}.")
-    need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: use one of {DTYPES}.")
-
-    from tfx_jax.models.attention import IMPLEMENTATIONS
-    from tfx_jax.models.transformer import REMAT_POLICIES
-
-    need(
-        m.attention_impl in IMPLEMENTATIONS,
-        f"model.attention_impl={m.attention_impl!r}: use one of {sorted(IMPLEMENTATIONS)}.",
-    )
-    need(
-        m.attention_impl != "tokamax" or importlib.util.find_spec("tokamax") is not None,
-        "model.attention_impl=tokamax needs the optional tokamax package (pip install tokamax); "
-        "use cudnn (GPU) or xla otherwise.",
-    )
-    need(
-        m.remat_policy in REMAT_POLICIES,
-        f"model.remat_policy={m.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}.",
-    )
+    try:
+        validate_model(m)  # the model section: sizes, dtypes, kernels, remat policy
+    except ModelConfigError as e:
+        raise ConfigError(str(e)) from None
     dc = cfg.diffusion
     need(dc.schedule in ("cosine", "linear"), f"diffusion.schedule={dc.schedule!r}: cosine|linear.")
     need(dc.num_timesteps > 1, f"diffusion.num_timesteps={dc.num_timesteps} must be > 1.")
@@ -537,58 +401,15 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             "on a window of patch rows, and the U-Net's convolutions would mix rows it cannot see.",
         )
         need(0.0 <= dc.rolling_init_prob <= 1.0, "diffusion.rolling_init_prob must be in [0, 1].")
-    need(
-        d.seq_len >= m.num_patches + 2,
-        f"data.seq_len={d.seq_len} cannot hold one image (BOI + {m.num_patches} patches + EOI).",
-    )
-    need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0.")
-    need(
-        d.source in SOURCES,
-        f"data.source={d.source!r}: use one of {' | '.join(SOURCES)}.",
-    )
-    need(
-        d.source != "tfds" or bool(d.tfds_name),
-        "data.source=tfds needs data.tfds_name (e.g. mnist, cifar10, coco_captions).",
-    )
-    need(
-        d.source != "tfds" or bool(d.caption_key) != bool(d.label_key),
-        "data.source=tfds needs exactly one of data.caption_key (a text feature) and "
-        f"data.label_key (a ClassLabel feature); got caption_key={d.caption_key!r}, "
-        f"label_key={d.label_key!r}.",
-    )
-    need(
-        "{label}" in d.caption_template,
-        f"data.caption_template={d.caption_template!r} must contain {{label}}.",
-    )
-    need(
-        d.source not in ("folder", "text") or bool(d.path),
-        f"data.source={d.source} needs data.path (a directory or a glob).",
-    )
-    need(d.overlong in ("drop", "truncate"), f"data.overlong={d.overlong!r}: drop | truncate.")
-    need(
-        d.latents in ("precomputed", "on_the_fly"),
-        f"data.latents={d.latents!r}: precomputed | on_the_fly.",
-    )
-    need(d.on_error in ("skip", "raise"), f"data.on_error={d.on_error!r}: skip | raise.")
-    need(0.0 <= d.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1].")
-    need(
-        not d.max_images_per_row or d.max_images_per_row >= d.seq_len // (m.num_patches + 2),
-        f"data.max_images_per_row={d.max_images_per_row} is fewer than a row can hold "
-        f"({d.seq_len // (m.num_patches + 2)}): packing would produce rows the model cannot see "
-        "every image of. Use 0 (automatic).",
-    )
+    try:
+        validate_data(cfg)  # the data section, and the source's own checks
+    except DataConfigError as e:
+        raise ConfigError(str(e)) from None
     v = cfg.vae
     need(v.steps > 0, f"vae.steps={v.steps} must be > 0.")
     need(v.batch_size > 0, f"vae.batch_size={v.batch_size} must be > 0.")
     need(v.log_every > 0, f"vae.log_every={v.log_every} must be > 0.")
     need(v.checkpoint_every > 0, f"vae.checkpoint_every={v.checkpoint_every} must be > 0.")
-    if d.source in IMAGE_SOURCES:
-        need(v.downsample in (4, 8), f"vae.downsample={v.downsample}: use 4 or 8.")
-        need(
-            d.image_size // v.downsample == m.latent_size and d.image_size % v.downsample == 0,
-            f"data.image_size={d.image_size} / vae.downsample={v.downsample} must equal "
-            f"model.latent_size={m.latent_size}.",
-        )
     need(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1.")
     need(
         d.global_batch_size % o.grad_accum_steps == 0,

@@ -12,8 +12,8 @@ The params-only export holds the whole Transfusion model (text and image layers)
 tree's own layout: one safetensors entry per leaf, named by its tree path joined with "/"; with
 scanned layers the leading layer axis stays. `load_export` rebuilds the tree and checks every key
 and shape against `Transfusion(cfg.model).init`. The tokenizer and the VAE sit where
-`tfx_jax.data.prepare` puts them under `data.data_dir`, so pointing `data.data_dir` at an export
-makes `prepare.load_vae` and `prepare.tokenizer_path` find them.
+`tfx_jax.artifacts` puts them under `data.data_dir`, so pointing `data.data_dir` at an export
+makes `artifacts.load_vae` and `artifacts.tokenizer_path` find them.
 
 The Hugging Face export holds only the text backbone: with QK-norm off, the text path of
 Transfusion (embed → pre-norm blocks of RoPE GQA attention and SwiGLU → RMSNorm → LM head) is
@@ -39,15 +39,15 @@ import safetensors
 import safetensors.numpy
 from etils import epath
 
+from tfx_jax import artifacts
 from tfx_jax import params as params_lib
 from tfx_jax.config import Config, ModelConfig, from_dict
-from tfx_jax.data import prepare
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-# The same names as under `data.data_dir` (see tfx_jax.data.prepare).
+# The same names as under `data.data_dir` (see tfx_jax.artifacts).
 TOKENIZER_FILE = "tokenizer.model"
 VAE_DIR = "vae"
 VAE_FILES = ("params.msgpack", "vae.json")
@@ -199,7 +199,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _resolve_tokenizer(cfg: Config, tokenizer_path: str | os.PathLike | None) -> Tokenizer | None:
     """The explicit tokenizer (must exist), else the data dir's one when present, else None."""
     if tokenizer_path is None:
-        default = prepare.tokenizer_path(cfg)
+        default = artifacts.tokenizer_path(cfg)
         if not default.exists():
             return None
         tokenizer_path = default
@@ -215,7 +215,7 @@ def _resolve_tokenizer(cfg: Config, tokenizer_path: str | os.PathLike | None) ->
 def _resolve_vae(cfg: Config, vae_dir: str | os.PathLike | None) -> epath.Path | None:
     """The explicit VAE folder (must hold the VAE files), else the data dir's one when trained."""
     if vae_dir is None:
-        default = prepare.vae_dir(cfg)
+        default = artifacts.vae_dir(cfg)
         return default if all((default / f).exists() for f in VAE_FILES) else None
     folder = epath.Path(vae_dir)
     absent = [f for f in VAE_FILES if not (folder / f).exists()]
@@ -248,9 +248,9 @@ def export_params(
         are fine).
       out_dir: the export folder (local or gs://), created if needed.
       dtype: "bfloat16" (half the size; eval at bf16 precision) or "float32" (bit-exact).
-      tokenizer_path: the SentencePiece model to copy in; None = `prepare.tokenizer_path(cfg)`
+      tokenizer_path: the SentencePiece model to copy in; None = `artifacts.tokenizer_path(cfg)`
         when that file exists (else the export has no tokenizer).
-      vae_dir: a folder with the VAE's params.msgpack and vae.json; None = `prepare.vae_dir(cfg)`
+      vae_dir: a folder with the VAE's params.msgpack and vae.json; None = `artifacts.vae_dir(cfg)`
         when the VAE was trained (else the export has no VAE).
 
     Returns:
@@ -482,7 +482,7 @@ def export_hf_llama(
       cfg: the run's config.
       params: the parameter tree (as for `export_params`).
       out_dir: the folder (local or gs://), created if needed.
-      tokenizer_path: the SentencePiece model; None = `prepare.tokenizer_path(cfg)` when it exists
+      tokenizer_path: the SentencePiece model; None = `artifacts.tokenizer_path(cfg)` when it exists
         (else no tokenizer files are written).
       dtype: "float32" or "bfloat16" storage (and the config's `torch_dtype`).
 

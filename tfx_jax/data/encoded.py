@@ -24,7 +24,11 @@ from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
+from tqdm.auto import tqdm
+
+from tfx_jax.data.sources import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,7 @@ def write_encoded(
     Args:
       path: output ArrayRecord file (written to `path.tmp`, then renamed: a crash never leaves
         a file that looks complete, and re-encoding replaces an old file atomically).
-      examples: random-access raw examples (`tfx_jax.data.sources`); reading one may raise.
+      examples: random-access raw examples (`Source.open_split`); reading one may raise.
       encode_text: text -> token ids.
       encode_images: uint8 images [N, H, W, 3] -> scaled latents [N, h, w, C]; None for a
         text-only source.
@@ -184,9 +188,6 @@ def write_encoded(
         "raise"s an error naming it.
       batch_size: images per `encode_images` call.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from tqdm.auto import tqdm
-
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (path.name + ".tmp")
@@ -215,8 +216,6 @@ def write_encoded(
                 checked_pieces(ex["kind"], ex["text"], len(ex["images"]))
             except Exception as e:
                 if on_error == "raise":
-                    from tfx_jax.data.sources import RecordError
-
                     raise RecordError(
                         f"example {i} of {examples!r} cannot be encoded: {e}. Set "
                         "data.on_error=skip to skip such examples (they are counted)."

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
 from tfx_jax.data.encoded import CAPTION, Record
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
@@ -263,8 +264,6 @@ def packed_dataset(
     )
     it = it.map(_finalize).batch(batch_size, drop_remainder=True)
     if worker_count > 0:
-        from absl import flags
-
         # Grain's workers read absl flags, which a non-absl program never parsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()

@@ -31,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tfx_jax import sharding
+from tfx_jax import artifacts, sharding
 from tfx_jax.config import Config, ConfigError
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
 from tfx_jax.diffusion import rolling
 from tfx_jax.generate.decode import CHUNK_KEYS, Decoder
 from tfx_jax.generate.documents import write_documents
 from tfx_jax.generate.options import SampleOptions
+from tfx_jax.models.vae import Codec
 
 IMAGE_PLACEHOLDER = "<image>"  # where a prompt's images go (the data pipeline's marker)
 
@@ -50,7 +51,7 @@ class Prompt:
 
     Attributes:
       text: the prompt; each "<image>" marks where the next of `images` goes.
-      images: scaled VAE latents [h, w, C] (as `vae_trainer.encode_images` gives), inserted as
+      images: scaled VAE latents [h, w, C] (as `models.vae.Codec.encode` gives), inserted as
         clean image blocks (t = 0): the model sees them as it saw images during training.
       force_image: end the prompt with BOI, so the first thing generated is an image.
     """
@@ -172,7 +173,7 @@ def generate(
     prompts: Sequence[Prompt | str],
     options: SampleOptions = SampleOptions(),
     *,
-    vae: tuple[Any, Any, float] | None = None,
+    vae: Codec | None = None,
     mesh: Mesh | None = None,
     on_row: Callable[[int, int, np.ndarray], None] | None = None,
 ) -> list[GenerationResult]:
@@ -184,7 +185,7 @@ def generate(
       tokenizer: `encode(str) -> ids`, `decode(ids) -> str`, `vocab_size`.
       prompts: `Prompt`s or plain strings.
       options: decoding and diffusion choices.
-      vae: (model, params, scale_factor) as `data.prepare.load_vae` returns; images are then
+      vae: the VAE's `models.vae.Codec` (or a (model, params, scale_factor) tuple); images are then
         decoded to uint8 pixels (else results hold latents only).
       mesh: defaults to the config's mesh over all devices.
       on_row: rolling mode only: called as on_row(prompt_index, row, latent_row [p, w, C]) the
@@ -433,16 +434,13 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
 # ----------------------------------------------------------------------------- images
 
 
-def decode_images(results: Sequence[GenerationResult], vae: tuple[Any, Any, float]) -> None:
+def decode_images(results: Sequence[GenerationResult], vae: Codec) -> None:
     """Fills `Piece.image` (uint8) for every image piece of the results, prompts included."""
-    from tfx_jax.train import vae_trainer
-
-    model, vae_params, scale = vae
-    decode = jax.jit(lambda prm, z: vae_trainer.decode_latents(prm, model, z, scale))
+    codec = Codec(*vae)
     for res in results:
         for piece in res.prompt_pieces + res.pieces:
             if piece.kind == "image" and piece.latents is not None:
-                piece.image = np.asarray(decode(vae_params, piece.latents[None]))[0]
+                piece.image = np.asarray(codec.decode(piece.latents[None]))[0]
 
 
 def caption_images(
@@ -450,7 +448,7 @@ def caption_images(
     params: Any,
     tokenizer: Any,
     images_uint8: np.ndarray,
-    vae: tuple[Any, Any, float],
+    vae: Codec,
     options: SampleOptions = SampleOptions(),
     prefix: str = "",
     **kw: Any,
@@ -460,15 +458,11 @@ def caption_images(
 
     Args:
       images_uint8: [N, H, W, 3] at `data.image_size`.
-      vae: (model, params, scale_factor) as `data.prepare.load_vae` returns.
+      vae: the VAE's `models.vae.Codec` (or a (model, params, scale_factor) tuple).
       prefix: text after the image that the caption continues.
       kw: passed to `generate` (mesh, on_row).
     """
-    from tfx_jax.train import vae_trainer
-
-    model, vae_params, scale = vae
-    encode = jax.jit(lambda prm, x: vae_trainer.encode_images(prm, model, x, scale))
-    lat = np.asarray(encode(vae_params, jnp.asarray(images_uint8)))
+    lat = np.asarray(Codec(*vae).encode(jnp.asarray(images_uint8)))
     prompts = [Prompt(f"{IMAGE_PLACEHOLDER} {prefix}".rstrip(), (lat[i],)) for i in range(len(lat))]
     return generate(cfg, params, tokenizer, prompts, options, vae=vae, **kw)
 
@@ -507,15 +501,12 @@ def generate_cli(
     Returns:
       {"markdown": path, "html": path, "images": [png paths]}.
     """
-    from tfx_jax.data import prepare
-    from tfx_jax.data.tokenizer import Tokenizer
-
     opts = options.resolved(cfg)  # bad options fail before anything is loaded
-    tokenizer = Tokenizer.from_file(prepare.tokenizer_path(cfg))
-    vae = prepare.load_vae(cfg) if (prepare.vae_dir(cfg) / "vae.json").exists() else None
+    tokenizer = artifacts.load_tokenizer(cfg)
+    vae = artifacts.load_vae(cfg) if (artifacts.vae_dir(cfg) / "vae.json").exists() else None
     if input_images and vae is None:
         raise FileNotFoundError(
-            f"input images need the VAE: none in {prepare.vae_dir(cfg)} (python -m tfx_jax vae)"
+            f"input images need the VAE: none in {artifacts.vae_dir(cfg)} (python -m tfx_jax vae)"
         )
     plan = plan_prompt_images(prompts, len(input_images))
     lats = list(_encode_files(cfg, vae, input_images)) if input_images else []
@@ -565,14 +556,11 @@ def plan_prompt_images(prompts: Sequence[str], num_images: int) -> list[tuple[st
     return plan
 
 
-def _encode_files(cfg: Config, vae, files: Sequence[str]) -> np.ndarray:
+def _encode_files(cfg: Config, vae: Codec, files: Sequence[str]) -> np.ndarray:
     from PIL import Image
-
-    from tfx_jax.train import vae_trainer
 
     size = cfg.data.image_size
     pix = np.stack(
         [np.asarray(Image.open(f).convert("RGB").resize((size, size)), np.uint8) for f in files]
     )
-    model, vae_params, scale = vae
-    return np.asarray(vae_trainer.encode_images(vae_params, model, jnp.asarray(pix), scale))
+    return np.asarray(Codec(*vae).encode(jnp.asarray(pix)))

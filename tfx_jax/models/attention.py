@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,8 +85,32 @@ def _jax_nn(implementation: str | None):
     return apply
 
 
-# Mesh axes of the activations' batch and head dims (sharding.DEFAULT_RULES: act_batch, heads).
-_BATCH_AXES, _HEAD_AXIS = ("data", "fsdp"), "tensor"
+def shard_map_specs(
+    mesh: Any, batch: int, q_heads: int, kv_heads: int
+) -> tuple[jax.sharding.PartitionSpec, jax.sharding.PartitionSpec]:
+    """PartitionSpecs for a `shard_map` over the batch and head dims: (one spec for q/out
+    [B, T, N, H] and k/v [B, S, K, H], one for the per-query key ranges [B, T]).
+
+    The mesh axes come from the logical names (`act_batch`, `act_heads`, `act_kv_heads`) through
+    the active logical-axis rules (`sharding.mesh_context` sets them from `MeshConfig.rules`), so
+    this code never names a mesh axis. A dim is replicated when its axes are not in `mesh` or do
+    not divide it; the heads are split only when q and k/v heads get the same axes and those
+    divide both counts (a kv head's group of query heads must stay on its device).
+    """
+
+    def axes(logical: str, *dims: int) -> tuple[str, ...] | None:
+        spec = nn.logical_to_mesh_axes((logical,))[0]
+        names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+        names = tuple(n for n in names if n in mesh.axis_names)
+        size = int(np.prod([mesh.shape[n] for n in names]))
+        return names if names and all(d % size == 0 for d in dims) else None
+
+    b = axes("act_batch", batch)
+    h = axes("act_heads", q_heads, kv_heads)
+    if h != axes("act_kv_heads", q_heads, kv_heads):
+        h = None
+    P = jax.sharding.PartitionSpec
+    return P(b, None, h, None), P(b, None)
 
 
 def _tokamax(q_BTNH, k_BSKH, v_BSKH, ranges_BT):
@@ -116,15 +141,7 @@ def _tokamax(q_BTNH, k_BSKH, v_BSKH, ranges_BT):
     if mesh.empty or mesh.size == 1:
         return local(q_BTNH, k_BSKH, v_BSKH, *ranges_BT)
 
-    def axes(names, *dims):  # the mesh axes that divide every given dim (else replicate)
-        names = tuple(n for n in names if n in mesh.axis_names)
-        size = int(np.prod([mesh.shape[n] for n in names]))
-        return names if names and all(d % size == 0 for d in dims) else None
-
-    batch = axes(_BATCH_AXES, q_BTNH.shape[0])
-    heads = axes((_HEAD_AXIS,), q_BTNH.shape[2], k_BSKH.shape[2])
-    P = jax.sharding.PartitionSpec
-    qkv, rng = P(batch, None, heads, None), P(batch, None)
+    qkv, rng = shard_map_specs(mesh, q_BTNH.shape[0], q_BTNH.shape[2], k_BSKH.shape[2])
     return jax.shard_map(local, in_specs=(qkv, qkv, qkv, rng, rng), out_specs=qkv)(
         q_BTNH, k_BSKH, v_BSKH, *ranges_BT
     )

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfx_jax.config import ModelConfig
 from tfx_jax.models import attention
+from tfx_jax.models.config import ModelConfig
 from tfx_jax.models.kv_cache import KV_AXES, write_rows
 
 Dtype = Any

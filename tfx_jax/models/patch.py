@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfx_jax.config import ModelConfig
 from tfx_jax.layout import patchify, unpatchify
+from tfx_jax.models.config import ModelConfig
 
 
 def _init(names, scale: float = 1.0):

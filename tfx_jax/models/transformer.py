@@ -26,21 +26,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tfx_jax.config import ModelConfig
 from tfx_jax.layout import ModelInputs, gather_image_tokens, scatter_image_tokens
 from tfx_jax.models import attention
+from tfx_jax.models.config import ModelConfig
 from tfx_jax.models.kv_cache import KVCache, decode_mask
 from tfx_jax.models.layers import Block, RMSNorm
 from tfx_jax.models.patch import PatchDecoder, PatchEncoder, TimestepEmbedding
-
-# Named rematerialisation policies: what the backward pass may keep instead of recomputing.
-REMAT_POLICIES = {
-    "none": None,  # no remat: keep every activation (fastest, most memory)
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    # keep weight matmuls (the usual best trade-off for transformers)
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from tfx_jax.models.remat import REMAT_POLICIES
 
 
 @flax.struct.dataclass

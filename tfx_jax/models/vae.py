@@ -12,6 +12,11 @@ Images are NHWC in [-1, 1]. Parameters carry logical axis names (conv kernels
 (None, None, "conv_in", "conv_out"), biases and norm parameters ("conv_out",)) that the project's
 rules table maps to mesh axes.
 
+The inference codec lives here too, beside the model: `Codec` (a trained VAE with its latent
+scale factor) and the pure functions under it (`encode_images`, `decode_latents`, the uint8
+conversions and `latent_scale_factor`). Data encoding and generation use these alone; training
+(`tfx_jax.train.vae_trainer`) is never imported for inference.
+
 Shape legend:
   B: batch
   H, W: image height and width
@@ -24,11 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -285,3 +291,91 @@ class VAE(nn.Module):
         mean_BhwC, logvar_BhwC = self.encode(x_BHWC)
         z_BhwC = mean_BhwC if rng is None else self.sample(mean_BhwC, logvar_BhwC, rng)
         return self.decode(z_BhwC), mean_BhwC, logvar_BhwC
+
+
+# ---------------------------------------------------------------------------------------------
+# The inference codec: uint8 images <-> scaled latents
+# ---------------------------------------------------------------------------------------------
+
+
+def uint8_to_float(images_uint8: jax.Array) -> jax.Array:
+    """uint8 images in [0, 255] -> float32 in [-1, 1]."""
+    return images_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def float_to_uint8(x: jax.Array) -> jax.Array:
+    """Float images in [-1, 1] (values outside are clipped) -> uint8 in [0, 255], rounded."""
+    return jnp.round((jnp.clip(x.astype(jnp.float32), -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+def as_float(images: jax.Array) -> jax.Array:
+    """Accepts uint8 images or float images already in [-1, 1]; returns float32 in [-1, 1]."""
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        return uint8_to_float(images)
+    return images.astype(jnp.float32)
+
+
+def latent_scale_factor(latents: jax.Array | np.ndarray) -> float:
+    """LDM's scale factor: 1 / std of latents, so that `latents * factor` has unit variance.
+
+    Computed once on the host over the posterior means of a sample of training images
+    (Rombach et al. 2022, §4.3.2 and App. G) and stored with the VAE parameters.
+
+    Args:
+      latents: encoded images (unscaled posterior means), any shape.
+
+    Returns:
+      The scale factor, a Python float.
+    """
+    std = float(np.std(np.asarray(latents, dtype=np.float64)))
+    if not np.isfinite(std) or std <= 0.0:
+        raise ValueError(f"latents have std {std}; cannot compute a scale factor")
+    return 1.0 / std
+
+
+def encode_images(
+    params, model: VAE, images_uint8: jax.Array, scale_factor: float | jax.Array
+) -> jax.Array:
+    """uint8 images [B, H, W, 3] -> scaled latents [B, h, w, latent_channels] (float32).
+
+    Deterministic: uses the posterior mean. Jittable with `model` static (`Codec.encode` is).
+    """
+    mean_BhwC, _ = model.apply({"params": params}, as_float(images_uint8), method=VAE.encode)
+    return mean_BhwC * scale_factor
+
+
+def decode_latents(
+    params, model: VAE, latents: jax.Array, scale_factor: float | jax.Array
+) -> jax.Array:
+    """Scaled latents [B, h, w, latent_channels] -> uint8 images [B, H, W, 3]."""
+    x_hat_BHWC = model.apply({"params": params}, latents / scale_factor, method=VAE.decode)
+    return float_to_uint8(x_hat_BHWC)
+
+
+# Compiled once per (model, shapes, placement); the scale factor is an argument, not a constant.
+_encode_jit = jax.jit(encode_images, static_argnames="model")
+_decode_jit = jax.jit(decode_latents, static_argnames="model")
+
+
+class Codec(NamedTuple):
+    """A trained VAE for inference: images <-> the scaled latents the diffusion model sees.
+
+    A named tuple, so `model, params, scale_factor = codec` unpacks it.
+
+    Attributes:
+      model: the VAE module.
+      params: its (unboxed) parameters; placed where the computation should run.
+      scale_factor: `latent_scale_factor` of the training latents.
+    """
+
+    model: VAE
+    params: Any
+    scale_factor: float
+
+    def encode(self, images_uint8: jax.Array | np.ndarray) -> jax.Array:
+        """uint8 images [B, H, W, 3] -> scaled latents [B, h, w, latent_channels] (float32)."""
+        return _encode_jit(self.params, self.model, images_uint8, self.scale_factor)
+
+    def decode(self, latents: jax.Array | np.ndarray) -> jax.Array:
+        """Scaled latents [B, h, w, latent_channels] -> uint8 images [B, H, W, 3]."""
+        return _decode_jit(self.params, self.model, latents, self.scale_factor)

@@ -14,6 +14,7 @@ TensorBoard files are written with tensorboardX's protobuf classes, without Tens
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,17 @@ import numpy as np
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike):
+    """An OSError from writing (a full disk: errors from flush carry no file name) names `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 class MetricWriter(abc.ABC):
@@ -78,6 +90,17 @@ def _to_python(value: Any) -> Any:
     return arr.reshape(()).item()
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A run stopped mid-write (a full disk, SIGKILL) may leave half a record at the end; the
+    resumed run appends after the last complete line instead of gluing onto it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class JsonlWriter(MetricWriter):
     """One JSON object per `write_scalars` call, `{"step": step, **scalars}`, one per line.
 
@@ -93,14 +116,16 @@ class JsonlWriter(MetricWriter):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.path)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step)}
         record.update({k: _to_python(v) for k, v in scalars.items() if k != "step"})
         # allow_nan: a NaN loss must reach the log (Python's json reads NaN back).
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._file.flush()
+        with _naming(self.path):
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         pass
@@ -164,10 +189,11 @@ class TensorBoardWriter(MetricWriter):
 
         if self._closed:
             raise RuntimeError(f"TensorBoardWriter({self.logdir!r}) is closed.")
-        self._writer.write_event(
-            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
-        )
-        self._writer.flush()
+        with _naming(self.logdir):
+            self._writer.write_event(
+                event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+            )
+            self._writer.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         from tensorboardX import summary as tbx_summary

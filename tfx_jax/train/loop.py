@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,20 +27,30 @@ import numpy as np
 import optax
 from etils import epath
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
-from tfx_jax import layout, sharding
-from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
-from tfx_jax.config import IMAGE_SOURCES, Config, ConfigError, validate
+from tfx_jax import artifacts, layout, sharding
+from tfx_jax.checkpoint import (
+    Checkpointer,
+    abstract_like,
+    config_differences,
+    decide_resume,
+    latest_checkpoint,
+)
+from tfx_jax.config import Config, ConfigError, validate
+from tfx_jax.data import sources
+from tfx_jax.generate import sample
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
+from tfx_jax.observability import flops, metric_writers
+from tfx_jax.observability.metric_writers import image_grid
+from tfx_jax.observability.profiling import ProfileWindow
 from tfx_jax.sharding import mesh_context
 from tfx_jax.train.optim import learning_rate_schedule, make_optimizer
+from tfx_jax.train.preemption import Preemption
 from tfx_jax.train.steps import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("tfx_jax")
-
-# Fault injection for the crash-resume tests: the process SIGKILLs itself after this step.
-KILL_AT_STEP_ENV = "TFX_FAULT_KILL_AT_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,33 +156,14 @@ class Trainer:
 
 def make_batches(cfg: Config, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
     """This process's batches for the configured source (checkpointable iterators)."""
-    if cfg.data.source == "synthetic":
-        from tfx_jax.data import synthetic
-
-        m = cfg.model
-        seed = cfg.data.seed + (0 if split == "train" else 10_000)
-        return synthetic.batches(
-            seed,
-            cfg.data.global_batch_size,
-            cfg.data.seq_len,
-            m.vocab_size,
-            m.latent_size,
-            m.latent_channels,
-            m.patch_size,
-            cfg.max_images_per_row,
-            jax.process_index(),
-            jax.process_count(),
-        )
-    from tfx_jax.data import prepare, sources
-
     if split == "train":
-        return prepare.batches(cfg)
-    if split not in sources.splits(cfg):
+        return artifacts.batches(cfg)
+    if split not in sources.of(cfg).splits(cfg):
         raise ValueError(
             f"data.source={cfg.data.source} has no {split} split to evaluate on: map one with "
             "data.tfds_splits (e.g. validation=test) or set train.eval_every=0."
         )
-    return prepare.batches(cfg, split, shuffle=False, num_epochs=None)
+    return artifacts.batches(cfg, split, shuffle=False, num_epochs=None)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -204,22 +193,16 @@ def evaluate(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], num: in
 
 class SampleGrid:
     """Images for held-out captions, drawn with the current params at each eval: a picture of
-    progress (TensorBoard `samples` image) plus, on the shapes data, the judge's score of it
-    (`eval/judge_fraction`; NaN for sources without a judge)."""
+    progress (TensorBoard `samples` image) plus the source's judge's score of it
+    (`eval/judge_fraction`, `Source.score`: the shapes data; NaN for sources without a judge)."""
 
     def __init__(self, cfg: Config, num: int):
-        from tfx_jax.data import prepare, sources
-        from tfx_jax.data.tokenizer import Tokenizer
-
-        self.vae = prepare.load_vae(cfg)
-        self.tokenizer = Tokenizer.from_file(prepare.tokenizer_path(cfg))
-        self.prompts = sources.prompts(cfg, num)
-        self.judged = cfg.data.source == "shapes"
+        self.source = sources.of(cfg)
+        self.vae = artifacts.load_vae(cfg)
+        self.tokenizer = artifacts.load_tokenizer(cfg)
+        self.prompts = self.source.prompts(cfg, num)
 
     def __call__(self, trainer: Trainer) -> tuple[np.ndarray, float]:
-        from tfx_jax.data.embedded import judge
-        from tfx_jax.generate import sample
-        from tfx_jax.observability.metric_writers import image_grid
 
         opts = sample.SampleOptions(
             max_new_tokens=2,
@@ -245,9 +228,7 @@ class SampleGrid:
         ]
         if not pairs:
             return np.zeros((1, 1, 3), np.uint8), 0.0
-        if not self.judged:
-            return image_grid(np.stack([img for img, _ in pairs]), cols=4), float("nan")
-        score = float(np.mean([judge.score(img, p)["fraction"] for img, p in pairs]))
+        score = float(np.mean([self.source.score(img, p) for img, p in pairs]))  # NaN: no judge
         return image_grid(np.stack([img for img, _ in pairs]), cols=4), score
 
 
@@ -314,40 +295,18 @@ def check_workdir_writable(workdir: epath.Path) -> None:
         raise ConfigError(f"--workdir {workdir} is not writable ({e}); choose another.") from e
 
 
-class _Preemption:
-    """SIGTERM (TPU maintenance events, spot VM reclaim) → save at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
-            self.requested = True
-
-        with contextlib.suppress(ValueError):  # not the main thread: nothing to install
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _fmt(metrics: dict[str, float]) -> str:
     keys = ("loss", "lm_loss", "diffusion_loss", "grad_norm", "lr", "tokens_per_s")
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
 def _meta(cfg: Config, step: int) -> dict[str, Any]:
-    from tfx_jax.data import prepare, sources
-
     meta: dict[str, Any] = {"config": cfg.to_dict(), "step": step, "seed": cfg.train.seed}
-    if cfg.data.source != "synthetic":
-        meta["tokenizer"] = str(prepare.tokenizer_path(cfg))
-        if sources.has_images(cfg):
-            meta["vae"] = str(prepare.vae_dir(cfg))
+    source = sources.of(cfg)
+    if not source.makes_batches:  # the tokenizer and VAE the data was made with
+        meta["tokenizer"] = str(artifacts.tokenizer_path(cfg))
+        if source.has_images:
+            meta["vae"] = str(artifacts.vae_dir(cfg))
     return meta
 
 
@@ -381,10 +340,11 @@ def restore_into(
     )
     ours = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if can_restore_data and not (data_dir / ours).exists():
-        # Saved with another process count. The synthetic stream is defined globally, so any
-        # process's position is ours; a sharded Grain pipeline cannot be remapped exactly.
+        # Saved with another process count. A stream whose position is global (the same in
+        # every process, e.g. batches made from (seed, step)) resumes from any process's; a
+        # sharded Grain pipeline cannot be remapped exactly.
         saved = sorted(data_dir.glob("process_*.json"))
-        if saved and type(data_iter).__name__ == "SyntheticIterator":
+        if saved and getattr(data_iter, "position_is_global", False):
             data_iter.set_state(saved[0].read_text().encode())
         else:
             log.warning(
@@ -406,12 +366,36 @@ def train(
     batches: Iterator[dict[str, np.ndarray]] | None = None,
     resume: str | None = None,
     init_from: str | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Trains to `cfg.train.steps`, resuming if possible; returns the logged metrics."""
-    from tqdm.auto import tqdm
+    """Trains to `cfg.train.steps`, resuming if possible; returns the logged metrics.
 
-    from tfx_jax.observability import metric_writers
+    SIGTERM/SIGINT at any moment end in a committed checkpoint or none (`train.preemption`):
+    during start-up the run stops before its first step with nothing new to save; inside the
+    loop the current step is saved and committed first; a second signal stops at once (exit
+    128 + signal) unless a checkpoint is being written. A failed checkpoint or metric write stops
+    the run with `CheckpointWriteError` / `OSError` naming the path; committed checkpoints stay.
 
+    `after_step(step)`, if given, is called after each step's checkpoint and eval (a hook for
+    tests, e.g. a crash right after a given step).
+    """
+    with Preemption() as preempt:
+        return _train(cfg, workdir, batches, resume, init_from, after_step, preempt)
+
+
+def _stopped_before_start(preempt: Preemption, workdir: epath.Path, phase: str) -> list:
+    step, _ = latest_checkpoint(workdir / "checkpoints")
+    where = f"checkpoint {step} is the latest" if step is not None else "no checkpoint yet"
+    log.warning(
+        "%s during %s: stopped before the first step, nothing new to save (%s)",
+        preempt.signal_name,
+        phase,
+        where,
+    )
+    return []
+
+
+def _train(cfg, workdir, batches, resume, init_from, after_step, preempt) -> list[dict]:
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
     check_workdir_writable(workdir)
@@ -428,41 +412,49 @@ def train(
         f"{param_count(trainer.state.params):,}",
     )
     data_iter = batches if batches is not None else make_batches(cfg)
+    if preempt.requested:
+        return _stopped_before_start(preempt, workdir, "start-up")
     ck = cfg.checkpoint
     ckpt = Checkpointer(workdir / "checkpoints", ck.keep, ck.keep_every, ck.async_save)
+    with _closing([ckpt.close], preempt):
+        decision = decide_resume(workdir, resume, init_from)
+        if decision.kind == "workdir":
+            restore_into(trainer, ckpt, decision.step, data_iter)
+            log.info("resumed from %s step %d", decision.path, decision.step)
+        elif decision.kind in ("resume", "init_from"):
+            other = Checkpointer(decision.path, async_save=False, create=False)
+            params_only = decision.kind == "init_from"
+            restore_into(trainer, other, decision.step, data_iter, params_only=params_only)
+            other.close()
+            log.info("%s %s step %d", decision.kind, decision.path, decision.step)
 
-    decision = decide_resume(workdir, resume, init_from)
-    if decision.kind == "workdir":
-        restore_into(trainer, ckpt, decision.step, data_iter)
-        log.info("resumed from %s step %d", decision.path, decision.step)
-    elif decision.kind in ("resume", "init_from"):
-        other = Checkpointer(decision.path, async_save=False, create=False)
-        restore_into(
-            trainer, other, decision.step, data_iter, params_only=decision.kind == "init_from"
-        )
-        other.close()
-        log.info("%s %s step %d", decision.kind, decision.path, decision.step)
+        t0 = time.time()
+        compiled = trainer.compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            log.info(
+                "compiled train step in %.1fs; per-device memory: args %.1f MiB, temp %.1f MiB",
+                time.time() - t0,
+                mem.argument_size_in_bytes / 2**20,
+                mem.temp_size_in_bytes / 2**20,
+            )
+        if preempt.requested:
+            return _stopped_before_start(preempt, workdir, "compilation")
+        writer = metric_writers.make_writers(str(workdir), is_main)
+        with _closing([writer.close], preempt):
+            return _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt)
 
-    t0 = time.time()
-    compiled = trainer.compile()
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        log.info(
-            "compiled train step in %.1fs; per-device memory: args %.1f MiB, temp %.1f MiB",
-            time.time() - t0,
-            mem.argument_size_in_bytes / 2**20,
-            mem.temp_size_in_bytes / 2**20,
-        )
 
-    writer = metric_writers.make_writers(str(workdir), is_main)
+def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -> list[dict]:
+    """The steps: train, log, checkpoint, evaluate; see `train`."""
+    is_main = jax.process_index() == 0
+    ck = cfg.checkpoint
     eval_iter = make_batches(cfg, "validation") if cfg.train.eval_every else None
     sampler = None
-    if cfg.train.eval_every and cfg.train.eval_samples and cfg.data.source in IMAGE_SOURCES:
+    if cfg.train.eval_every and cfg.train.eval_samples and sources.of(cfg).has_images:
         sampler = SampleGrid(cfg, cfg.train.eval_samples)
     flops_per_step, peak = _flops_and_peak(cfg)
     profiler = _profiler(cfg, workdir, is_main)
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
-
     start = int(trainer.state.step)
     if start >= cfg.train.steps:
         log.warning(
@@ -478,10 +470,10 @@ def train(
     )
     t_last, steps_since = time.time(), 0
     step = start
-    # Whatever ends the loop (the last step, SIGTERM, an exception), pending async saves are
-    # committed and the writers flushed before the function returns or the error propagates.
-    closers = [bar.close, ckpt.close, writer.close] + ([profiler.close] if profiler else [])
-    with _closing(closers), _Preemption() as preempt:
+    closers = [bar.close] + ([profiler.close] if profiler else [])
+    with _closing(closers, preempt):
+        if preempt.requested:  # a signal while the data and evaluators were being set up
+            return _stopped_before_start(preempt, workdir, "start-up")
         while step < cfg.train.steps:
             step += 1
             if profiler:
@@ -490,10 +482,10 @@ def train(
             steps_since += 1
             bar.update(1)
             last = step == cfg.train.steps
+            ckpt.check()  # a failed async save stops the run here, naming the path
             if step % cfg.train.log_every == 0 or last or preempt.requested:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if host["finite"] < 1 and cfg.train.nan_policy == "stop":
-                    ckpt.close()
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step}; the update was not applied and the "
                         f"last good checkpoint ({ckpt.latest_step()}) is kept."
@@ -513,7 +505,17 @@ def train(
                     bar.write(f"step {step:>6} {_fmt(host)}")
             # The checkpoint first: an evaluator that fails must never cost it.
             if step % ck.every_steps == 0 or last or preempt.requested:
-                ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
+                with preempt.saving():
+                    ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
+            if preempt.requested:
+                with preempt.saving():
+                    ckpt.wait()  # the message below only once the step is committed
+                log.warning(
+                    "%s: checkpoint for step %d committed; exiting (resume with the same command)",
+                    preempt.signal_name,
+                    step,
+                )
+                break
             if eval_iter is not None and (step % cfg.train.eval_every == 0 or last):
                 ev = run_evaluators(trainer, eval_iter, sampler, step, writer, eval_failures)
                 if is_main and "eval/perplexity" in ev:
@@ -523,27 +525,35 @@ def train(
                     )
                 if history:
                     history[-1].update(ev)
-            if kill_at and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if preempt.requested:
-                log.warning("preempted: checkpoint for step %d written, exiting", step)
-                break
+            if after_step is not None:
+                after_step(step)
     return history
 
 
 @contextlib.contextmanager
-def _closing(closers: list[Callable[[], None]]):
-    """Calls every closer on the way out, in order, even when the body raised."""
+def _closing(closers: list[Callable[[], None]], preempt: Preemption):
+    """Calls every closer on the way out, in order, even when the body raised. Closing waits
+    for pending checkpoint writes, so signals are deferred meanwhile; when the body already
+    failed, a closer's own error (e.g. the same full disk) is logged, not raised over it."""
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        for close in closers:
-            close()
+        with preempt.saving():
+            for close in closers:
+                try:
+                    close()
+                except Exception as e:
+                    if not failed:
+                        raise
+                    log.info("while stopping: %s: %s", type(e).__name__, e)
 
 
 def _flops_and_peak(cfg: Config) -> tuple[float, float]:
     """Model FLOPs per step from the config, and the per-device peak (0 if unknown)."""
-    from tfx_jax.observability import flops
 
     peak = flops.peak_flops_per_device(cfg.train.peak_tflops)
     return flops.train_flops_per_step(cfg), peak or 0.0
@@ -552,6 +562,5 @@ def _flops_and_peak(cfg: Config) -> tuple[float, float]:
 def _profiler(cfg: Config, workdir: epath.Path, is_main: bool):
     if not cfg.train.profile_steps or not is_main:
         return None
-    from tfx_jax.observability.profiling import ProfileWindow
 
     return ProfileWindow(str(workdir / "profile"), cfg.train.profile_start, cfg.train.profile_steps)

@@ -1,6 +1,7 @@
-"""Synthetic packed batches: learnable text patterns and structured latents, no files needed.
+"""source=synthetic: learnable text patterns and structured latents as packed batches made from
+(seed, step); no files, tokenizer or VAE.
 
-Used by tests (exact layouts, overfitting) and as the `synthetic` data source. Each document is
+Used by tests (exact layouts, overfitting), smoke runs and benchmarks. Each document is
   BOS, text, [BOI, I patches, EOI, text]*, EOS
 packed first-fit into rows of `seq_len`, in the batch format of `tfx_jax.layout`. Text follows
 an arithmetic progression (a model can learn it); each latent is a smooth pattern whose
@@ -11,13 +12,33 @@ the preceding text).
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
 
+from tfx_jax.data.sources.base import Source, register
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
 from tfx_jax.layout import patchify_np
 
+if TYPE_CHECKING:
+    from tfx_jax.config import Config
+
 FIRST_TEXT_ID = 6  # ids below are reserved (pad, bos, eos, unk, boi, eoi)
+EVAL_SEED_OFFSET = 10_000  # a split other than train is the stream of data.seed + this
+
+
+@register
+class Synthetic(Source):
+    name = "synthetic"
+    makes_batches = True
+
+    def splits(self, cfg: Config) -> tuple[str, ...]:
+        return ("train", "validation")
+
+    def batches(self, cfg: Config, split: str) -> SyntheticIterator:
+        seed = cfg.data.seed + (0 if split == "train" else EVAL_SEED_OFFSET)
+        return SyntheticIterator(cfg, seed, jax.process_index(), jax.process_count())
 
 
 def _latent(rng: np.random.Generator, step: int, size: int, channels: int) -> np.ndarray:
@@ -68,11 +89,10 @@ def make_document(
     return tokens[:max_len], image_ids[:max_len], latents
 
 
-def config_batch(cfg, rng: np.random.Generator, batch_size: int | None = None):
-    """`packed_batch` with the shapes of a `Config` (global batch size unless `batch_size`)."""
+def _shape(cfg: Config, batch_size: int | None = None) -> tuple:
+    """`packed_batch`'s shape arguments for a `Config` (global batch size unless `batch_size`)."""
     m = cfg.model
-    return packed_batch(
-        rng,
+    return (
         batch_size or cfg.data.global_batch_size,
         cfg.data.seq_len,
         m.vocab_size,
@@ -81,6 +101,54 @@ def config_batch(cfg, rng: np.random.Generator, batch_size: int | None = None):
         m.patch_size,
         cfg.max_images_per_row,
     )
+
+
+def config_batch(
+    cfg: Config, rng: np.random.Generator, batch_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """`packed_batch` with the shapes of a `Config` (global batch size unless `batch_size`)."""
+    return packed_batch(rng, *_shape(cfg, batch_size))
+
+
+class SyntheticIterator:
+    """An endless deterministic stream of this process's rows of packed global batches; batch i
+    depends only on (seed, i).
+
+    Checkpointable like a Grain iterator (`get_state`/`set_state` with bytes), so resumed runs see
+    exactly the batches an uninterrupted run would.
+    """
+
+    # Every process builds the same global batch and keeps its own rows, so the saved position
+    # does not depend on the process count (a 2-host checkpoint resumes on 1 host exactly).
+    position_is_global = True
+
+    def __init__(self, cfg: Config, seed: int, process_index: int = 0, process_count: int = 1):
+        batch_size = cfg.data.global_batch_size
+        if batch_size % process_count:
+            raise ValueError(f"batch {batch_size} does not split over {process_count} processes")
+        self._seed = seed
+        self._shape = _shape(cfg)
+        self._index = 0
+        rows = batch_size // process_count
+        self._rows = slice(process_index * rows, (process_index + 1) * rows)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self._seed, self._index])
+        self._index += 1
+        return {k: v[self._rows] for k, v in packed_batch(rng, *self._shape).items()}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"seed": self._seed, "index": self._index}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        d = json.loads(state)
+        self._seed, self._index = d["seed"], d["index"]
+
+    def start_prefetch(self) -> None:
+        """Grain's checkpoint handler calls this after restoring; nothing to prefetch here."""
 
 
 def packed_batch(
@@ -126,87 +194,3 @@ def packed_batch(
             cursor += n
             images_in_row += len(lats)
     return out
-
-
-class SyntheticIterator:
-    """An endless deterministic stream of packed batches; batch i depends only on (seed, i).
-
-    Checkpointable like a Grain iterator (`get_state`/`set_state` with bytes), so resumed runs see
-    exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(
-        self,
-        seed: int,
-        batch_size: int,
-        seq_len: int,
-        vocab_size: int,
-        latent_size: int,
-        latent_channels: int,
-        patch_size: int,
-        max_images_per_row: int | None = None,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        if batch_size % process_count:
-            raise ValueError(f"batch {batch_size} does not split over {process_count} processes")
-        self._seed = seed
-        self._args = (
-            batch_size,
-            seq_len,
-            vocab_size,
-            latent_size,
-            latent_channels,
-            patch_size,
-            max_images_per_row,
-        )
-        self._index = 0
-        # Every process builds the same global batch and keeps its own rows, so the global data
-        # does not depend on the process count (a 2-host checkpoint resumes on 1 host exactly).
-        rows = batch_size // process_count
-        self._rows = slice(process_index * rows, (process_index + 1) * rows)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self._seed, self._index])
-        self._index += 1
-        return {k: v[self._rows] for k, v in packed_batch(rng, *self._args).items()}
-
-    def get_state(self) -> bytes:
-        return json.dumps({"seed": self._seed, "index": self._index}).encode()
-
-    def set_state(self, state: bytes) -> None:
-        d = json.loads(state)
-        self._seed, self._index = d["seed"], d["index"]
-
-    def start_prefetch(self) -> None:
-        """Grain's checkpoint handler calls this after restoring; nothing to prefetch here."""
-
-
-def batches(
-    seed: int,
-    batch_size: int,
-    seq_len: int,
-    vocab_size: int,
-    latent_size: int,
-    latent_channels: int,
-    patch_size: int,
-    max_images_per_row: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> SyntheticIterator:
-    """An endless deterministic, checkpointable stream of this process's rows of global batches."""
-    return SyntheticIterator(
-        seed,
-        batch_size,
-        seq_len,
-        vocab_size,
-        latent_size,
-        latent_channels,
-        patch_size,
-        max_images_per_row,
-        process_index,
-        process_count,
-    )

@@ -1,0 +1,253 @@
+"""The package's layers, checked from the source: every `tfx_jax/**/*.py` is parsed with `ast`.
+
+Rules (an import of `tfx_jax.a.b` breaks a rule of its importer's layer; `from tfx_jax.a import b`
+counts as importing `tfx_jax.a.b`, relative imports are resolved first):
+
+  data       tfx_jax/data/** imports nothing from tfx_jax.models, .train, .generate, .export,
+             .cli, .artifacts, .stages, .demo (data knows records and batches, not the model, the
+             trainer or the stages that use it).
+  models     tfx_jax/models/** imports only tfx_jax.models.* and tfx_jax.layout: nothing from
+             .data, .train, .generate, .export, .cli, .artifacts, .stages, .demo, .diffusion, nor
+             the top-level config (a model section lives in tfx_jax/models/config.py).
+  config     tfx_jax/config.py imports only the section configs: tfx_jax.models.config and
+             tfx_jax.data.config (never model or data code: `validate` calls their checks).
+  generate   tfx_jax/generate/** and tfx_jax/export.py import nothing from tfx_jax.train
+             (inference never needs the trainer).
+  diffusion  tfx_jax/diffusion/** imports only tfx_jax.diffusion.* and tfx_jax.layout (pure
+             functions of arrays and schedules).
+  top-level  every project import (`tfx_jax...`, also `importlib.import_module("tfx_jax...")`)
+             is at module level, not inside a function or method, so the dependency graph is
+             what the module headers say; imports under `if TYPE_CHECKING:` are exempt from this
+             rule (not from the layer rules above). Third-party lazy imports are allowed.
+
+A failure lists `file:line: <the import>  [rule]: <what the rule says>` for every violation.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "tfx_jax"
+
+
+@dataclasses.dataclass(frozen=True)
+class Import:
+    file: str  # path relative to the repo
+    line: int
+    text: str  # the statement as written (unparsed)
+    importer: str  # dotted module of the file
+    target: str  # the dotted project name imported
+    in_function: bool
+    type_checking: bool
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _resolve(importer: str, is_package: bool, module: str | None, level: int) -> str:
+    if not level:
+        return module or ""
+    base = importer.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def imports_of(source: str, file: str, importer: str, is_package: bool = False) -> list[Import]:
+    """Every project import in `source`, with where it sits (function body, TYPE_CHECKING)."""
+    found: list[Import] = []
+
+    def add(node: ast.AST, target: str, in_function: bool, type_checking: bool) -> None:
+        if target == "tfx_jax" or target.startswith("tfx_jax."):
+            text = ast.unparse(node)
+            found.append(
+                Import(file, node.lineno, text, importer, target, in_function, type_checking)
+            )
+
+    def visit(node: ast.AST, in_function: bool, type_checking: bool) -> None:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(node, alias.name, in_function, type_checking)
+        elif isinstance(node, ast.ImportFrom):
+            module = _resolve(importer, is_package, node.module, node.level)
+            for alias in node.names:
+                add(
+                    node,
+                    f"{module}.{alias.name}" if alias.name != "*" else module,
+                    in_function,
+                    type_checking,
+                )
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and getattr(node.func, "attr", getattr(node.func, "id", None))
+            in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            add(node, node.args[0].value, in_function, type_checking)
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, in_function, True)
+            for child in node.orelse:
+                visit(child, in_function, type_checking)
+            return
+        inner = in_function or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner, type_checking)
+
+    visit(ast.parse(source, filename=file), False, False)
+    return found
+
+
+def project_imports() -> list[Import]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        out += imports_of(
+            path.read_text(),
+            str(path.relative_to(REPO)),
+            _module_name(path),
+            is_package=path.name == "__init__.py",
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _under(name: str, *prefixes: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _p(*names: str) -> tuple[str, ...]:
+    return tuple(f"tfx_jax.{n}" for n in names)
+
+
+APP = ("train", "generate", "export", "cli", "artifacts", "stages", "demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    says: str
+    applies: object  # (Import) -> bool: the rule governs this importer
+    allowed: object  # (Import) -> bool: this import keeps the rule
+
+    def broken_by(self, imp: Import) -> bool:
+        return self.applies(imp) and not self.allowed(imp)
+
+
+RULES = [
+    Rule(
+        "data",
+        "tfx_jax/data/** imports nothing from tfx_jax.models, .train, .generate, .export, .cli, "
+        ".artifacts, .stages, .demo",
+        lambda i: _under(i.importer, "tfx_jax.data"),
+        lambda i: not _under(i.target, *_p("models", *APP)),
+    ),
+    Rule(
+        "models",
+        "tfx_jax/models/** imports only tfx_jax.models.* and tfx_jax.layout",
+        lambda i: _under(i.importer, "tfx_jax.models"),
+        lambda i: _under(i.target, *_p("models", "layout")),
+    ),
+    Rule(
+        "config",
+        "tfx_jax/config.py imports only the section configs (tfx_jax.models.config, "
+        "tfx_jax.data.config)",
+        lambda i: i.importer == "tfx_jax.config",
+        lambda i: _under(i.target, *_p("models.config", "data.config")),
+    ),
+    Rule(
+        "generate",
+        "tfx_jax/generate/** and tfx_jax/export.py import nothing from tfx_jax.train",
+        lambda i: _under(i.importer, *_p("generate", "export")),
+        lambda i: not _under(i.target, "tfx_jax.train"),
+    ),
+    Rule(
+        "diffusion",
+        "tfx_jax/diffusion/** imports only tfx_jax.diffusion.* and tfx_jax.layout",
+        lambda i: _under(i.importer, "tfx_jax.diffusion"),
+        lambda i: _under(i.target, *_p("diffusion", "layout")),
+    ),
+    Rule(
+        "top-level",
+        "project imports are at module level, not inside a function (if TYPE_CHECKING: exempt)",
+        lambda i: True,
+        lambda i: not i.in_function or i.type_checking,
+    ),
+]
+
+
+def violations(rule: Rule, imports: list[Import]) -> list[str]:
+    seen, out = set(), []
+    for imp in imports:
+        key = (imp.file, imp.line, imp.text)
+        if rule.broken_by(imp) and key not in seen:
+            seen.add(key)
+            out.append(f"  {imp.file}:{imp.line}: {imp.text}  [{rule.name}]")
+    return out
+
+
+@pytest.fixture(scope="module")
+def all_imports():
+    found = project_imports()
+    assert len(found) > 50, "the scan found almost no project imports: is PACKAGE right?"
+    return found
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_layering(rule, all_imports):
+    broken = violations(rule, all_imports)
+    if broken:
+        pytest.fail(
+            f"{len(broken)} import(s) break the '{rule.name}' layer rule ({rule.says}; see this "
+            "file's docstring):\n" + "\n".join(broken),
+            pytrace=False,
+        )
+
+
+def test_the_checker_sees_what_it_must():
+    """The scanner itself: function-local, TYPE_CHECKING, relative and importlib imports."""
+    source = """
+import os
+from typing import TYPE_CHECKING
+from tfx_jax.models import attention
+from . import sibling
+from ..train import loop
+if TYPE_CHECKING:
+    from tfx_jax.train.loop import Trainer
+def f():
+    import numpy
+    from tfx_jax.data import prepare
+    importlib.import_module("tfx_jax.cli")
+"""
+    got = imports_of(source, "x.py", "tfx_jax.data.thing")
+    rows = {(i.target, i.in_function, i.type_checking) for i in got}
+    assert rows == {
+        ("tfx_jax.models.attention", False, False),
+        ("tfx_jax.data.sibling", False, False),
+        ("tfx_jax.train.loop", False, False),
+        ("tfx_jax.train.loop.Trainer", False, True),
+        ("tfx_jax.data.prepare", True, False),
+        ("tfx_jax.cli", True, False),
+    }
+    by_rule = {r.name: violations(r, got) for r in RULES}
+    assert len(by_rule["data"]) == 4  # models.attention, ..train, TYPE_CHECKING train, cli
+    assert [v.split()[0] for v in by_rule["top-level"]] == ["x.py:11:", "x.py:12:"]

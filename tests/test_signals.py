@@ -1,0 +1,182 @@
+"""Signals at any moment and a full disk end in a committed checkpoint or none, an exit code that
+says which, and one line, never a traceback (issue: "Nothing silent, nothing hung").
+
+Each case runs `python -m tfx_jax train` in a subprocess through `cli.main`, with the fault
+injected by a small wrapper (a signal sent from inside compile, a step hook, or a save).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from tfx_jax.checkpoint import Checkpointer
+
+TINY = str(REPO / "experiments/tiny.py")
+SETS = ["train.log_every=1", "checkpoint.every_steps=2", "checkpoint.async_save=true"]
+
+# The wrapper: FAULT (a Python snippet) patches tfx_jax, then the real CLI runs.
+WRAPPER = """
+import functools, os, signal, sys, time
+from tfx_jax import checkpoint, cli
+from tfx_jax.train import loop
+
+FAULT
+cli.main(sys.argv[1:])
+"""
+
+
+def run(workdir, fault: str, steps: int = 6, timeout: int = 300):
+    argv = ["train", "--config", TINY, "--workdir", str(workdir)]
+    for s in [*SETS, f"train.steps={steps}"]:
+        argv += ["--set", s]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    code = WRAPPER.replace("FAULT", fault)
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def committed(workdir) -> list[int]:
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
+def assert_clean(proc):
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sigterm_during_compile_stops_before_the_first_step(tmp_path):
+    fault = """
+compile = loop.Trainer.compile
+def signalled_compile(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return compile(self)
+loop.Trainer.compile = signalled_compile
+"""
+    proc = run(tmp_path, fault)
+    assert proc.returncode == 0, proc.stderr
+    assert_clean(proc)
+    assert "during compilation: stopped before the first step" in proc.stderr
+    assert committed(tmp_path) == []
+
+
+def test_second_signal_during_the_final_save_still_commits(tmp_path):
+    """SIGINT (Ctrl-C) after step 3; the preemption save of step 4 gets a SIGTERM in the middle:
+    it is deferred, step 4 is committed, then the 'committed' line, exit 0."""
+    fault = """
+def hook(step):
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+loop.train = functools.partial(loop.train, after_step=hook)
+save = checkpoint.Checkpointer.save
+def save_with_signal(self, step, *args):
+    save(self, step, *args)
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while step 4 is being written
+        time.sleep(0.2)
+checkpoint.Checkpointer.save = save_with_signal
+"""
+    proc = run(tmp_path, fault)
+    assert proc.returncode == 0, proc.stderr
+    assert_clean(proc)
+    assert "SIGTERM again" in proc.stderr and "is being written" in proc.stderr
+    assert "SIGINT: checkpoint for step 4 committed" in proc.stderr
+    assert committed(tmp_path)[-1] == 4
+
+
+def test_second_signal_outside_a_save_stops_at_once(tmp_path):
+    fault = """
+def hook(step):
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+loop.train = functools.partial(loop.train, after_step=hook)
+"""
+    proc = run(tmp_path, fault)
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert_clean(proc)
+    assert "SIGTERM again: stopped at once without saving" in proc.stderr
+    assert committed(tmp_path) == [2]  # the periodic save before the signals is committed
+
+
+def _mount_tmpfs(path, size: str) -> bool:
+    path.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    return ok.returncode == 0
+
+
+def test_full_disk_stops_with_one_line_and_resumes(tmp_path):
+    """A disk that fills up after checkpoint 2: the run stops at once with exit 1 and one line
+    naming the path and the OS error; checkpoint 2 stays intact and resumes once there is room.
+    (A 64 MiB tmpfs where the machine allows mounting; else an injected ENOSPC.)"""
+    disk = tmp_path / "disk"
+    real = _mount_tmpfs(disk, "64m")
+    workdir = disk / "run"
+    fill = f"""
+def hook(step):
+    if step == 3:
+        while 2 not in checkpoint.Checkpointer(r"{workdir}/checkpoints", async_save=False,
+                                               create=False).all_steps():
+            time.sleep(0.05)
+        if {real}:  # fill the disk
+            with open(r"{disk}/balloon", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"x" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+        else:  # no tmpfs here: the metrics file's next write fails as on a full disk
+            import errno
+            def full(self, *a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+            loop.metric_writers.JsonlWriter.write_scalars = full
+loop.train = functools.partial(loop.train, after_step=hook)
+"""
+    try:
+        proc = run(workdir, fill)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert_clean(proc)
+        last = [x for x in proc.stderr.splitlines() if x.strip()][-1]
+        assert "No space left on device" in last and str(workdir) in last, proc.stderr
+        assert committed(workdir) == [2]
+        if real:
+            os.remove(disk / "balloon")
+        proc = run(workdir, "")
+        assert proc.returncode == 0, proc.stderr
+        assert committed(workdir)[-1] == 6
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(x)["step"] for x in lines]
+        assert steps[-1] == 6
+    finally:
+        if real:
+            subprocess.run(["umount", str(disk)])
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signum_name", ["SIGTERM", "SIGINT"])
+def test_signal_in_the_loop_saves_and_exits_zero(tmp_path, signum_name):
+    fault = f"""
+def hook(step):
+    if step == 3:
+        os.kill(os.getpid(), signal.{signum_name})
+loop.train = functools.partial(loop.train, after_step=hook)
+"""
+    proc = run(tmp_path, fault)
+    assert proc.returncode == 0, proc.stderr
+    assert_clean(proc)
+    assert f"{signum_name}: checkpoint for step 4 committed" in proc.stderr
+    assert committed(tmp_path)[-1] == 4

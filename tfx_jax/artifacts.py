@@ -1,0 +1,256 @@
+"""What the data stages make under `data.data_dir`, whether it is current, and reading it back.
+
+Everything lives under `data.data_dir` (local or gs://), one bundle per source:
+
+    tfds/…                               TFDS datasets (tfx_shapes; others by default)
+    tokenizer.model, tokenizer.json      SentencePiece model (recorded in every checkpoint)
+                                         and the source it was trained on
+    vae/params.msgpack, vae/vae.json     VAE weights, its settings, latent scale factor, PSNR
+    encoded/<source_id>/<split>.array_record, made_by.json
+
+Each artifact records what it was made from (its `*_settings`); `*_is_current` compares that
+with the config, so `data all` (`tfx_jax.stages`) redoes exactly the stale ones and `batches`
+refuses stale records with the command to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import flax
+import jax
+import numpy as np
+from etils import epath
+
+from tfx_jax.config import Config
+from tfx_jax.data import pipeline, sources
+from tfx_jax.data.encoded import EncodedSource, OnTheFlySource
+from tfx_jax.data.tokenizer import Tokenizer
+from tfx_jax.models.vae import VAE, Codec
+
+# ----------------------------------------------------------------------------- paths
+
+
+def data_dir(cfg: Config) -> epath.Path:
+    return epath.Path(cfg.data.data_dir)
+
+
+def tokenizer_path(cfg: Config) -> epath.Path:
+    return data_dir(cfg) / "tokenizer.model"
+
+
+def vae_dir(cfg: Config) -> epath.Path:
+    return data_dir(cfg) / "vae"
+
+
+def encoded_path(cfg: Config, split: str) -> epath.Path:
+    return data_dir(cfg) / "encoded" / sources.of(cfg).source_id(cfg) / f"{split}.array_record"
+
+
+def made_by_path(cfg: Config) -> epath.Path:
+    """What the encoded records were made from, and the encode stage's counts."""
+    return encoded_path(cfg, "train").parent / "made_by.json"
+
+
+def latent_shape(cfg: Config) -> tuple[int, int, int]:
+    return (cfg.model.latent_size, cfg.model.latent_size, cfg.model.latent_channels)
+
+
+# ----------------------------------------------------------------------------- staleness
+
+
+def tokenizer_settings(cfg: Config) -> dict:
+    return {
+        "source": sources.of(cfg).source_id(cfg),
+        "vocab_size": cfg.model.vocab_size,
+        "model_type": cfg.data.vocab_model,
+    }
+
+
+def tokenizer_is_current(cfg: Config) -> bool:
+    meta = tokenizer_path(cfg).parent / "tokenizer.json"
+    if not tokenizer_path(cfg).exists():
+        return False
+    if not meta.exists():  # made by hand or by an older version: trust it
+        return True
+    return json.loads(meta.read_text()) == tokenizer_settings(cfg)
+
+
+def vae_settings(cfg: Config) -> dict:
+    """What determines the trained VAE; a saved VAE with other settings is stale."""
+    v = cfg.vae
+    return {
+        "latent_channels": cfg.model.latent_channels,
+        "downsample": v.downsample,
+        "channels": list(v.channels),
+        "steps": v.steps,
+        "batch_size": v.batch_size,
+        "learning_rate": v.learning_rate,
+        "kl_weight": v.kl_weight,
+        "image_size": cfg.data.image_size,
+        "source": sources.of(cfg).source_id(cfg),
+    }
+
+
+def vae_is_current(cfg: Config) -> bool:
+    path = vae_dir(cfg) / "vae.json"
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    return all(saved.get(k) == v for k, v in vae_settings(cfg).items())
+
+
+def encode_settings(cfg: Config) -> dict:
+    """What the encoded records depend on: a change makes them stale."""
+    tok = hashlib.sha256(tokenizer_path(cfg).read_bytes()).hexdigest()
+    vae = None
+    if sources.of(cfg).has_images:
+        vae = json.loads((vae_dir(cfg) / "vae.json").read_text())
+    return {"source": sources.of(cfg).source_id(cfg), "tokenizer_sha256": tok, "vae": vae}
+
+
+def encoded_is_current(cfg: Config) -> bool:
+    made_by = made_by_path(cfg)
+    splits = sources.of(cfg).splits(cfg)
+    if not made_by.exists() or not all(encoded_path(cfg, s).exists() for s in splits):
+        return False
+    saved = json.loads(made_by.read_text())
+    saved.pop("stats", None)
+    return saved == encode_settings(cfg)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(cfg: Config) -> Tokenizer:
+    """The trained SentencePiece tokenizer, or FileNotFoundError saying how to make it."""
+    path = tokenizer_path(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m tfx_jax data tokenizer`.")
+    return Tokenizer.from_file(path)
+
+
+def vae_model(cfg: Config) -> VAE:
+    return VAE(
+        latent_channels=cfg.model.latent_channels,
+        downsample=cfg.vae.downsample,
+        channels=cfg.vae.channels,
+    )
+
+
+def load_vae(cfg: Config) -> Codec:
+    """The trained VAE: a `Codec`, which unpacks as (model, params, scale_factor)."""
+    out = vae_dir(cfg)
+    if not (out / "vae.json").exists():
+        raise FileNotFoundError(f"no trained VAE in {out}: run `python -m tfx_jax vae` first.")
+    summary = json.loads((out / "vae.json").read_text())
+    if summary["latent_channels"] != cfg.model.latent_channels or summary["downsample"] != (
+        cfg.vae.downsample
+    ):
+        raise ValueError(
+            f"the VAE in {out} has {summary['latent_channels']} channels and downsample "
+            f"{summary['downsample']}, the config wants {cfg.model.latent_channels} and "
+            f"{cfg.vae.downsample}: retrain it with `python -m tfx_jax vae`."
+        )
+    model = vae_model(cfg)
+    template = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0),
+            np.zeros((1, cfg.data.image_size, cfg.data.image_size, 3), np.float32),
+        )
+    )["params"]
+    template = flax.linen.meta.unbox(template)
+    params = flax.serialization.from_bytes(template, (out / "params.msgpack").read_bytes())
+    return Codec(model, params, float(summary["scale_factor"]))
+
+
+def image_encoder(cfg: Config, device: jax.Device | None = None):
+    """uint8 images [N, H, W, 3] -> scaled latents (numpy) with the frozen VAE, or None for a
+    text-only source. `device`: where the VAE runs (default: the default device)."""
+    if not sources.of(cfg).has_images:
+        return None
+    model, params, scale = load_vae(cfg)
+    codec = Codec(model, jax.device_put(params, device), scale)
+
+    def encode_images(x: np.ndarray) -> np.ndarray:
+        return np.asarray(codec.encode(jax.device_put(x, device)))
+
+    return encode_images
+
+
+class CpuImageEncoder:
+    """`image_encoder` on the host CPU, built on first use in the process that uses it: Grain
+    worker processes receive a pickled copy without the compiled function and build their own.
+    The CPU, because the accelerators belong to the train step."""
+
+    def __init__(self, cfg: Config):
+        self._cfg, self._fn = cfg, None
+
+    def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
+        if self._fn is None:
+            self._fn = image_encoder(self._cfg, jax.local_devices(backend="cpu")[0])
+        return self._fn(images_uint8)
+
+    def __getstate__(self) -> dict:
+        return {"_cfg": self._cfg, "_fn": None}
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.ndarray]]:
+    """This process's packed batches of `split` of the configured source: a checkpointable
+    iterator. A source that makes batches itself gives them; otherwise a Grain pipeline over
+    the encoded records (or, with data.latents=on_the_fly, over examples tokenized and encoded
+    as they are read). `kw`: `pipeline.packed_dataset` options (shuffle, num_epochs, ...)."""
+    source = sources.of(cfg)
+    if source.makes_batches:
+        return source.batches(cfg, split)
+    d, m = cfg.data, cfg.model
+    tokenizer = load_tokenizer(cfg)
+    if tokenizer.vocab_size > m.vocab_size:
+        raise ValueError(
+            f"{tokenizer_path(cfg)} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size={m.vocab_size}."
+        )
+    if d.latents == "on_the_fly":
+        records = OnTheFlySource(
+            source.open_split(cfg, split),
+            tokenizer.encode,
+            CpuImageEncoder(cfg) if source.has_images else None,
+            latent_shape(cfg),
+        )
+    elif encoded_is_current(cfg):
+        records = EncodedSource(encoded_path(cfg, split))
+    else:
+        raise FileNotFoundError(
+            f"the encoded records in {encoded_path(cfg, split).parent} are missing or were made "
+            "with another tokenizer, VAE or source: run `python -m tfx_jax data encode` (or "
+            "`data all`, which also makes whatever they depend on), or set "
+            "data.latents=on_the_fly to encode while training."
+        )
+    spec = pipeline.SequenceSpec(
+        seq_len=d.seq_len,
+        patch_size=m.patch_size,
+        latent_channels=m.latent_channels,
+        caption_first_prob=d.caption_first_prob,
+        overlong=d.overlong,
+        on_error=d.on_error,
+        caption_drop_prob=cfg.diffusion.p_uncond,
+        mark_image_first=cfg.diffusion.noise_limit_image_first,
+    )
+    ds = pipeline.packed_dataset(
+        records,
+        spec,
+        batch_size=d.global_batch_size // jax.process_count(),
+        seed=d.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_packing_bins=d.packing_bins,
+        worker_count=d.worker_count,
+        read_threads=d.read_threads,
+        **kw,
+    )
+    return iter(ds)

@@ -1,0 +1,104 @@
+"""The `data` section of the config (`DataConfig`) and its checks.
+
+`tfx_jax.config` composes `DataConfig` into `Config` and calls `validate_data` from `validate`;
+what a source needs of the settings its own `Source.validate` checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from tfx_jax.data import sources
+from tfx_jax.data.sources import DataConfigError
+
+if TYPE_CHECKING:
+    from tfx_jax.config import Config
+
+__all__ = ["DataConfig", "DataConfigError", "validate_data"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the trainer reads and how sequences are packed."""
+
+    # Where examples come from: a source of tfx_jax/data/sources/ (one module each):
+    #   synthetic  random token/patch batches made from (seed, step); no files
+    #   shapes     the embedded tfx_shapes TFDS dataset (generated locally)
+    #   tfds       any prepared TFDS dataset by name (tfds_name), fields mapped by the keys below
+    #   folder     images with same-name .txt captions under `path` (train/ validation/ subdirs
+    #              or a deterministic 5% validation split by file name)
+    #   text       plain UTF-8 text files under `path` (text-only documents)
+    source: str = "synthetic"
+    data_dir: str = "data_cache"  # TFDS data, tokenizer, VAE and encoded records (local or gs://)
+    tfds_config: str = "default"  # tfx_shapes builder config: default | default_64px | tiny
+    tfds_name: str = ""  # source=tfds: e.g. "mnist", "cifar10", "coco_captions", "mnist:3.0.1"
+    tfds_data_dir: str = ""  # where that dataset is prepared; "" = <data_dir>/tfds
+    tfds_splits: str = ""  # "train=train,validation=test"; "" = train and validation|test
+    image_key: str = "image"  # source=tfds: the image feature ("/" for nested: "image/encoded")
+    caption_key: str = ""  # source=tfds: a text feature, e.g. "captions/text" (a list: one is used)
+    label_key: str = ""  # source=tfds: a ClassLabel feature, e.g. "label" (-> caption_template)
+    caption_template: str = "{label}"  # label -> caption, e.g. "a photo of a {label}"
+    path: str = ""  # source=folder|text: a directory (searched recursively) or a glob
+    # "precomputed": read the records `data encode` wrote once (tokens + VAE latents);
+    # "on_the_fly": tokenize and VAE-encode in the input pipeline (same batches, more compute).
+    latents: str = "precomputed"
+    image_size: int = 32
+    vocab_model: str = "bpe"  # SentencePiece model type: bpe | unigram
+    seq_len: int = 1024
+    global_batch_size: int = 32
+    max_images_per_row: int = 0  # 0 = the most that fit: seq_len // (num_patches + 2)
+    caption_first_prob: float = 0.8  # Transfusion §4.1: caption before its image 80% of the time
+    overlong: str = "drop"  # an example longer than seq_len: "drop" (counted) or "truncate"
+    on_error: str = "skip"  # an unreadable record: "skip" (counted) or "raise"
+    packing_bins: int = 64
+    worker_count: int = 0  # Grain prefetch processes (0 = in-process)
+    read_threads: int = 0  # threads reading records ahead (helps gs://; 0 = fastest per core)
+    seed: int = 0
+
+
+def validate_data(cfg: Config) -> None:
+    """Checks the `data` section (and, for a source with images, that the VAE's latents fit
+    the model): cheap, nothing is read.
+
+    Raises:
+      DataConfigError: naming the key, the value and what to do.
+    """
+    d, m = cfg.data, cfg.model
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise DataConfigError(msg)
+
+    need(
+        d.seq_len >= m.num_patches + 2,
+        f"data.seq_len={d.seq_len} cannot hold one image (BOI + {m.num_patches} patches + EOI).",
+    )
+    need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0.")
+    source = sources.get(d.source)
+    source.validate(cfg)
+    need(
+        "{label}" in d.caption_template,
+        f"data.caption_template={d.caption_template!r} must contain {{label}}.",
+    )
+    need(d.overlong in ("drop", "truncate"), f"data.overlong={d.overlong!r}: drop | truncate.")
+    need(
+        d.latents in ("precomputed", "on_the_fly"),
+        f"data.latents={d.latents!r}: precomputed | on_the_fly.",
+    )
+    need(d.on_error in ("skip", "raise"), f"data.on_error={d.on_error!r}: skip | raise.")
+    need(0.0 <= d.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1].")
+    need(
+        not d.max_images_per_row or d.max_images_per_row >= d.seq_len // (m.num_patches + 2),
+        f"data.max_images_per_row={d.max_images_per_row} is fewer than a row can hold "
+        f"({d.seq_len // (m.num_patches + 2)}): packing would produce rows the model cannot see "
+        "every image of. Use 0 (automatic).",
+    )
+    if source.has_images:
+        v = cfg.vae
+        need(v.downsample in (4, 8), f"vae.downsample={v.downsample}: use 4 or 8.")
+        need(
+            d.image_size // v.downsample == m.latent_size and d.image_size % v.downsample == 0,
+            f"data.image_size={d.image_size} / vae.downsample={v.downsample} must equal "
+            f"model.latent_size={m.latent_size}.",
+        )

@@ -1,0 +1,186 @@
+"""What every data source is (`Source`), the registry of sources by name, and their errors.
+
+A source is one module of this package that defines a `Source` subclass under `@register`;
+`get(name)` (or `of(cfg)`, for `cfg.data.source`) returns its instance. Nothing outside this
+package knows a source by name: the trainer, the stages and the config checks ask the source.
+
+Most sources have files: per split, a random-access sequence of *raw examples*
+
+    {"kind": "caption" | "interleaved" | "text",
+     "text": str,                       # interleaved text marks images with "<image>"
+     "images": list of uint8 [S, S, 3]} # S = data.image_size; [] for text documents
+
+which the `data encode` stage turns, once, into token ids and VAE latents
+(`tfx_jax.data.encoded`). `__getitem__` raises `RecordError` (naming the record or file) for an
+example that cannot be decoded; the encode stage skips and counts it, or fails, by
+`data.on_error`. A source may instead make packed batches itself (`makes_batches`): then no
+tokenizer, VAE or encoded records are made for it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tfx_jax.config import Config
+
+SPLITS = ("train", "validation", "heldout")
+
+
+class RecordError(ValueError):
+    """An example that cannot be decoded (the message names the record or file)."""
+
+
+class DataConfigError(ValueError):
+    """A `data` section that cannot run (`tfx_jax.config.validate` raises it as ConfigError)."""
+
+
+class Source:
+    """A data source: where the examples of `data.source = name` come from.
+
+    Subclasses set `name` (and `has_images`, `makes_batches`, `has_judge` where they differ)
+    and implement what applies to them; the defaults below say what a source without that
+    ability does.
+    """
+
+    name: ClassVar[str] = ""
+    # Examples have images, so they need the VAE and latents (and `vae.*` must fit the images).
+    has_images: ClassVar[bool] = False
+    # The source makes packed batches itself (`batches`): no files, tokenizer, VAE or records.
+    makes_batches: ClassVar[bool] = False
+    # `score` reads generated images back against their prompts.
+    has_judge: ClassVar[bool] = False
+
+    def validate(self, cfg: Config) -> None:
+        """Checks the `data.*` settings this source needs, cheaply (no files are read).
+
+        Raises:
+          DataConfigError: naming the setting and what to do.
+        """
+
+    def source_id(self, cfg: Config) -> str:
+        """A file-name-safe name for the source's settings (the artifact directory's name).
+
+        Everything that changes the examples is in it (directly or through a short hash), so a
+        tokenizer or encoded records made for other settings are never reused by mistake.
+        """
+        raise no_files(cfg)
+
+    def splits(self, cfg: Config) -> tuple[str, ...]:
+        """The splits this source has, among `SPLITS` (always "train"; "validation" if any)."""
+        raise no_files(cfg)
+
+    def build(self, cfg: Config) -> None:
+        """Makes the source readable (renders generated data; for data that must exist,
+        checks that it does and says what to run if not)."""
+        raise no_files(cfg)
+
+    def open_split(self, cfg: Config, split: str) -> Sequence[dict]:
+        """Random access to the raw examples of `split` (see the module docstring)."""
+        raise no_files(cfg)
+
+    def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
+        """Captions to draw sample images for during eval: by default the captions of the first
+        validation (else train) examples, cycled up to `num` (the same every eval, so samples
+        are comparable across steps)."""
+        split = "validation" if "validation" in self.splits(cfg) else "train"
+        return cycle(first_captions(self.open_split(cfg, split), num), num)
+
+    def batches(self, cfg: Config, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """This process's packed batches of `split` (only for `makes_batches` sources): a
+        checkpointable iterator (`get_state`/`set_state`, like Grain's)."""
+        raise NotImplementedError(f"data.source={self.name} reads files; it makes no batches")
+
+    def score(self, image: np.ndarray, prompt: str) -> float:
+        """The fraction of what `prompt` asks for that a generated `image` shows (NaN: this
+        source has no judge)."""
+        return math.nan
+
+
+_REGISTRY: dict[str, Source] = {}
+_S = TypeVar("_S", bound=type[Source])
+
+
+def register(cls: _S) -> _S:
+    """Class decorator: makes `cls()` the source called `cls.name`."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"source class {cls.__name__}: name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def names() -> tuple[str, ...]:
+    """The registered sources' names."""
+    return tuple(sorted(_REGISTRY))
+
+
+def get(name: str) -> Source:
+    """The source called `name`, or DataConfigError naming the valid choices."""
+    if name not in _REGISTRY:
+        raise DataConfigError(f"data.source={name!r}: use one of {' | '.join(names())}.")
+    return _REGISTRY[name]
+
+
+def of(cfg: Config) -> Source:
+    """The source `cfg.data.source` names."""
+    return get(cfg.data.source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the sources.
+# ---------------------------------------------------------------------------------------------
+
+
+def no_files(cfg: Config) -> ValueError:
+    with_files = [name for name in names() if not _REGISTRY[name].makes_batches]
+    listing = ", ".join(with_files[:-1]) + f" or {with_files[-1]}" if with_files else "none"
+    return ValueError(f"data.source={cfg.data.source!r} has no files (use {listing}).")
+
+
+def check_split(cfg: Config, split: str, available: dict[str, Any]) -> None:
+    if split not in available:
+        raise ValueError(
+            f"data.source={cfg.data.source} has no split {split!r}; it has {tuple(available)}."
+        )
+
+
+def crc_hex(text: str) -> str:
+    return f"{zlib.crc32(text.encode('utf-8')):08x}"
+
+
+def safe_name(text: str) -> str:
+    """`text` with every character outside [A-Za-z0-9._-] replaced by "_"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "data"
+
+
+def cycle(items: list[str], num: int) -> list[str]:
+    return [items[i % len(items)] for i in range(num)] if items else []
+
+
+def first_captions(source: Sequence[dict], num: int) -> list[str]:
+    """Captions of the first `num` readable examples (at most 4 * num are tried)."""
+    captions = []
+    for index in range(min(len(source), 4 * num)):
+        if len(captions) == num:
+            break
+        try:
+            captions.append(source[index]["text"])
+        except RecordError:
+            continue
+    return captions
+
+
+def checked_index(index: int, length: int) -> int:
+    """`index` as a non-negative int, or IndexError (which ends iteration over a source)."""
+    index = int(index)
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {length} examples")
+    return index

@@ -1,0 +1,49 @@
+"""source=shapes: the embedded `tfx_shapes` TFDS dataset (`tfx_jax.data.embedded`), rendered
+locally from a seed into `<data_dir>/tfds` (ArrayRecord); its judge scores generated images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from etils import epath
+
+from tfx_jax.data.embedded import builders, judge, shapes
+from tfx_jax.data.sources.base import SPLITS, Source, register
+
+if TYPE_CHECKING:
+    from tfx_jax.config import Config
+
+
+def _tfds_dir(cfg: Config) -> str:
+    return str(epath.Path(cfg.data.data_dir) / "tfds")
+
+
+@register
+class Shapes(Source):
+    name = "shapes"
+    has_images = True
+    has_judge = True
+
+    def source_id(self, cfg: Config) -> str:
+        return f"shapes_{cfg.data.tfds_config}_{cfg.data.image_size}px"
+
+    def splits(self, cfg: Config) -> tuple[str, ...]:
+        return SPLITS
+
+    def build(self, cfg: Config) -> None:
+        builders.build(_tfds_dir(cfg), cfg.data.tfds_config, cfg.data.image_size)
+
+    def open_split(self, cfg: Config, split: str) -> Sequence[dict]:
+        return builders.data_source(
+            _tfds_dir(cfg), split, cfg.data.tfds_config, cfg.data.image_size
+        )
+
+    def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
+        """Captions of held-out attribute combinations."""
+        rng = np.random.default_rng(seed)
+        return [shapes.caption(shapes.sample_scene(rng, "heldout")) for _ in range(num)]
+
+    def score(self, image: np.ndarray, prompt: str) -> float:
+        return float(judge.score(image, prompt)["fraction"])
