@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from conftest import REPO
+from test_multihost import run_processes
 
 from tfx_jax import artifacts, stages
 from tfx_jax.checkpoint import Checkpointer
@@ -15,28 +16,26 @@ from tfx_jax.train.loop import train
 
 @pytest.mark.slow
 def test_shapes_pipeline_trains_and_evaluates(tmp_path):
-    cfg = load_config(
-        REPO / "experiments/demo.py",
-        [
-            f"data.data_dir={tmp_path / 'data'}",
-            "data.tfds_config=tiny",
-            "data.seq_len=128",
-            "data.global_batch_size=8",
-            "data.packing_bins=8",
-            "model.vocab_size=512",
-            "model.d_model=64",
-            "model.n_layers=2",
-            "vae.steps=3",
-            "vae.batch_size=16",
-            "vae.channels=16,32",
-            "train.steps=4",
-            "train.log_every=2",
-            "train.eval_every=4",
-            "train.eval_batches=1",
-            "train.eval_samples=2",
-            "checkpoint.every_steps=4",
-        ],
-    )
+    overrides = [
+        f"data.data_dir={tmp_path / 'data'}",
+        "data.tfds_config=tiny",
+        "data.seq_len=128",
+        "data.global_batch_size=8",
+        "data.packing_bins=8",
+        "model.vocab_size=512",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "vae.steps=3",
+        "vae.batch_size=16",
+        "vae.channels=16,32",
+        "train.steps=4",
+        "train.log_every=2",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "train.eval_samples=2",
+        "checkpoint.every_steps=4",
+    ]
+    cfg = load_config(REPO / "experiments/demo.py", overrides)
     stages.prepare_all(cfg)
     assert artifacts.vae_is_current(cfg)
     summary = json.loads((artifacts.vae_dir(cfg) / "vae.json").read_text())
@@ -58,3 +57,20 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
     ckpt.close()
     assert meta["tokenizer"] == str(artifacts.tokenizer_path(cfg))
     assert meta["vae"] == str(artifacts.vae_dir(cfg)) and meta["config"]["name"] == "demo"
+
+    # The same run as a 2-process job (4 CPU devices each) on the data built above: training,
+    # perplexity, the sample grid (generation on every process) and the judge all work, and the
+    # step's checkpoint and metrics are written.
+    sets = [x for o in overrides for x in ("--set", o)]
+    run_processes(
+        ["train", "--config", str(REPO / "experiments/demo.py"), "--workdir", str(tmp_path / "two")]
+        + sets,
+        2,
+    )
+    lines = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval/perplexity" in x]
+    assert [x["step"] for x in evals] == [4]
+    assert 0.0 <= evals[0]["eval/judge_fraction"] <= 1.0 and evals[0]["eval/failures"] == 0
+    ckpt = Checkpointer(tmp_path / "two/checkpoints", async_save=False, create=False)
+    assert ckpt.all_steps() == [4]
+    ckpt.close()
