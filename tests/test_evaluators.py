@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tfx_jax.checkpoint import Checkpointer
-from tfx_jax.train import loop
+from tfx_jax.train import evaluators, loop
 
 
 def _broken_evaluate(*args, **kw):
@@ -29,7 +29,7 @@ def _run(tiny_config, workdir, strict: bool):
 def test_failing_evaluator_is_reported_and_training_goes_on(
     tiny_config, tmp_path, monkeypatch, caplog
 ):
-    monkeypatch.setattr(loop, "evaluate", _broken_evaluate)
+    monkeypatch.setattr(evaluators, "evaluate", _broken_evaluate)
     history = _run(tiny_config, tmp_path, strict=False)
     assert [h["step"] for h in history] == [2, 4]
     assert [h["eval/failures"] for h in history] == [1.0, 2.0]
@@ -43,7 +43,7 @@ def test_failing_evaluator_is_reported_and_training_goes_on(
 
 
 def test_strict_eval_stops_but_keeps_the_checkpoint(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "evaluate", _broken_evaluate)
+    monkeypatch.setattr(evaluators, "evaluate", _broken_evaluate)
     with pytest.raises(RuntimeError, match="evaluator exploded"):
         _run(tiny_config, tmp_path, strict=True)
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False, create=False)

@@ -6,15 +6,16 @@ Read top to bottom:
              lowered and compiled once, memory logged
   resume     checkpoint in the workdir → --resume PATH → --init-from PATH (params only) → fresh;
              an incompatible config fails naming the differing keys
-  loop       progress bar, JSONL + TensorBoard metrics, eval every N steps, async checkpoints
-             every N steps and at the end; SIGTERM saves at the next step boundary and exits 0
+  loop       progress bar, JSONL + TensorBoard metrics, async checkpoints every N steps and at
+             the end, then the evaluators (`train/evaluators.py`); SIGTERM/SIGINT at any moment
+             end in a committed checkpoint or none (`train/preemption.py`); a failed write stops
+             the run naming the path
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,13 +40,12 @@ from tfx_jax.checkpoint import (
 )
 from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.data import sources
-from tfx_jax.generate import sample
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.observability import flops, metric_writers
-from tfx_jax.observability.metric_writers import image_grid
 from tfx_jax.observability.profiling import ProfileWindow
 from tfx_jax.sharding import mesh_context
+from tfx_jax.train.evaluators import SampleGrid, run_evaluators
 from tfx_jax.train.optim import learning_rate_schedule, make_optimizer
 from tfx_jax.train.preemption import Preemption
 from tfx_jax.train.steps import TrainState, make_eval_step, make_train_step
@@ -164,121 +164,6 @@ def make_batches(cfg: Config, split: str = "train") -> Iterator[dict[str, np.nda
             "data.tfds_splits (e.g. validation=test) or set train.eval_every=0."
         )
     return artifacts.batches(cfg, split, shuffle=False, num_epochs=None)
-
-
-# ----------------------------------------------------------------------------- eval
-
-
-def evaluate(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], num: int) -> dict:
-    """Held-out text perplexity and diffusion loss per timestep bucket, averaged over batches."""
-    totals: dict[str, Any] = {}
-    for i in range(num):
-        m = jax.device_get(trainer.eval_step(next(batches), jax.random.key(10_000 + i)))
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    out = {
-        "eval/lm_loss": float(totals["lm_loss"] / num),
-        "eval/diffusion_loss": float(totals["diffusion_loss"] / num),
-    }
-    out["eval/perplexity"] = float(math.exp(min(out["eval/lm_loss"], 50.0)))
-    n_buckets = len(totals["bucket_count"])
-    T = trainer.cfg.diffusion.num_timesteps
-    for b in range(n_buckets):
-        if totals["bucket_count"][b] > 0:
-            lo = b * T // n_buckets
-            key = f"eval/diffusion_loss_t{lo:04d}"
-            out[key] = float(totals["bucket_loss_sum"][b] / totals["bucket_count"][b])
-    return out
-
-
-class SampleGrid:
-    """Images for held-out captions, drawn with the current params at each eval: a picture of
-    progress (TensorBoard `samples` image) plus the source's judge's score of it
-    (`eval/judge_fraction`, `Source.score`: the shapes data; NaN for sources without a judge)."""
-
-    def __init__(self, cfg: Config, num: int):
-        self.source = sources.of(cfg)
-        self.vae = artifacts.load_vae(cfg)
-        self.tokenizer = artifacts.load_tokenizer(cfg)
-        self.prompts = self.source.prompts(cfg, num)
-
-    def __call__(self, trainer: Trainer) -> tuple[np.ndarray, float]:
-
-        opts = sample.SampleOptions(
-            max_new_tokens=2,
-            temperature=0.0,
-            sampler="ddim",
-            diffusion_steps=20,
-            guidance_scale=3.0,
-        )
-        prompts = [sample.Prompt(p, (), True) for p in self.prompts]
-        results = sample.generate(
-            trainer.cfg,
-            trainer.state.params,
-            self.tokenizer,
-            prompts,
-            opts,
-            vae=self.vae,
-            mesh=trainer.mesh,
-        )
-        pairs = [
-            (r.images[0].image, p)
-            for r, p in zip(results, self.prompts, strict=True)
-            if r.images and r.images[0].image is not None
-        ]
-        if not pairs:
-            return np.zeros((1, 1, 3), np.uint8), 0.0
-        score = float(np.mean([self.source.score(img, p) for img, p in pairs]))  # NaN: no judge
-        return image_grid(np.stack([img for img, _ in pairs]), cols=4), score
-
-
-def run_evaluators(
-    trainer: Trainer,
-    batches: Iterator[dict[str, np.ndarray]],
-    sampler: SampleGrid | None,
-    step: int,
-    writer: Any,
-    failures: dict[str, int],
-) -> dict[str, float]:
-    """Runs the held-out evaluators and writes what they give.
-
-    A failing evaluator is reported in one line and counted (`eval/failures`); training goes on
-    unless `train.strict_eval`, which re-raises. Its exception never reaches the checkpoint
-    (saved before the evaluators run) or the other evaluators' metrics.
-    """
-    out: dict[str, float] = {}
-
-    def attempt(name: str, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception as e:
-            if trainer.cfg.train.strict_eval:
-                raise
-            failures[name] = failures.get(name, 0) + 1
-            log.error(
-                "eval at step %d: the %s evaluator failed (%s: %s); training goes on "
-                "(train.strict_eval=true stops instead)",
-                step,
-                name,
-                type(e).__name__,
-                e,
-            )
-
-    def losses() -> None:
-        out.update(evaluate(trainer, batches, trainer.cfg.train.eval_batches))
-
-    def samples() -> None:
-        grid, judged = sampler(trainer)
-        if not math.isnan(judged):
-            out["eval/judge_fraction"] = judged
-        writer.write_images(step, {"samples": grid})
-
-    attempt("losses", losses)
-    if sampler is not None:
-        attempt("sample grid", samples)
-    out["eval/failures"] = float(sum(failures.values()))
-    writer.write_scalars(step, out)
-    return out
 
 
 # ----------------------------------------------------------------------------- loop
