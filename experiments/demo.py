@@ -19,6 +19,8 @@ from tfx_jax.config import (
     VAEConfig,
 )
 
+TOPOLOGY = "cpu"  # meant for one CPU host (`tfx_jax dryrun --topology` still takes any)
+
 
 def get_config(arg: str | None = None) -> Config:
     model = ModelConfig(

@@ -14,6 +14,8 @@ from tfx_jax.config import (
     TrainConfig,
 )
 
+TOPOLOGY = "cpu"  # meant for one CPU host (`tfx_jax dryrun --topology` still takes any)
+
 
 def get_config(arg: str | None = None) -> Config:
     model = ModelConfig(

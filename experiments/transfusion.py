@@ -2,6 +2,7 @@
 
     python -m tfx_jax train --config experiments/transfusion.py:0.76b --workdir gs://bucket/run
     python -m tfx_jax config --config experiments/transfusion.py:7b --workdir /tmp/x  # inspect
+    python -m tfx_jax dryrun --config experiments/transfusion.py:0.76b --topology v5p-128
 
 Images: 256x256 through an 8x VAE with 8 latent channels -> a 32x32x8 latent, 2x2 patches ->
 256 positions per image. The 7B model uses U-Net down/up blocks as in the paper; the smaller ones
@@ -18,6 +19,17 @@ from tfx_jax.config import (
     OptimizerConfig,
     TrainConfig,
 )
+
+# The slice each size is meant for (`python -m tfx_jax dryrun --topology ...` checks that the
+# step compiles and fits there; TOPOLOGIES[arg]). Batch 512 x 4096 tokens, fsdp over all chips.
+TOPOLOGY = "v5p-128"
+TOPOLOGIES = {
+    "0.16b": "v5p-128",
+    "0.37b": "v5p-128",
+    "0.76b": "v5p-128",
+    "1.4b": "v5p-256",
+    "7b": "v5p-1024",
+}
 
 # name: (layers, d_model, heads)
 SIZES = {
@@ -47,7 +59,7 @@ def get_config(arg: str = "0.16b") -> Config:
         unet_channels=(256, 512),
         dtype="bfloat16",
         remat_policy="dots_no_batch",
-        attention_impl="xla",
+        attention_impl="auto",  # splash/xla on TPU, tokamax/cudnn on GPU, xla on CPU
     )
     return Config(
         name=f"transfusion_{arg}",

@@ -1,4 +1,7 @@
-"""The Grain pipeline: exact layouts, no split images, determinism, host shards, resume."""
+"""The Grain pipeline: exact layouts, no split images, over-long examples (continued, cut,
+counted), determinism, host shards, resume."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -7,7 +10,8 @@ from tfx_jax.data import encoded, pipeline, sources
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
 from tfx_jax.models.mask import attention_mask
 
-SPEC = pipeline.SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
+SequenceSpec = pipeline.SequenceSpec
+SPEC = SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
 
 
 def encode(text):  # a transparent "tokenizer": one id per word, 10 + word length
@@ -25,14 +29,14 @@ def enc(example, text_encoder=encode):
 def test_to_sequence_hand_example():
     ex = {"kind": "caption", "text": "a red dot", "latents": np.stack([lat(1.0)])}
     always_first = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=1.0)
-    seq = pipeline.to_sequence(enc(ex), np.random.default_rng(0), always_first)
+    (seq,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), always_first)
     assert seq["tokens"].tolist() == [BOS_ID, 11, 13, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID]
     assert seq["image_ids"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
     assert seq["patches"].shape == (11, 8)
     np.testing.assert_array_equal(seq["patches"][5:9], 1.0)
     assert (seq["patches"][:5] == 0).all() and (seq["patches"][9:] == 0).all()
     never_first = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=0.0)
-    seq = pipeline.to_sequence(enc(ex), np.random.default_rng(0), never_first)
+    (seq,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), never_first)
     assert seq["tokens"].tolist() == [BOS_ID, BOI_ID, 0, 0, 0, 0, EOI_ID, 11, 13, 13, EOS_ID]
 
 
@@ -42,18 +46,112 @@ def test_interleaved_and_truncation():
         "text": "first one <image> then two <image> end",
         "latents": np.stack([lat(1.0), lat(2.0)]),
     }
-    seq = pipeline.to_sequence(enc(ex), np.random.default_rng(0), SPEC)
+    (seq,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), SPEC)
     # BOS 2 words [BOI 4 EOI] 2 words [BOI 4 EOI] 1 word EOS = 1+2+6+2+6+1+1 = 19
     assert len(seq["tokens"]) == 19 and seq["image_ids"].max() == 2
-    short = pipeline.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong="truncate")
     counters = pipeline.Counters()
-    cut = pipeline.to_sequence(enc(ex), np.random.default_rng(0), short, counters)
-    # The second image would be split: the cut falls before its BOI.
-    assert cut["tokens"].tolist() == [BOS_ID, 15, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, 14, 13]
-    assert counters.truncated == 1
+    for policy in ("split", "truncate"):  # An interleaved document is cut under both.
+        short = pipeline.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong=policy)
+        (cut,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), short, counters)
+        # The second image would be split: the cut falls before its BOI.
+        assert cut["tokens"].tolist() == [BOS_ID, 15, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, 14, 13]
+        assert cut["image_ids"].max() == 1 and cut["patches"].shape == (11, 8)
+    assert (counters.overlong, counters.truncated) == (2, 2)
     drop = pipeline.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong="drop")
-    assert pipeline.to_sequence(enc(ex), np.random.default_rng(0), drop, counters) is None
-    assert counters.overlong_dropped == 1
+    assert pipeline.to_sequence(enc(ex), np.random.default_rng(0), drop, counters) == []
+    assert (counters.overlong, counters.overlong_dropped, counters.lost) == (3, 1, 1)
+
+
+def numbered(text):  # a "tokenizer" giving word "w<i>" the id 100 + i
+    return [100 + int(w[1:]) for w in text.split()]
+
+
+def test_overlong_text_continues_across_rows_or_is_cut():
+    ex = enc({"kind": "text", "text": " ".join(f"w{i}" for i in range(30))}, numbered)
+    counters = pipeline.Counters()
+    # BOS, 30 words, EOS = 32 positions at seq_len 12: pieces of 12, 12 and 8.
+    seqs = pipeline.to_sequence(ex, np.random.default_rng(0), SequenceSpec(12, 2, 2), counters)
+    assert [len(s["tokens"]) for s in seqs] == [12, 12, 8]
+    joined = np.concatenate([s["tokens"] for s in seqs]).tolist()
+    assert joined == [BOS_ID, *range(100, 130), EOS_ID]  # No token is lost.
+    assert [s["tokens"][0] == BOS_ID for s in seqs] == [True, False, False]
+    assert [s["tokens"][-1] == EOS_ID for s in seqs] == [False, False, True]
+    for s in seqs:
+        assert (s["image_ids"] == 0).all() and s["patches"].shape == (len(s["tokens"]), 8)
+    assert (counters.overlong, counters.split, counters.truncated, counters.lost) == (1, 1, 0, 0)
+    cut = SequenceSpec(12, 2, 2, overlong="truncate")
+    (seq,) = pipeline.to_sequence(ex, np.random.default_rng(0), cut, counters)
+    assert seq["tokens"].tolist() == [BOS_ID, *range(100, 111)]
+    assert (counters.overlong, counters.truncated) == (2, 1)
+    counters.examples = 5
+    assert counters.overlong_summary(12) == (
+        "2 of 5 examples are longer than data.seq_len=12: 1 continued across rows, 1 truncated, "
+        "0 dropped, 0 cannot fit"
+    )
+
+
+def test_overlong_caption_keeps_its_image():
+    ex = enc({"kind": "caption", "text": " ".join(["word"] * 10), "latents": np.stack([lat(2.0)])})
+    counters = pipeline.Counters()
+    # BOS, 10 words, BOI, 4 patches, EOI, EOS = 18 positions at seq_len 12.
+    first = SequenceSpec(12, 2, 2, caption_first_prob=1.0)
+    (seq,) = pipeline.to_sequence(ex, np.random.default_rng(0), first, counters)
+    assert seq["tokens"].tolist() == [BOS_ID, 14, 14, 14, 14, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID]
+    np.testing.assert_array_equal(seq["patches"][6:10], 2.0)
+    for policy in ("split", "truncate"):
+        after = SequenceSpec(12, 2, 2, caption_first_prob=0.0, overlong=policy)
+        (seq,) = pipeline.to_sequence(ex, np.random.default_rng(0), after, counters)
+        assert seq["tokens"].tolist() == [BOS_ID, BOI_ID, 0, 0, 0, 0, EOI_ID] + [14] * 5
+        np.testing.assert_array_equal(seq["patches"][2:6], 2.0)
+    assert (counters.overlong, counters.truncated, counters.lost) == (3, 3, 0)
+    # An image that cannot fit at all is lost under every policy, and counted as such.
+    assert pipeline.to_sequence(ex, np.random.default_rng(0), SequenceSpec(6, 2, 2), counters) == []
+    assert (counters.unfittable, counters.lost) == (1, 1)
+
+
+def test_survey_counts_what_the_pipeline_does():
+    spec = SequenceSpec(12, 2, 2)
+    records = [
+        enc({"kind": "text", "text": " ".join(f"w{i}" for i in range(30))}, numbered),
+        enc({"kind": "caption", "text": "a b c d e f g h", "latents": np.stack([lat(1.0)])}),
+        enc({"kind": "caption", "text": "short", "latents": np.stack([lat(1.0)])}),
+        enc(
+            {
+                "kind": "interleaved",
+                "text": "first one <image> then two <image> end",
+                "latents": np.stack([lat(1.0), lat(2.0)]),
+            }
+        ),
+    ]
+    surveyed, sequenced = pipeline.Counters(), pipeline.Counters()
+    first = dataclasses.replace(spec, caption_first_prob=1.0)
+    for record in records:
+        pipeline.survey(record, spec, surveyed)
+        sequenced.examples += 1
+        pipeline.to_sequence(record, np.random.default_rng(0), first, sequenced)
+    assert surveyed == sequenced
+    assert (surveyed.examples, surveyed.overlong, surveyed.split, surveyed.truncated) == (
+        4,
+        3,
+        1,
+        2,
+    )
+
+
+def test_packed_rows_keep_every_token_of_a_long_document():
+    src = [
+        enc({"kind": "text", "text": " ".join(f"w{i}" for i in range(50))}, numbered),
+        enc({"kind": "text", "text": "w60 w61"}, numbered),
+    ]
+    counters = pipeline.Counters()
+    ds = pipeline.packed_dataset(
+        src, SPEC, batch_size=1, num_epochs=1, shuffle=False, counters=counters
+    )
+    tokens = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in ds])
+    text = tokens[tokens >= 100]
+    assert sorted(text.tolist()) == [*range(100, 150), 160, 161]
+    assert (tokens == BOS_ID).sum() == 2 and (tokens == EOS_ID).sum() == 2
+    assert (counters.examples, counters.overlong, counters.split, counters.lost) == (2, 1, 1, 0)
 
 
 def make_source(n=200, seed=0):

@@ -169,12 +169,28 @@ def test_foreign_sentencepiece_model_is_rejected(tmp_path):
 def test_argument_validation():
     with pytest.raises(ValueError, match="at least 263"):
         tok.train_tokenizer(_captions(), vocab_size=100)
-    with pytest.raises(ValueError, match="need at least"):
+    with pytest.raises(tok.VocabularyTooSmallError, match="need at least") as error:
         # Enough for bytes, but not for the corpus' distinct characters as well.
         tok.train_tokenizer(_captions(), vocab_size=270)
+    distinct = len(set("".join(_captions())))
+    assert (error.value.vocab_size, error.value.distinct_chars) == (270, distinct)
+    assert error.value.required > 270 and f"its {distinct} distinct characters" in str(error.value)
     with pytest.raises(ValueError, match="model_type"):
         tok.train_tokenizer(_captions(), vocab_size=400, model_type="word")
     with pytest.raises(ValueError, match="empty corpus"):
         tok.train_tokenizer(["", ""], vocab_size=400)
     with pytest.raises(TypeError, match="str"):
         tok.train_tokenizer([b"bytes"], vocab_size=400)
+
+
+def test_character_coverage_leaves_rare_characters_to_bytes():
+    """1.0 gives every character a piece; below it the rarest are spelled in bytes, so a
+    vocabulary too small for every character can still be trained (and still round-trips)."""
+    rare = [chr(0x4E00 + i) for i in range(40)]  # each seen once, among ~10k common characters
+    texts = _captions() + rare
+    with pytest.raises(tok.VocabularyTooSmallError):
+        tok.train_tokenizer(texts, vocab_size=300)
+    t = tok.Tokenizer(tok.train_tokenizer(texts, vocab_size=300, character_coverage=0.995))
+    assert t.decode(t.encode("".join(rare))) == "".join(rare)
+    with pytest.raises(ValueError, match="character_coverage must be in"):
+        tok.train_tokenizer(texts, vocab_size=300, character_coverage=0.0)

@@ -62,11 +62,15 @@ def latent_shape(cfg: Config) -> tuple[int, int, int]:
 
 
 def tokenizer_settings(cfg: Config) -> dict:
-    return {
+    settings = {
         "source": sources.of(cfg).source_id(cfg),
         "vocab_size": cfg.model.vocab_size,
         "model_type": cfg.data.vocab_model,
     }
+    # Recorded only when not the default, so tokenizers made before the setting stay current.
+    if cfg.data.character_coverage != 1.0:
+        settings["character_coverage"] = cfg.data.character_coverage
+    return settings
 
 
 def tokenizer_is_current(cfg: Config) -> bool:
@@ -200,11 +204,30 @@ class CpuImageEncoder:
 # ----------------------------------------------------------------------------- batches
 
 
+def sequence_spec(cfg: Config) -> pipeline.SequenceSpec:
+    """How the config lays out and packs examples (also what `data encode` reports against)."""
+    d, m = cfg.data, cfg.model
+    return pipeline.SequenceSpec(
+        seq_len=d.seq_len,
+        patch_size=m.patch_size,
+        latent_channels=m.latent_channels,
+        caption_first_prob=d.caption_first_prob,
+        overlong=d.overlong,
+        on_error=d.on_error,
+        caption_drop_prob=cfg.diffusion.p_uncond,
+        mark_image_first=cfg.diffusion.noise_limit_image_first,
+        max_lost_fraction=d.max_lost_fraction,
+    )
+
+
 def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.ndarray]]:
     """This process's packed batches of `split` of the configured source: a checkpointable
     iterator. A source that makes batches itself gives them; otherwise a Grain pipeline over
     the encoded records (or, with data.latents=on_the_fly, over examples tokenized and encoded
-    as they are read). `kw`: `pipeline.packed_dataset` options (shuffle, num_epochs, ...)."""
+    as they are read). `kw`: `pipeline.packed_dataset` options (shuffle, num_epochs, ...).
+
+    Iterating raises `DataLossError` (one line: how many, why, the settings that fix it) when no
+    example can be packed or more than data.max_lost_fraction of them are lost."""
     source = sources.of(cfg)
     if source.makes_batches:
         return source.batches(cfg, split)
@@ -231,19 +254,9 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
             "`data all`, which also makes whatever they depend on), or set "
             "data.latents=on_the_fly to encode while training."
         )
-    spec = pipeline.SequenceSpec(
-        seq_len=d.seq_len,
-        patch_size=m.patch_size,
-        latent_channels=m.latent_channels,
-        caption_first_prob=d.caption_first_prob,
-        overlong=d.overlong,
-        on_error=d.on_error,
-        caption_drop_prob=cfg.diffusion.p_uncond,
-        mark_image_first=cfg.diffusion.noise_limit_image_first,
-    )
     ds = pipeline.packed_dataset(
         records,
-        spec,
+        sequence_spec(cfg),
         batch_size=d.global_batch_size // jax.process_count(),
         seed=d.seed,
         process_index=jax.process_index(),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from tfx_jax import artifacts, demo, export, stages
+from tfx_jax import artifacts, demo, dryrun, export, stages
 from tfx_jax import params as params_lib
 from tfx_jax.checkpoint import CheckpointWriteError
 from tfx_jax.config import Config, ConfigError, load_config, validate
@@ -181,6 +181,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo.run(cfg, args.workdir)
 
 
+def cmd_dryrun(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    topology = args.topology or dryrun.intended_topology(args.config)
+    text, plan, compiled = dryrun.run(cfg, topology, mfu=args.mfu)
+    print(text)
+    if dryrun.fits(plan, compiled) is False:
+        sys.exit(1)  # scripts can gate a launch on it
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfx", description="tfx_jax: train and run Transfusion-style text+image models."
@@ -272,6 +281,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser(
+        "dryrun",
+        help="compile the train step for a TPU pod on this machine; memory, FLOPs, collectives",
+        description="Without the hardware: build the mesh over the abstract devices of a TPU "
+        "topology, compile the real train step with libtpu (pip install 'tfx_jax[tpu]'), and "
+        "report per-chip memory against the chip's HBM, FLOPs per step, parameters, the "
+        "collectives and the step time at --mfu. Without libtpu only the analytic part.",
+    )
+    p.add_argument(
+        "--config", required=True, help="experiment file defining get_config(arg); 'file.py:arg'"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
+    p.add_argument(
+        "--topology",
+        default=None,
+        help="a Cloud TPU slice: v5p-128, v4-32, v5e-16, v6e-64, ...; 2xv5p-256 = 2 slices "
+        "(default: the config file's TOPOLOGIES[arg] or TOPOLOGY)",
+    )
+    p.add_argument("--mfu", type=float, default=0.4, help="MFU for the expected step time")
+    p.set_defaults(fn=cmd_dryrun)
     return parser
 
 

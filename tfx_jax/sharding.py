@@ -14,10 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfx_jax.config import MeshConfig, resolve_mesh_shape
+from tfx_jax.config import ConfigError, MeshConfig, resolve_mesh_shape
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -28,12 +28,37 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     """
     devices = list(devices) if devices is not None else jax.devices()
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # a multi-slice TPU pod: the slow links (DCN) carry data, else fsdp
+        return _multi_slice_mesh(mesh_cfg, shape, devices, slices)
     return jax.make_mesh(
         shape,
         mesh_cfg.axis_names,
         axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
         devices=devices,
     )
+
+
+def _multi_slice_mesh(
+    mesh_cfg: MeshConfig, shape: tuple[int, ...], devices: list[Any], slices: int
+) -> Mesh:
+    """Slices joined over the data-centre network (DCN): the first of (data, fsdp) that the
+    slice count divides spans them (over data, only the gradient all-reduce crosses DCN);
+    tensor never does."""
+    names = mesh_cfg.axis_names
+    for axis in ("data", "fsdp"):
+        i = names.index(axis)
+        if shape[i] % slices == 0:
+            break
+    else:
+        raise ConfigError(
+            f"mesh={dict(zip(names, shape, strict=True))} over {slices} TPU slices: mesh.data or "
+            f"mesh.fsdp must be a multiple of {slices} (one part per slice)."
+        )
+    dcn = tuple(slices if j == i else 1 for j in range(len(shape)))
+    ici = tuple(s // d for s, d in zip(shape, dcn, strict=True))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def mesh_context(mesh: Mesh, cfg: Any):

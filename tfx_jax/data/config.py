@@ -44,17 +44,47 @@ class DataConfig:
     # "on_the_fly": tokenize and VAE-encode in the input pipeline (same batches, more compute).
     latents: str = "precomputed"
     image_size: int = 32
+    # Images smaller than this on their shorter side are skipped as "too small" (counted; with
+    # on_error=raise they stop the stage): upscaling a tiny image trains on a blur. 0 = automatic,
+    # image_size // 4; 1 accepts every image. `generate --image` applies the same rule.
+    min_image_size: int = 0
     vocab_model: str = "bpe"  # SentencePiece model type: bpe | unigram
+    # The share of the tokenizer text's characters that get a piece of their own; the rarest rest
+    # are spelled in UTF-8 bytes (byte fallback: every character still round-trips). 1.0 (every
+    # character its own piece, SentencePiece's advice for small alphabets such as English or code)
+    # keeps tokenizers of earlier versions unchanged; 0.9995 (SentencePiece's default, meant for
+    # large alphabets: CJK, emoji-rich text) when the distinct characters do not fit the vocab.
+    character_coverage: float = 1.0
     seq_len: int = 1024
     global_batch_size: int = 32
     max_images_per_row: int = 0  # 0 = the most that fit: seq_len // (num_patches + 2)
     caption_first_prob: float = 0.8  # Transfusion §4.1: caption before its image 80% of the time
-    overlong: str = "drop"  # an example longer than seq_len: "drop" (counted) or "truncate"
-    on_error: str = "skip"  # an unreadable record: "skip" (counted) or "raise"
+    # An example longer than seq_len (every case is counted, and reported by `data encode` and the
+    # input pipeline):
+    #   split     text documents continue across rows: seq_len-sized pieces, each its own
+    #             document (BOS on the first only, EOS on the last); no token is lost. Caption
+    #             examples keep their image and cut the caption to fit; interleaved documents keep
+    #             what fits, up to an image boundary (images are never split).
+    #   truncate  as split, but text documents keep only their first seq_len tokens.
+    #   drop      the whole example is left out.
+    # An example that cannot fit at all (an image with no room) is lost under every policy.
+    overlong: str = "split"
+    # The largest share of a split's examples that may be lost (dropped as over-long, or too long
+    # to fit at all) before `data encode` and training stop and say which settings fix it.
+    max_lost_fraction: float = 0.01
+    on_error: str = "skip"  # an unreadable record or too-small image: "skip" (counted) or "raise"
     packing_bins: int = 64
     worker_count: int = 0  # Grain prefetch processes (0 = in-process)
     read_threads: int = 0  # threads reading records ahead (helps gs://; 0 = fastest per core)
     seed: int = 0
+
+    @property
+    def min_image_side(self) -> int:
+        """`min_image_size` resolved: image_size // 4 (at least 1) when 0."""
+        return self.min_image_size or max(1, self.image_size // 4)
+
+
+OVERLONG = ("split", "truncate", "drop")
 
 
 def validate_data(cfg: Config) -> None:
@@ -81,7 +111,21 @@ def validate_data(cfg: Config) -> None:
         "{label}" in d.caption_template,
         f"data.caption_template={d.caption_template!r} must contain {{label}}.",
     )
-    need(d.overlong in ("drop", "truncate"), f"data.overlong={d.overlong!r}: drop | truncate.")
+    need(d.overlong in OVERLONG, f"data.overlong={d.overlong!r}: {' | '.join(OVERLONG)}.")
+    need(
+        0.0 <= d.max_lost_fraction <= 1.0,
+        f"data.max_lost_fraction={d.max_lost_fraction} must be in [0, 1] (0.01: stop when more "
+        "than 1% of a split's examples would be lost).",
+    )
+    need(
+        0.0 < d.character_coverage <= 1.0,
+        f"data.character_coverage={d.character_coverage} must be in (0, 1] (1.0 or 0.9995).",
+    )
+    need(
+        d.min_image_size >= 0,
+        f"data.min_image_size={d.min_image_size} must be >= 0 (0: data.image_size // 4; "
+        "1: every image).",
+    )
     need(
         d.latents in ("precomputed", "on_the_fly"),
         f"data.latents={d.latents!r}: precomputed | on_the_fly.",

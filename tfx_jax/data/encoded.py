@@ -157,10 +157,24 @@ def encode_block(
 
 @dataclasses.dataclass
 class EncodeStats:
+    """What `write_encoded` wrote and skipped (`too_small` of the `skipped` were images smaller
+    than data.min_image_size; the rest could not be read or did not match their images)."""
+
     examples: int = 0
     images: int = 0
     tokens: int = 0
     skipped: int = 0
+    too_small: int = 0
+
+    def reasons(self) -> str:
+        """Why the skipped were skipped, e.g. "2 unreadable, 1 too small"."""
+        unreadable = self.skipped - self.too_small
+        parts = [f"{unreadable} unreadable"] if unreadable else []
+        return ", ".join(parts + ([f"{self.too_small} too small"] if self.too_small else []))
+
+    def skipped_summary(self) -> str:
+        """E.g. ", 3 skipped (2 unreadable, 1 too small)", or "" when none were."""
+        return f", {self.skipped} skipped ({self.reasons()})" if self.skipped else ""
 
 
 def write_encoded(
@@ -173,6 +187,7 @@ def write_encoded(
     on_error: str = "skip",
     batch_size: int = 256,
     progress: bool = True,
+    observe: Callable[[Record], None] | None = None,
 ) -> EncodeStats:
     """Encodes every example of `examples` (raw: "kind", "text", "images") into `path`.
 
@@ -187,6 +202,7 @@ def write_encoded(
       on_error: an example that cannot be read or encoded is "skip"ped (counted, logged) or
         "raise"s an error naming it.
       batch_size: images per `encode_images` call.
+      observe: called with every record written (the encode stage counts the over-long ones).
     """
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +216,8 @@ def write_encoded(
         nonlocal pending, n_pending_images
         for record in encode_block(pending, encode_text, encode_images, latent_shape):
             writer.write(serialize(record))
+            if observe is not None:
+                observe(record)
             stats.examples += 1
             stats.images += len(record.latents)
             stats.tokens += sum(len(p) for p in record.pieces if not isinstance(p, int))
@@ -221,6 +239,7 @@ def write_encoded(
                         "data.on_error=skip to skip such examples (they are counted)."
                     ) from e
                 stats.skipped += 1
+                stats.too_small += isinstance(e, RecordError) and e.reason == "too small"
                 log.warning("skipping example %d of %r: %s", i, examples, e)
                 continue
             pending.append(ex)

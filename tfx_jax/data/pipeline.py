@@ -5,11 +5,18 @@
       → seeded global shuffle, repeat
       → to_sequence: insert images as BOI, I patch slots, EOI between the text pieces (caption
         before the image with probability 0.8, Transfusion §4.1; dropped with probability
-        p_uncond for classifier-free guidance); drop or truncate over-long examples
+        p_uncond for classifier-free guidance); an over-long example by `data.overlong`: a
+        text document continues across rows, a caption is cut beside its image, an interleaved
+        document keeps what fits up to an image boundary (or, with drop, it is left out)
       → first-fit packing (Grain's FirstFitPackIterDataset) into rows of seq_len with segment ids
-        and positions; an example is never split, so neither is an image
+        and positions; a sequence is never split, so neither is an image
       → batches of this host's rows in the `tfx_jax.layout` format
       → (optional) multiprocess prefetch
+
+Nothing is lost silently and nothing hangs: `Counters` count every over-long, truncated,
+dropped and unreadable example, a pass over the shard logs them, and `DataLossError` (one line:
+how many, why, which settings fix it) stops the pipeline when more than
+`data.max_lost_fraction` of the examples are lost or when none of them can be packed.
 
 Tokenizing and VAE encoding happen once, before training (`python -m tfx_jax data encode`), so
 the hot path is read → arrange → pack. Deterministic from the seed; the iterator's
@@ -28,6 +35,7 @@ import numpy as np
 from absl import flags
 
 from tfx_jax.data.encoded import CAPTION, Record
+from tfx_jax.data.sources import DataLossError, RecordError
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
 from tfx_jax.layout import IMAGE_FIRST_MARK, patchify_np
 
@@ -36,77 +44,122 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SequenceSpec:
-    """How an example becomes one token/patch sequence.
+    """How an example becomes token/patch sequences.
 
     Attributes:
       seq_len: packed row length T.
       patch_size: p; a latent [h, w, C] becomes (h/p)(w/p) patches of p*p*C floats.
       latent_channels: C.
       caption_first_prob: probability that a caption precedes its image (paper: 0.8).
-      overlong: "drop" an example longer than seq_len, or "truncate" it at a text boundary.
+      overlong: what happens to an example longer than seq_len (`DataConfig.overlong`):
+        "split" (text documents continue across rows; captions are cut to fit beside their
+        image; interleaved documents keep what fits, up to an image boundary), "truncate" (the
+        same, but text documents keep only their first seq_len tokens) or "drop".
       on_error: "skip" a record that fails to decode (counted) or "raise".
       caption_drop_prob: p_uncond, probability that a caption example loses its caption and
         becomes BOS, image block, EOS, so classifier-free guidance has an unconditional model
         to subtract (Ho & Salimans 2022, §3.2).
       mark_image_first: set `tokens` to `layout.IMAGE_FIRST_MARK` on the patches of an image
         that precedes its caption (read by the train step's noise limit, Transfusion §4.3).
+      max_lost_fraction: the packed dataset stops (`DataLossError`) when more than this share
+        of the examples it reads are lost (dropped as over-long, or unable to fit at all).
     """
 
     seq_len: int
     patch_size: int
     latent_channels: int
     caption_first_prob: float = 0.8
-    overlong: str = "drop"
+    overlong: str = "split"
     on_error: str = "skip"
     caption_drop_prob: float = 0.0
     mark_image_first: bool = False
+    max_lost_fraction: float = 0.01
 
 
 @dataclasses.dataclass
 class Counters:
-    """What the pipeline threw away, counted in this process (workers keep their own)."""
+    """What the pipeline did with the examples it read, counted in this process (Grain workers
+    keep their own). Every over-long example is counted once in `overlong` and once in exactly
+    one of `split`, `truncated`, `overlong_dropped` or `unfittable`."""
 
-    overlong_dropped: int = 0
-    truncated: int = 0
-    decode_errors: int = 0
+    examples: int = 0  # records read, readable or not
+    overlong: int = 0  # longer than seq_len
+    split: int = 0  # text documents continued across rows (overlong=split): nothing lost
+    truncated: int = 0  # cut to fit: a caption shortened, a document's tail left out
+    overlong_dropped: int = 0  # left out by overlong=drop
+    unfittable: int = 0  # cannot fit at all under any policy (an image with no room)
+    decode_errors: int = 0  # unreadable records (on_error=skip)
+
+    @property
+    def lost(self) -> int:
+        """Examples of which nothing reaches a batch because of their length."""
+        return self.overlong_dropped + self.unfittable
+
+    def overlong_summary(self, seq_len: int) -> str:
+        """E.g. "3 of 120 examples are longer than data.seq_len=128: 2 continued across rows, 1
+        truncated, 0 dropped, 0 cannot fit"."""
+        if not self.overlong:
+            return f"none of {self.examples} examples is longer than data.seq_len={seq_len}"
+        return (
+            f"{self.overlong} of {self.examples} examples are longer than data.seq_len={seq_len}: "
+            f"{self.split} continued across rows, {self.truncated} truncated, "
+            f"{self.overlong_dropped} dropped, {self.unfittable} cannot fit"
+        )
 
 
-def to_sequence(
-    record: Record,
-    rng: np.random.Generator,
-    spec: SequenceSpec,
-    counters: Counters | None = None,
-) -> dict[str, np.ndarray] | None:
-    """One encoded example -> {"tokens", "image_ids" [L], "patches" [L, P]}, or None to drop it.
+def lost_message(counters: Counters, spec: SequenceSpec, what: str) -> str:
+    """One line for `DataLossError`: how many of `what` are lost, why, and what fixes it."""
+    why = []
+    if counters.overlong_dropped:
+        why.append(
+            f"{counters.overlong_dropped} longer than data.seq_len={spec.seq_len} and dropped by "
+            f"data.overlong={spec.overlong}"
+        )
+    if counters.unfittable:
+        why.append(f"{counters.unfittable} with an image that cannot fit in data.seq_len")
+    share = counters.lost / max(counters.examples, 1)
+    return (
+        f"{counters.lost} of {counters.examples} examples of {what} ({share:.1%}) would be lost, "
+        f"more than data.max_lost_fraction={spec.max_lost_fraction}: {'; '.join(why)}. "
+        f"{fixes(counters, spec, lost=True)}"
+    )
 
-    Layout: BOS, then text pieces and image blocks (BOI, I patch slots, EOI) in document order,
-    then EOS. Image k (1-based) of the document marks its patches with image id k. A caption
-    example's order (caption first with probability `caption_first_prob`) and its caption
-    dropout are drawn here, per epoch.
-    """
-    pieces = record.pieces
-    if record.kind == CAPTION and len(pieces) == 2:
-        text = pieces[0]
-        # Draw only when dropping is on, so p_uncond = 0 leaves every other draw unchanged.
-        if spec.caption_drop_prob > 0 and rng.random() < spec.caption_drop_prob:
-            pieces = [0]
-        elif rng.random() >= spec.caption_first_prob:
-            pieces = [0, text]
-    latents = record.latents
-    n_patch = (latents.shape[1] // spec.patch_size) * (latents.shape[2] // spec.patch_size)
-    length = 2 + sum(n_patch + 2 if isinstance(p, int) else len(p) for p in pieces)
+
+def fixes(counters: Counters, spec: SequenceSpec, lost: bool = False) -> str:
+    """ "Fix: ..." naming the settings that address what `counters` saw."""
+    out = []
+    if counters.overlong_dropped:
+        out.append("set data.overlong=split (text continues across rows, captions are cut)")
+    if counters.overlong_dropped or counters.unfittable:
+        out.append(f"raise data.seq_len (now {spec.seq_len})")
+    if counters.unfittable:
+        out.append("use fewer patches per image (model.patch_size, vae.downsample)")
+    if counters.decode_errors:
+        out.append("fix or remove the unreadable records (the log names them)")
+    if lost:
+        out.append(f"raise data.max_lost_fraction (now {spec.max_lost_fraction})")
+    return f"Fix: {'; or '.join(out)}." if out else "Check data.path and data.source."
+
+
+def _length(pieces: list, n_patch: int) -> int:
+    return 2 + sum(n_patch + 2 if isinstance(p, int) else len(p) for p in pieces)
+
+
+def _layout(
+    pieces: list, n_patch: int, length: int, first_mark: bool
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """BOS, pieces (text tokens, image blocks BOI + n_patch slots + EOI), EOS (`length` in all)
+    -> (tokens, image ids, blocks as (first patch position, image index))."""
     tok = np.empty(length, np.int32)
     img = np.zeros(length, np.int32)
     tok[0] = BOS_ID
-    at, blocks = 1, []  # blocks: (first patch position, image index)
+    at, blocks = 1, []
     for i, piece in enumerate(pieces):
         if isinstance(piece, int):
             # An image that precedes its caption (a caption example whose text comes next).
-            first = record.kind == CAPTION and i + 1 < len(pieces)
+            first = first_mark and i + 1 < len(pieces)
             tok[at] = BOI_ID
-            tok[at + 1 : at + 1 + n_patch] = (
-                IMAGE_FIRST_MARK if spec.mark_image_first and first else 0
-            )
+            tok[at + 1 : at + 1 + n_patch] = IMAGE_FIRST_MARK if first else 0
             tok[at + 1 + n_patch] = EOI_ID
             img[at + 1 : at + 1 + n_patch] = piece + 1
             blocks.append((at + 1, piece))
@@ -115,25 +168,106 @@ def to_sequence(
             tok[at : at + len(piece)] = piece
             at += len(piece)
     tok[at] = EOS_ID
-    if length > spec.seq_len:
+    return tok, img, blocks
+
+
+def to_sequence(
+    record: Record,
+    rng: np.random.Generator,
+    spec: SequenceSpec,
+    counters: Counters | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """One encoded example -> its sequences {"tokens", "image_ids" [L], "patches" [L, P]}: one,
+    several (a text document continued across rows) or none (lost; counted).
+
+    Layout: BOS, then text pieces and image blocks (BOI, I patch slots, EOI) in document order,
+    then EOS. Image k (1-based) of the document marks its patches with image id k. A caption
+    example's order (caption first with probability `caption_first_prob`) and its caption
+    dropout are drawn here, per epoch. An example longer than seq_len is handled by
+    `spec.overlong` (see `SequenceSpec`); images are never split.
+    """
+    counters = counters if counters is not None else Counters()
+    T = spec.seq_len
+    pieces = record.pieces
+    caption = record.kind == CAPTION and len(pieces) == 2
+    if caption:
+        text = pieces[0]
+        # Draw only when dropping is on, so p_uncond = 0 leaves every other draw unchanged.
+        if spec.caption_drop_prob > 0 and rng.random() < spec.caption_drop_prob:
+            pieces = [0]
+        elif rng.random() >= spec.caption_first_prob:
+            pieces = [0, text]
+    latents = record.latents
+    n_patch = (latents.shape[1] // spec.patch_size) * (latents.shape[2] // spec.patch_size)
+    n_images = len(latents)
+    length = _length(pieces, n_patch)
+    if length > T:
+        counters.overlong += 1
         if spec.overlong == "drop":
-            counters = counters if counters is not None else Counters()
-            counters.overlong_dropped += 1
-            return None
+            if n_images and n_patch + 3 > T:  # no image of it could fit under any policy
+                counters.unfittable += 1
+            else:
+                counters.overlong_dropped += 1
+            return []
+        if caption and not isinstance(pieces[0], int):
+            # Caption first: shorten the caption so that its image (and EOS) still fit.
+            keep = len(pieces[0]) - (length - T)
+            pieces = [pieces[0][:keep], 0] if keep > 0 else [0]
+            length = _length(pieces, n_patch)
+            if length <= T:
+                counters.truncated += 1
+    first_mark = spec.mark_image_first and record.kind == CAPTION
+    tok, img, blocks = _layout(pieces, n_patch, length, first_mark)
+    P = spec.patch_size**2 * spec.latent_channels
+    if length > T:
+        if not n_images and spec.overlong == "split":
+            # A text document continues across rows: BOS on the first piece, EOS on the last.
+            counters.split += 1
+            return [
+                {
+                    "tokens": tok[s : s + T],
+                    "image_ids": img[s : s + T],
+                    "patches": np.zeros((min(T, length - s), P), np.float32),
+                }
+                for s in range(0, length, T)
+            ]
         # Keep tok[:cut] for the largest cut that ends on text and not on a BOI, so no image
         # block is split and none is opened without its patches.
-        head_tok, head_img = tok[: spec.seq_len], img[: spec.seq_len]
+        head_tok, head_img = tok[:T], img[:T]
         cut = int(np.flatnonzero((head_img == 0) & (head_tok != BOI_ID)).max()) + 1
-        tok, img, length = tok[:cut], img[:cut], cut
         blocks = [(s, k) for s, k in blocks if s + n_patch <= cut]
-        if counters is not None:
-            counters.truncated += 1
-    patches = np.zeros((length, spec.patch_size**2 * spec.latent_channels), np.float32)
+        if cut <= 1 or (record.kind == CAPTION and not blocks):
+            counters.unfittable += 1  # nothing but BOS, or a caption without its image
+            return []
+        tok, img, length = tok[:cut], img[:cut], cut
+        counters.truncated += 1
+    patches = np.zeros((length, P), np.float32)
     if blocks:
         flat = patchify_np(latents, spec.patch_size)
         for s, k in blocks:
             patches[s : s + n_patch] = flat[k]
-    return {"tokens": tok, "image_ids": img, "patches": patches}
+    return [{"tokens": tok, "image_ids": img, "patches": patches}]
+
+
+_SURVEY_RNG = np.random.default_rng(0)
+
+
+def survey(record: Record, spec: SequenceSpec, counters: Counters) -> None:
+    """Counts what `to_sequence` would do with `record` (caption first, no caption dropout),
+    cheaply: only an over-long record is laid out. For the encode stage's report."""
+    counters.examples += 1
+    latents = record.latents
+    n_patch = (latents.shape[1] // spec.patch_size) * (latents.shape[2] // spec.patch_size)
+    if _length(record.pieces, n_patch) > spec.seq_len:
+        fixed = dataclasses.replace(spec, caption_first_prob=1.0, caption_drop_prob=0.0)
+        to_sequence(record, _SURVEY_RNG, fixed, counters)
+
+
+def _name(source: Sequence[Record]) -> str:
+    """The source for messages: its repr (EncodedSource(path)), or for a plain list or one with
+    a long repr, its type and length. Only for messages: a list's repr costs seconds."""
+    text = "" if isinstance(source, list | tuple) else repr(source)
+    return text if 0 < len(text) <= 200 else f"a {type(source).__name__} of {len(source)} records"
 
 
 class _ReadBlock(grain.transforms.RandomMap):
@@ -142,10 +276,27 @@ class _ReadBlock(grain.transforms.RandomMap):
     Reading a block at once is ~4x cheaper per record than single reads from ArrayRecord
     (`__getitems__`), and one Philox generator per block instead of per record saves as much
     again; both matter because the packer itself costs only ~60 µs per example.
+
+    It also watches what it reads, so that a pipeline that cannot make batches says so instead
+    of hanging and one that loses much of its data stops instead of training on the rest:
+      - `patience` different records in a row (at most the shard) that give no sequence ->
+        DataLossError (every example over-long and dropped, too long to fit, or unreadable);
+      - more than `max_lost_fraction` of the records read lost -> DataLossError, checked after
+        one pass over the shard and, with a margin for sampling noise, after `early` records;
+      - after one pass, the counts are logged (over-long, unreadable).
     """
 
-    def __init__(self, source: Sequence[Record], spec: SequenceSpec, counters: Counters):
+    EARLY, EARLY_MARGIN, PATIENCE = 1000, 0.05, 1000
+
+    def __init__(
+        self, source: Sequence[Record], spec: SequenceSpec, counters: Counters, shard_size: int
+    ):
         self._source, self._spec, self._counters = source, spec, counters
+        self._shard_size = shard_size
+        self._patience = max(1, min(shard_size, self.PATIENCE))
+        self._rejected: set[int] = set()  # distinct records rejected since the last sequence
+        self._last_error = ""
+        self._checked_early = self._checked_pass = False
 
     def _read(self, indices: list[int]) -> list[Record | None]:
         if hasattr(self._source, "__getitems__"):
@@ -160,32 +311,71 @@ class _ReadBlock(grain.transforms.RandomMap):
             return self._source[index]
         except Exception as e:
             if self._spec.on_error == "raise":
-                raise ValueError(
-                    f"record {index} of {self._source!r} cannot be read: {e}. Set "
+                raise RecordError(
+                    f"record {index} of {_name(self._source)} cannot be read: {e}. Set "
                     "data.on_error=skip to skip such records (they are counted)."
                 ) from e
             self._counters.decode_errors += 1
+            self._last_error = f"record {index}: {e}"
             log.warning("skipping unreadable record %d (%s)", index, e)
             return None
 
     def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> list[dict]:
         out = []
+        c = self._counters
         for index, record in zip(indices.tolist(), self._read(indices.tolist()), strict=True):
-            if record is None:
+            c.examples += 1
+            seqs = []
+            if record is not None:
+                try:
+                    seqs = to_sequence(record, rng, self._spec, c)
+                except Exception as e:  # a record that does not match its images
+                    if self._spec.on_error == "raise":
+                        raise RecordError(f"record {index} of {_name(self._source)}: {e}") from e
+                    c.decode_errors += 1
+                    self._last_error = f"record {index}: {e}"
+                    log.warning("skipping bad record %d (%s)", index, e)
+            if not seqs:
+                self._rejected.add(index)
                 continue
-            try:
-                seq = to_sequence(record, rng, self._spec, self._counters)
-            except Exception as e:  # a record that does not match its images
-                if self._spec.on_error == "raise":
-                    raise ValueError(f"record {index} of {self._source!r}: {e}") from e
-                self._counters.decode_errors += 1
-                log.warning("skipping bad record %d (%s)", index, e)
-                continue
-            if seq is not None:
+            self._rejected.clear()
+            for seq in seqs:
                 # One packed feature for both id streams: the packer's cost is per feature.
                 ids = np.stack([seq["tokens"], seq["image_ids"]], 1)
                 out.append({"ids": ids, "patches": seq["patches"]})
+        self._check()
         return out
+
+    def _what(self) -> str:
+        return f"{_name(self._source)} (this process's shard: {self._shard_size} records)"
+
+    def _check(self) -> None:
+        c, spec = self._counters, self._spec
+        if len(self._rejected) >= self._patience:
+            unreadable = f"; last error: {self._last_error}" if self._last_error else ""
+            raise DataLossError(
+                f"the input pipeline read {c.examples} examples of {self._what()} and none of "
+                f"the last {len(self._rejected)} can be packed, so no batch can be made: "
+                f"{c.overlong_summary(spec.seq_len)}; {c.decode_errors} unreadable{unreadable}. "
+                f"{fixes(c, spec)}"
+            )
+        if not self._checked_pass and c.examples >= self._shard_size:
+            self._checked_pass = self._checked_early = True
+            level = logging.WARNING if c.overlong or c.decode_errors else logging.INFO
+            log.log(
+                level,
+                "input pipeline, first pass over %s: %s; %d unreadable",
+                self._what(),
+                c.overlong_summary(spec.seq_len),
+                c.decode_errors,
+            )
+            if c.lost > spec.max_lost_fraction * c.examples:
+                raise DataLossError(lost_message(c, spec, self._what()))
+        if not self._checked_early and c.examples >= self.EARLY:
+            self._checked_early = True
+            if c.lost > (spec.max_lost_fraction + self.EARLY_MARGIN) * c.examples:
+                what = f"the first examples read of {self._what()}"
+                raise DataLossError(lost_message(c, spec, what))
 
 
 class _Unblock(grain.experimental.FlatMapTransform):
@@ -237,17 +427,29 @@ def packed_dataset(
       read_threads: threads reading and sequencing blocks ahead of the packer (helps remote
         storage; 0 reads in the iterating thread, the fastest per core for local files).
       read_block: shuffled records read at once.
-      counters: receives what was dropped (in this process).
+      counters: receives what was read, cut, dropped and skipped (in this process).
+
+    Raises:
+      DataLossError: at once if this host's shard is empty; while iterating, if none of the
+        examples can be packed or more than `spec.max_lost_fraction` of them are lost.
 
     Returns:
       A Grain IterDataset; `iter()` gives a checkpointable iterator of layout-format batches.
     """
     counters = counters if counters is not None else Counters()
     ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    shard_size = len(ds)
+    if not shard_size:
+        raise DataLossError(
+            f"{_name(source)} has {len(source)} examples, none for process {process_index} of "
+            f"{process_count}: there is nothing to make batches of. Check that the split has "
+            "examples (`python -m tfx_jax data build` lists them; `data encode` counts what it "
+            "wrote)."
+        )
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).batch(read_block)
-    ds = ds.random_map(_ReadBlock(source, spec, counters), seed=seed + 1)
+    ds = ds.random_map(_ReadBlock(source, spec, counters, shard_size), seed=seed + 1)
     # Grain's default read-ahead (16 threads, 500 elements) polls its whole buffer for every
     # element: slower than the packer itself on one core (benchmarks/RESULTS.md).
     it = ds.to_iter_dataset(

@@ -53,6 +53,30 @@ _RESERVED_PIECES = {
 _STRUCTURAL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID, BOI_ID, EOI_ID})
 
 
+class VocabularyTooSmallError(ValueError):
+    """`vocab_size` cannot hold the pieces the corpus needs.
+
+    Attributes:
+      vocab_size: what was asked for.
+      required: the pieces needed at least (reserved + byte pieces + covered characters).
+      distinct_chars: the corpus' distinct characters (None when it was not read).
+      character_coverage: the coverage used.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        vocab_size: int,
+        required: int,
+        distinct_chars: int | None,
+        character_coverage: float,
+    ):
+        super().__init__(message)
+        self.vocab_size, self.required = vocab_size, required
+        self.distinct_chars, self.character_coverage = distinct_chars, character_coverage
+
+
 def min_vocab_size(byte_fallback: bool) -> int:
     """The smallest `vocab_size` `train_tokenizer` accepts before looking at the corpus.
 
@@ -104,16 +128,21 @@ def train_tokenizer(
       The serialized `ModelProto`; pass it to `Tokenizer(...)` or write it with `Tokenizer.save`.
 
     Raises:
-      ValueError: on a bad argument, an empty corpus, or a vocab_size below what the corpus needs.
+      VocabularyTooSmallError: vocab_size is below what the corpus needs (it says how much).
+      ValueError: on another bad argument or an empty corpus.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     minimum = min_vocab_size(byte_fallback)
     if vocab_size < minimum:
         detail = f"{NUM_BYTE_PIECES} byte pieces + " if byte_fallback else ""
-        raise ValueError(
+        raise VocabularyTooSmallError(
             f"vocab_size={vocab_size} is too small: with byte_fallback={byte_fallback} it must be "
-            f"at least {minimum} ({detail}{NUM_RESERVED} reserved ids + 1)"
+            f"at least {minimum} ({detail}{NUM_RESERVED} reserved ids + 1)",
+            vocab_size=vocab_size,
+            required=minimum,
+            distinct_chars=None,
+            character_coverage=character_coverage,
         )
     if not 0.0 < character_coverage <= 1.0:
         raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}")
@@ -148,7 +177,7 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise _training_error(e, counter.num_sentences, vocab_size) from e
+        raise _training_error(e, counter, vocab_size, character_coverage) from e
     if counter.num_sentences == 0:
         raise ValueError("train_tokenizer got an empty corpus (no non-empty strings)")
     proto = model_bytes.getvalue()
@@ -162,6 +191,7 @@ class _CountingIterator(Iterator[str]):
     def __init__(self, texts: Iterable[str]):
         self._texts = iter(texts)
         self.num_sentences = 0
+        self.chars: set[str] = set()  # distinct characters, for a vocabulary that is too small
 
     def __next__(self) -> str:
         while True:
@@ -170,19 +200,28 @@ class _CountingIterator(Iterator[str]):
                 raise TypeError(f"train_tokenizer expects str texts, got {type(text).__name__}")
             if text:
                 self.num_sentences += 1
+                self.chars.update(text)
                 return text
 
 
-def _training_error(e: RuntimeError, num_sentences: int, vocab_size: int) -> Exception:
+def _training_error(
+    e: RuntimeError, counter: _CountingIterator, vocab_size: int, coverage: float
+) -> Exception:
     """Turns SentencePiece's internal errors into ones that say what to change."""
-    if num_sentences == 0:
+    if counter.num_sentences == 0:
         return ValueError("train_tokenizer got an empty corpus (no non-empty strings)")
     match = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
     if match:
-        return ValueError(
-            f"vocab_size={vocab_size} is too small for this corpus: its distinct characters plus "
-            f"the reserved and byte pieces need at least {match.group(2)} (or lower "
-            "character_coverage so that rare characters fall back to bytes)"
+        required = int(match.group(2))
+        return VocabularyTooSmallError(
+            f"vocab_size={vocab_size} is too small for this corpus: its {len(counter.chars)} "
+            f"distinct characters (at character_coverage={coverage}) plus the reserved and byte "
+            f"pieces need at least {required} (or lower character_coverage so that rare "
+            "characters fall back to bytes)",
+            vocab_size=vocab_size,
+            required=required,
+            distinct_chars=len(counter.chars),
+            character_coverage=coverage,
         )
     return e
 

@@ -33,6 +33,8 @@ from jax.sharding import Mesh
 
 from tfx_jax import artifacts, sharding
 from tfx_jax.config import Config, ConfigError
+from tfx_jax.data.sources import RecordError
+from tfx_jax.data.sources.images import read_image
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
 from tfx_jax.diffusion import rolling
 from tfx_jax.generate.decode import CHUNK_KEYS, Decoder
@@ -557,10 +559,15 @@ def plan_prompt_images(prompts: Sequence[str], num_images: int) -> list[tuple[st
 
 
 def _encode_files(cfg: Config, vae: Codec, files: Sequence[str]) -> np.ndarray:
-    from PIL import Image
-
+    """The --image files prepared exactly as training prepared its images (`read_image`: RGB,
+    16-bit scaled, transparency on white, centre crop, Lanczos resize; smaller than
+    data.min_image_size refused), then VAE-encoded. A file that cannot be used: ConfigError."""
     size = cfg.data.image_size
-    pix = np.stack(
-        [np.asarray(Image.open(f).convert("RGB").resize((size, size)), np.uint8) for f in files]
-    )
-    return np.asarray(Codec(*vae).encode(jnp.asarray(pix)))
+    pix = []
+    for f in files:
+        try:
+            pix.append(read_image(f, size, cfg.data.min_image_side))
+        except RecordError as e:
+            why = str(e).removeprefix(f"{f}: ")
+            raise ConfigError(f"--image {f}: {why}") from e
+    return np.asarray(Codec(*vae).encode(jnp.asarray(np.stack(pix))))

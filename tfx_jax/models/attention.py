@@ -7,14 +7,19 @@ An implementation is a pair of pure functions:
 so a kernel can precompute whatever form of the mask it wants (dense, key ranges, block lists).
 `xla` is the reference that runs everywhere; `cudnn` is the fused GPU kernel (12x the default on
 an H100, see ENVIRONMENT.md); `dot_product` is jax.nn's default dispatch. Block-sparse kernels
-(splash attention on TPU, tokamax on GPU) register here with `register`.
+(splash attention on TPU, tokamax on GPU) register here with `register`. `auto` picks the best
+registered kernel for the platform when traced (`resolve_auto`; `target_platform` overrides the
+platform for ahead-of-time compiles, e.g. for a TPU pod on a CPU machine).
 
 Legend: B batch, T query length, S key length, N query heads, K kv heads, H head dim.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +45,46 @@ def register(name: str, prepare: Callable[..., Any], apply: Callable[..., jax.Ar
 
 
 def get(name: str) -> AttentionImpl:
+    """The implementation `name`; `auto` is resolved for the target platform (`resolve_auto`)."""
     if name not in IMPLEMENTATIONS:
         raise KeyError(f"attention implementation {name!r}: use one of {sorted(IMPLEMENTATIONS)}")
+    if name == "auto":
+        name = resolve_auto()
     return IMPLEMENTATIONS[name]
+
+
+# ----------------------------------------------------------------------------- auto
+
+# The platform `auto` resolves for when it is not the one JAX runs on (an ahead-of-time compile
+# for TPU on a CPU machine: tfx_jax.dryrun). None = jax.default_backend() at trace time.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "attention_target_platform", default=None
+)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+    """Within this block `auto` resolves for `platform` ("tpu", "gpu", "cpu")."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def resolve_auto(platform: str | None = None) -> str:
+    """The implementation `auto` means on `platform` (default: the target set by
+    `target_platform`, else the backend being traced for).
+
+    TPU: `xla` (no splash-attention kernel is registered yet); GPU: `tokamax` when the package is
+    importable, else `cudnn`; anything else (CPU): `xla`.
+    """
+    platform = platform or _TARGET_PLATFORM.get() or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        return "tokamax" if importlib.util.find_spec("tokamax") is not None else "cudnn"
+    if platform == "tpu":
+        return "splash" if "splash" in IMPLEMENTATIONS else "xla"
+    return "xla"
 
 
 def decode_impl(name: str) -> AttentionImpl:
@@ -152,3 +194,6 @@ register("dot_product", dense_mask, _jax_nn(None))
 register("cudnn", dense_mask, _jax_nn("cudnn"))
 # Per-query key ranges: the form block-sparse kernels skip blocks with.
 register("tokamax", key_ranges, _tokamax)
+# The best kernel for the platform, chosen when traced (`resolve_auto`); `get` resolves it, so
+# these two are only reached by code that reads the table directly.
+register("auto", lambda *a, **k: get("auto").prepare(*a, **k), lambda *a: get("auto").apply(*a))

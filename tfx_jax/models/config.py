@@ -49,7 +49,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     scan_layers: bool = True
     remat_policy: str = "dots_no_batch"  # see tfx_jax.models.remat.REMAT_POLICIES
-    attention_impl: str = "xla"  # see tfx_jax.models.attention.IMPLEMENTATIONS
+    attention_impl: str = "xla"  # tfx_jax.models.attention.IMPLEMENTATIONS; "auto": per platform
 
     @property
     def head_dim(self) -> int:

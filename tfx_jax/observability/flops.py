@@ -34,7 +34,8 @@ import logging
 import re
 from typing import Any
 
-from tfx_jax.config import Config, ModelConfig
+from tfx_jax.config import Config
+from tfx_jax.models.config import ModelConfig
 from tfx_jax.models.patch import TimestepEmbedding
 
 log = logging.getLogger("tfx_jax")

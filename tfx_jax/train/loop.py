@@ -60,6 +60,40 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- setup
 
 
+def _train_state_init_fn(
+    cfg: Config, model: nn.Module, tx: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
+    def init_fn(rng):
+        params = model.init(rng, ModelInputs.dummy(cfg))["params"]
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero)
+
+    return init_fn
+
+
+def abstract_train_state(
+    cfg: Config, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformation, rng: Any
+) -> tuple[TrainState, Any]:
+    """The train state's shapes and shardings, without creating it (nothing runs on `mesh`).
+
+    Returns:
+      (state, state_shardings): `jax.ShapeDtypeStruct`s carrying their NamedShardings, and the
+      shardings tree (the jit in/out shardings). `tfx_jax.dryrun` compiles the step on these.
+    """
+    init_fn = _train_state_init_fn(cfg, model, tx)
+    with mesh_context(mesh, cfg):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = nn.logical_to_mesh_sharding(
+            nn.get_partition_spec(abstract), mesh, cfg.mesh.rules
+        )
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(abstract),
+        shardings,
+    )
+    return state, shardings
+
+
 def create_train_state(
     cfg: Config, mesh: Mesh, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array
 ) -> tuple[TrainState, Any]:
@@ -68,19 +102,33 @@ def create_train_state(
     Returns:
       (state, state_shardings): the shardings tree doubles as the jit in/out shardings.
     """
-
-    def init_fn(rng):
-        params = model.init(rng, ModelInputs.dummy(cfg))["params"]
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero)
-
+    init_fn = _train_state_init_fn(cfg, model, tx)
+    _, shardings = abstract_train_state(cfg, mesh, model, tx, rng)
     with mesh_context(mesh, cfg):
-        abstract = jax.eval_shape(init_fn, rng)
-        shardings = nn.logical_to_mesh_sharding(
-            nn.get_partition_spec(abstract), mesh, cfg.mesh.rules
-        )
         state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings
+
+
+def jit_train_step(
+    cfg: Config,
+    mesh: Mesh,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable,
+    state_shardings: Any,
+) -> Any:
+    """The train step jitted with explicit in/out shardings and the state donated."""
+    batch_shardings = {
+        k: sharding.batch_sharding(mesh, cfg.mesh.rules, len(v.shape))
+        for k, v in layout.batch_spec(cfg).items()
+    }
+    repl = sharding.replicated(mesh)
+    return jax.jit(
+        make_train_step(model, cfg, tx, lr_fn),
+        in_shardings=(state_shardings, batch_shardings, repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
 
 
 def param_count(params: Any) -> int:
@@ -98,21 +146,24 @@ class Trainer:
         self.lr_fn = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.tx = make_optimizer(cfg.optimizer, cfg.train.steps)
         rng = jax.random.key(cfg.train.seed)
-        self.init_rng, self.step_rng = jax.random.split(rng)
+        self.init_rng = jax.random.split(rng)[0]
         self.state, self.state_shardings = create_train_state(
             cfg, self.mesh, self.model, self.tx, self.init_rng
         )
+        # The step key lives replicated on the mesh (made there by a jit, which works across
+        # processes): no transfer per step.
+        self.step_rng = jax.jit(
+            lambda: jax.random.split(jax.random.key(cfg.train.seed))[1],
+            out_shardings=sharding.replicated(self.mesh),
+        )()
         rules = cfg.mesh.rules
         self.batch_shardings = {
             k: sharding.batch_sharding(self.mesh, rules, len(v.shape))
             for k, v in layout.batch_spec(cfg).items()
         }
         repl = sharding.replicated(self.mesh)
-        self._train_step = jax.jit(
-            make_train_step(self.model, cfg, self.tx, self.lr_fn),
-            in_shardings=(self.state_shardings, self.batch_shardings, repl),
-            out_shardings=(self.state_shardings, repl),
-            donate_argnums=(0,),
+        self._train_step = jit_train_step(
+            cfg, self.mesh, self.model, self.tx, self.lr_fn, self.state_shardings
         )
         self._eval_step = jax.jit(
             make_eval_step(self.model, cfg),

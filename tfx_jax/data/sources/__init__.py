@@ -21,6 +21,8 @@ import pkgutil
 from tfx_jax.data.sources.base import (
     SPLITS,
     DataConfigError,
+    DataLossError,
+    ImageTooSmallError,
     RecordError,
     Source,
     get,
@@ -29,7 +31,18 @@ from tfx_jax.data.sources.base import (
     register,
 )
 
-__all__ = ["SPLITS", "DataConfigError", "RecordError", "Source", "get", "names", "of", "register"]
+__all__ = [
+    "SPLITS",
+    "DataConfigError",
+    "DataLossError",
+    "ImageTooSmallError",
+    "RecordError",
+    "Source",
+    "get",
+    "names",
+    "of",
+    "register",
+]
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -34,7 +34,29 @@ SPLITS = ("train", "validation", "heldout")
 
 
 class RecordError(ValueError):
-    """An example that cannot be decoded (the message names the record or file)."""
+    """An example that cannot be used (the message names the record or file).
+
+    `reason` is what the stages count it as ("unreadable", "too small"). The CLI prints any
+    RecordError (subclasses included) as one "data error: ..." line with exit code 2.
+    """
+
+    reason: ClassVar[str] = "unreadable"
+
+
+class ImageTooSmallError(RecordError):
+    """An image smaller than `data.min_image_size` on a side: upscaling it would train on a
+    blur, so it is skipped and counted (or stops the stage, by `data.on_error`)."""
+
+    reason: ClassVar[str] = "too small"
+
+
+class DataLossError(RecordError):
+    """Too much of a split cannot be used, or none of it can (every example over-long,
+    unreadable, or the split empty): the message says how many, why, and the settings that fix
+    it. Raised by the encode stage and by the input pipeline instead of training on what is left
+    (or waiting forever for a batch that cannot come)."""
+
+    reason: ClassVar[str] = "lost"
 
 
 class DataConfigError(ValueError):

@@ -6,7 +6,8 @@ The dataset is `data.tfds_name`, prepared under `data.tfds_data_dir` (default
 or a list of texts of which record i uses text i % n) and `data.label_key` (a ClassLabel, put
 through `data.caption_template`) names the caption. `data.tfds_splits` maps our splits to the
 dataset's ("train=train,validation=test"; default: train, and validation or else test).
-Images are made RGB, centre-cropped and resized to `data.image_size` (`images.py`).
+Images go through `images.prepare_image` (RGB, alpha on white, centre crop, resize to
+`data.image_size`; smaller than `data.min_image_size` on a side: skipped as too small).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tfx_jax.data.sources.base import (
     register,
     safe_name,
 )
-from tfx_jax.data.sources.images import array_to_image, square_resize
+from tfx_jax.data.sources.images import array_to_image, prepare_image
 
 if TYPE_CHECKING:
     from tfx_jax.config import Config
@@ -209,6 +210,7 @@ class TfdsFields:
       template: `data.caption_template`, applied to the label.
       label_names: the ClassLabel's names; () for a plain integer or text label.
       image_size: S.
+      min_image_size: the smallest accepted shorter side (`data.min_image_side`).
     """
 
     image_key: str
@@ -217,6 +219,7 @@ class TfdsFields:
     template: str
     label_names: tuple[str, ...]
     image_size: int
+    min_image_size: int = 1
 
 
 def _tfds_fields(cfg: Config, builder) -> TfdsFields:
@@ -271,6 +274,7 @@ def _tfds_fields(cfg: Config, builder) -> TfdsFields:
         template=d.caption_template,
         label_names=label_names,
         image_size=d.image_size,
+        min_image_size=d.min_image_side,
     )
 
 
@@ -353,9 +357,11 @@ class TfdsExamples:
         index = checked_index(index, len(self))
         try:
             record = self._source[index]
-            image = square_resize(
+            image = prepare_image(
                 array_to_image(_lookup(record, self._fields.image_key)),
                 self._fields.image_size,
+                min_size=self._fields.min_image_size,
+                name=f"{self._name} record {index}",
             )
             text = self._caption(record, index)
         except RecordError:
