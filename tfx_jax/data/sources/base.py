@@ -12,8 +12,10 @@ Most sources have files: per split, a random-access sequence of *raw examples*
 
 which the `data encode` stage turns, once, into token ids and VAE latents
 (`tfx_jax.data.encoded`). `__getitem__` raises `RecordError` (naming the record or file) for an
-example that cannot be decoded; the encode stage skips and counts it, or fails, by
-`data.on_error`. A source may instead make packed batches itself (`makes_batches`): then no
+example that cannot be used (`ImageTooSmallError` for an image below `data.min_image_size`);
+every stage that reads examples (tokenizer, VAE, encode) skips and counts it by its `reason`,
+or fails, by `data.on_error`: an example that cannot be used contributes nothing anywhere.
+A source may instead make packed batches itself (`makes_batches`): then no
 tokenizer, VAE or encoded records are made for it.
 """
 
