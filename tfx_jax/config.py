@@ -289,8 +289,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"Config file '{file}' line {e.lineno}: syntax error: {e.msg}.") from e
     except Exception as e:  # an import or a name inside the user's file: say which and where
         raise ConfigError(
-            f"Config file '{file}' failed to load: {type(e).__name__}: {e}"
-            f"{_user_line(e, file)}."
+            f"Config file '{file}' failed to load: {type(e).__name__}: {e}{_user_line(e, file)}."
         ) from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"Config file '{file}' must define get_config(arg=None) -> Config.")
