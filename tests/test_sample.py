@@ -335,8 +335,10 @@ def encode(text):
 
 
 def to_seq(example, rng, spec):
-    """`pipeline.to_sequence` of a raw example (tokenized as `data encode` would)."""
-    return pipeline.to_sequence(encoded.encode_example(example, encode, (4, 4, 2)), rng, spec)
+    """The one sequence `pipeline.to_sequence` makes of a short raw example (tokenized as
+    `data encode` would)."""
+    (seq,) = pipeline.to_sequence(encoded.encode_example(example, encode, (4, 4, 2)), rng, spec)
+    return seq
 
 
 def test_caption_dropping():
