@@ -69,17 +69,14 @@ def init_distributed(args: argparse.Namespace) -> None:
         )
 
 
-def _add_common(
-    p: argparse.ArgumentParser, config_required: bool = True, workdir: bool = True
-) -> None:
+def _add_config(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    """--config FILE[:arg] and repeatable --set KEY=VALUE."""
     p.add_argument(
         "--config",
         required=config_required,
         default=None if config_required else str(DEFAULT_CONFIG),
         help="experiment file defining get_config(arg); 'file.py:arg' passes arg",
     )
-    if workdir:
-        p.add_argument("--workdir", required=True, help="where logs, metrics and checkpoints go")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -88,6 +85,14 @@ def _add_common(
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set model.n_layers=4 (repeatable)",
     )
+
+
+def _add_common(
+    p: argparse.ArgumentParser, config_required: bool = True, workdir: bool = True
+) -> None:
+    _add_config(p, config_required)
+    if workdir:
+        p.add_argument("--workdir", required=True, help="where logs, metrics and checkpoints go")
     _add_distributed(p)
 
 
@@ -290,17 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report per-chip memory against the chip's HBM, FLOPs per step, parameters, the "
         "collectives and the step time at --mfu. Without libtpu only the analytic part.",
     )
-    p.add_argument(
-        "--config", required=True, help="experiment file defining get_config(arg); 'file.py:arg'"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable)",
-    )
+    _add_config(p)
     p.add_argument(
         "--topology",
         default=None,
