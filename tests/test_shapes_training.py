@@ -2,6 +2,7 @@
 → sharded train steps → eval with a sample grid scored by the judge → TensorBoard image."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -45,14 +46,18 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
     assert batch["tokens"].shape == (8, 128) and batch["patches"].shape == (8, 128, 16)
     assert (batch["image_ids"] > 0).any() and (batch["segment_ids"] > 0).mean() > 0.8
 
-    history = train(cfg, tmp_path / "run")
-    assert [h["step"] for h in history] == [2, 4]
+    # One process, uninterrupted, to step 6: the reference for the runs below.
+    ref_cfg = load_config(REPO / "experiments/demo.py", [*overrides, "train.steps=6"])
+    reference = {h["step"]: h for h in train(ref_cfg, tmp_path / "run")}
+    history = [reference[2], reference[4]]
+    assert sorted(reference) == [2, 4, 6]
     last = history[-1]
     assert np.isfinite(last["loss"]) and last["images"] > 0
     assert 0.0 <= last["eval/judge_fraction"] <= 1.0 and last["eval/perplexity"] > 1
     assert any(k.startswith("eval/diffusion_loss_t") for k in last)
     assert list((tmp_path / "run" / "tensorboard").iterdir()), "no TensorBoard events"
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False, create=False)
+    assert ckpt.all_steps() == [4, 6]
     meta = ckpt.read_meta(4)
     ckpt.close()
     assert meta["tokenizer"] == str(artifacts.tokenizer_path(cfg))
@@ -74,3 +79,28 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
     ckpt = Checkpointer(tmp_path / "two/checkpoints", async_save=False, create=False)
     assert ckpt.all_steps() == [4]
     ckpt.close()
+    # Every process plans the same global batches, so two processes train on exactly the data
+    # of one, and evaluate on it: the same losses and eval metrics.
+    for x in lines:
+        if x["step"] in reference and "loss" in x:
+            np.testing.assert_allclose(x["loss"], reference[x["step"]]["loss"], rtol=1e-5)
+    for key in ("eval/perplexity", "eval/diffusion_loss"):
+        np.testing.assert_allclose(evals[0][key], reference[4][key], rtol=1e-5)
+
+    # Elastic data position: the 2-process checkpoint resumes in one process (and the
+    # 1-process one in two) exactly where it stopped: step 6 equals the uninterrupted run's.
+    history = train(ref_cfg, tmp_path / "two")
+    assert [h["step"] for h in history] == [6]
+    np.testing.assert_allclose(history[0]["loss"], reference[6]["loss"], rtol=1e-5)
+    shutil.copytree(tmp_path / "run", tmp_path / "one_to_two")
+    shutil.rmtree(tmp_path / "one_to_two/checkpoints/6")
+    run_processes(
+        ["train", "--config", str(REPO / "experiments/demo.py")]
+        + ["--workdir", str(tmp_path / "one_to_two"), *sets, "--set", "train.steps=6"],
+        2,
+    )
+    lines = [
+        json.loads(x) for x in (tmp_path / "one_to_two/metrics.jsonl").read_text().splitlines()
+    ]
+    (last,) = [x for x in lines if x["step"] == 6 and "loss" in x][-1:]
+    np.testing.assert_allclose(last["loss"], reference[6]["loss"], rtol=1e-5)

@@ -257,7 +257,7 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
     ds = pipeline.packed_dataset(
         records,
         sequence_spec(cfg),
-        batch_size=d.global_batch_size // jax.process_count(),
+        batch_size=d.global_batch_size,
         seed=d.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -266,4 +266,8 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
         read_threads=d.read_threads,
         **kw,
     )
-    return iter(ds)
+    it = iter(ds)
+    # Every process plans the same global batches (`pipeline.packed_dataset`), so the saved
+    # position resumes on any process count.
+    it.position_is_global = True
+    return it

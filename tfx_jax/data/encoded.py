@@ -19,6 +19,7 @@ A caption example is stored as [text, image 0]; the order is drawn at read time.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Callable, Sequence
 
@@ -132,6 +133,77 @@ def deserialize(data: bytes) -> Record:
     return Record(kind, pieces, latents.reshape(n, h, w, c))
 
 
+def shell(kind: int, lengths: Sequence[int], latent_shape: Sequence[int]) -> Record:
+    """A `Record` with the layout of a stored one but no content: text pieces of the right
+    lengths (token 0 = PAD, never special) and latents that are a zero-size broadcast. All the
+    input pipeline's plan needs (`pipeline.to_sequence(..., with_patches=False)` gives exact
+    lengths from it), at none of the cost of reading tokens or latents."""
+    pieces: list[np.ndarray | int] = [
+        -n - 1 if n < 0 else np.zeros(n, np.int32) for n in (int(x) for x in lengths)
+    ]
+    n_images = sum(isinstance(p, int) for p in pieces)
+    latents = np.broadcast_to(np.float16(0), (n_images, *latent_shape))
+    return Record(kind, pieces, latents)
+
+
+def header(data: bytes) -> tuple[int, np.ndarray, tuple[int, int, int]]:
+    """(kind, piece lengths (images as -k-1), latent shape) from a serialized record's header."""
+    head = np.frombuffer(data, np.int32, count=_HEADER)
+    if head[0] != _MAGIC:
+        raise ValueError("not an encoded tfx_jax record (bad magic number)")
+    lengths = np.frombuffer(data, np.int32, count=int(head[2]), offset=4 * _HEADER)
+    return int(head[1]), lengths, (int(head[4]), int(head[5]), int(head[6]))
+
+
+def _lengths(record: Record) -> list[int]:
+    return [-p - 1 if isinstance(p, int) else len(p) for p in record.pieces]
+
+
+class LengthIndex:
+    """Every record's kind and piece lengths, written beside the records by `write_encoded`
+    (`<records>.index.npz`, ~13 bytes per example): the input pipeline plans its packing from
+    it on every process without reading the records themselves."""
+
+    def __init__(self, kinds: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, latent_shape):
+        self.kinds, self.offsets, self.lengths = kinds, offsets, lengths
+        self.latent_shape = tuple(int(x) for x in latent_shape)
+
+    @classmethod
+    def of(cls, records: Sequence[Record], latent_shape) -> LengthIndex:
+        per = [_lengths(r) for r in records]
+        offsets = np.zeros(len(per) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(x) for x in per])
+        flat = np.asarray([n for x in per for n in x], np.int32)
+        return cls(np.asarray([r.kind for r in records], np.int8), offsets, flat, latent_shape)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def shell(self, index: int) -> Record:
+        a, b = self.offsets[index], self.offsets[index + 1]
+        return shell(int(self.kinds[index]), self.lengths[a:b], self.latent_shape)
+
+    def save(self, path: epath.Path) -> None:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            kinds=self.kinds,
+            offsets=self.offsets,
+            lengths=self.lengths,
+            latent_shape=np.asarray(self.latent_shape, np.int32),
+        )
+        path.write_bytes(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: epath.Path) -> LengthIndex:
+        with np.load(io.BytesIO(path.read_bytes())) as z:
+            return cls(z["kinds"], z["offsets"], z["lengths"], z["latent_shape"])
+
+
+def index_path(path: epath.Path) -> epath.Path:
+    return path.parent / (path.name + ".index.npz")
+
+
 def encode_block(
     examples: Sequence[dict],
     encode_text: Callable[[str], list[int]],
@@ -209,6 +281,8 @@ def write_encoded(
     tmp = path.parent / (path.name + ".tmp")
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     stats = EncodeStats()
+    kinds: list[int] = []
+    lengths: list[list[int]] = []
     pending: list[dict] = []  # raw examples whose images are not encoded yet
     n_pending_images = 0
 
@@ -216,6 +290,8 @@ def write_encoded(
         nonlocal pending, n_pending_images
         for record in encode_block(pending, encode_text, encode_images, latent_shape):
             writer.write(serialize(record))
+            kinds.append(record.kind)
+            lengths.append(_lengths(record))
             if observe is not None:
                 observe(record)
             stats.examples += 1
@@ -255,7 +331,14 @@ def write_encoded(
         tmp.unlink(missing_ok=True)  # the previous file, if any, stays whole
         raise
     writer.close()
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in lengths])
+    flat = np.asarray([n for x in lengths for n in x], np.int32)
+    # The index first: records without their index are still read (planned from the records
+    # themselves), an index without its records never is.
+    index_path(path).unlink(missing_ok=True)
     tmp.replace(path)
+    LengthIndex(np.asarray(kinds, np.int8), offsets, flat, latent_shape).save(index_path(path))
     return stats
 
 
@@ -271,9 +354,27 @@ class EncodedSource:
             )
         self._path = path
         self._source = grain.sources.ArrayRecordDataSource([str(path)])
+        self._index: LengthIndex | None = None
+        if index_path(path).exists():
+            index = LengthIndex.load(index_path(path))
+            if len(index) == len(self._source):
+                self._index = index
+            else:
+                log.warning("ignoring %s: it does not match %s", index_path(path), path)
 
     def __len__(self) -> int:
         return len(self._source)
+
+    def read_shells(self, indices: Sequence[int]) -> list[Record]:
+        """Layout-only records (`shell`) of `indices`: from the index, or (records encoded before
+        indexes existed) from the records' headers."""
+        if self._index is not None:
+            return [self._index.shell(i) for i in indices]
+        out = []
+        for data in self._source.__getitems__(indices):
+            kind, lengths, latent_shape = header(data)
+            out.append(shell(kind, lengths, latent_shape))
+        return out
 
     def __getitem__(self, index: int) -> Record:
         return deserialize(self._source[index])
@@ -313,6 +414,16 @@ class OnTheFlySource:
 
     def __getitem__(self, index: int) -> Record:
         return self.__getitems__([index])[0]
+
+    def read_shells(self, indices: Sequence[int]) -> list[Record]:
+        """Layout-only records: the text tokenized, the images counted, no VAE."""
+        out = []
+        for i in indices:
+            ex = self._examples[i]
+            pieces = checked_pieces(ex["kind"], ex["text"], len(ex["images"]))
+            lengths = [-p - 1 if isinstance(p, int) else len(self._encode_text(p)) for p in pieces]
+            out.append(shell(KINDS.index(ex["kind"]), lengths, self._latent_shape))
+        return out
 
     def __getitems__(self, indices: Sequence[int]) -> list[Record]:
         raw = [self._examples[i] for i in indices]

@@ -1,27 +1,34 @@
 """The Grain input pipeline: encoded examples → interleaved token/patch sequences → batches.
 
+The plan (the same in every process; layouts only, nothing read but the length index):
     random-access source of encoded examples (token ids + VAE latents, `data/encoded.py`)
-      → per-host shard [process_index::process_count]
       → seeded global shuffle, repeat
-      → to_sequence: insert images as BOI, I patch slots, EOI between the text pieces (caption
+      → arrangement and layout of each example (`to_sequence(..., with_patches=False)` on its
+        `encoded.shell`): images as BOI, I patch slots, EOI between the text pieces (caption
         before the image with probability 0.8, Transfusion §4.1; dropped with probability
         p_uncond for classifier-free guidance); an over-long example by `data.overlong`: a
         text document continues across rows, a caption is cut beside its image, an interleaved
         document keeps what fits up to an image boundary (or, with drop, it is left out)
-      → first-fit packing (Grain's FirstFitPackIterDataset) into rows of seq_len with segment ids
-        and positions; a sequence is never split, so neither is an image
-      → batches of this host's rows in the `tfx_jax.layout` format
+      → first-fit packing (Grain's FirstFitPackIterDataset) of (record, piece, arrangement)
+        references into rows of seq_len with segment ids and positions; a sequence is never
+        split, so neither is an image
+      → global batches
+Then, per process (`_Materialize`):
+      → this process's rows: one batched read of their records, each sequence laid out by
+        `to_sequence` with the planned arrangement, in the `tfx_jax.layout` format
       → (optional) multiprocess prefetch
 
+Because the plan is global, N processes see exactly the batches one process would, and the
+iterator's position (`get_state()`/`set_state()`, stored in the checkpoint) is the same in
+every process: a checkpoint from N processes resumes on M exactly.
+
 Nothing is lost silently and nothing hangs: `Counters` count every over-long, truncated,
-dropped and unreadable example, a pass over the shard logs them, and `DataLossError` (one line:
+dropped and unreadable example, a pass over the source logs them, and `DataLossError` (one line:
 how many, why, which settings fix it) stops the pipeline when more than
 `data.max_lost_fraction` of the examples are lost or when none of them can be packed.
 
 Tokenizing and VAE encoding happen once, before training (`python -m tfx_jax data encode`), so
-the hot path is read → arrange → pack. Deterministic from the seed; the iterator's
-`get_state()`/`set_state()` make it resumable (the checkpoint stores that state). Hosts read
-disjoint slices of the source.
+the hot path is plan → pack → read → lay out. Deterministic from the seed.
 """
 
 from __future__ import annotations
@@ -171,11 +178,30 @@ def _layout(
     return tok, img, blocks
 
 
+# How a caption example is laid out this epoch (drawn once, in the plan; `arrangement`).
+AS_STORED, IMAGE_FIRST, UNCONDITIONAL = range(3)
+
+
+def arrangement(record: Record, rng: np.random.Generator, spec: SequenceSpec) -> int:
+    """Draws a caption example's layout for this epoch: caption first (`AS_STORED`) with
+    probability `caption_first_prob`, else `IMAGE_FIRST`; `UNCONDITIONAL` (caption dropped) with
+    probability p_uncond. Other examples are always `AS_STORED` and draw nothing."""
+    if not (record.kind == CAPTION and len(record.pieces) == 2):
+        return AS_STORED
+    # Draw only when dropping is on, so p_uncond = 0 leaves every other draw unchanged.
+    if spec.caption_drop_prob > 0 and rng.random() < spec.caption_drop_prob:
+        return UNCONDITIONAL
+    return AS_STORED if rng.random() < spec.caption_first_prob else IMAGE_FIRST
+
+
 def to_sequence(
     record: Record,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     spec: SequenceSpec,
     counters: Counters | None = None,
+    *,
+    arrange: int | None = None,
+    with_patches: bool = True,
 ) -> list[dict[str, np.ndarray]]:
     """One encoded example -> its sequences {"tokens", "image_ids" [L], "patches" [L, P]}: one,
     several (a text document continued across rows) or none (lost; counted).
@@ -183,20 +209,19 @@ def to_sequence(
     Layout: BOS, then text pieces and image blocks (BOI, I patch slots, EOI) in document order,
     then EOS. Image k (1-based) of the document marks its patches with image id k. A caption
     example's order (caption first with probability `caption_first_prob`) and its caption
-    dropout are drawn here, per epoch. An example longer than seq_len is handled by
-    `spec.overlong` (see `SequenceSpec`); images are never split.
+    dropout are drawn from `rng` (`arrangement`) unless `arrange` gives them. An example longer
+    than seq_len is handled by `spec.overlong` (see `SequenceSpec`); images are never split.
+    `with_patches=False` leaves "patches" out (the plan needs only lengths).
     """
     counters = counters if counters is not None else Counters()
     T = spec.seq_len
     pieces = record.pieces
     caption = record.kind == CAPTION and len(pieces) == 2
-    if caption:
-        text = pieces[0]
-        # Draw only when dropping is on, so p_uncond = 0 leaves every other draw unchanged.
-        if spec.caption_drop_prob > 0 and rng.random() < spec.caption_drop_prob:
-            pieces = [0]
-        elif rng.random() >= spec.caption_first_prob:
-            pieces = [0, text]
+    arrange = arrangement(record, rng, spec) if arrange is None else arrange
+    if caption and arrange == UNCONDITIONAL:
+        pieces = [0]
+    elif caption and arrange == IMAGE_FIRST:
+        pieces = [0, pieces[0]]
     latents = record.latents
     n_patch = (latents.shape[1] // spec.patch_size) * (latents.shape[2] // spec.patch_size)
     n_images = len(latents)
@@ -223,14 +248,13 @@ def to_sequence(
         if not n_images and spec.overlong == "split":
             # A text document continues across rows: BOS on the first piece, EOS on the last.
             counters.split += 1
-            return [
-                {
-                    "tokens": tok[s : s + T],
-                    "image_ids": img[s : s + T],
-                    "patches": np.zeros((min(T, length - s), P), np.float32),
-                }
-                for s in range(0, length, T)
+            out = [
+                {"tokens": tok[s : s + T], "image_ids": img[s : s + T]} for s in range(0, length, T)
             ]
+            if with_patches:
+                for seq in out:
+                    seq["patches"] = np.zeros((len(seq["tokens"]), P), np.float32)
+            return out
         # Keep tok[:cut] for the largest cut that ends on text and not on a BOI, so no image
         # block is split and none is opened without its patches.
         head_tok, head_img = tok[:T], img[:T]
@@ -241,6 +265,8 @@ def to_sequence(
             return []
         tok, img, length = tok[:cut], img[:cut], cut
         counters.truncated += 1
+    if not with_patches:
+        return [{"tokens": tok, "image_ids": img}]
     patches = np.zeros((length, P), np.float32)
     if blocks:
         flat = patchify_np(latents, spec.patch_size)
@@ -270,8 +296,23 @@ def _name(source: Sequence[Record]) -> str:
     return text if 0 < len(text) <= 200 else f"a {type(source).__name__} of {len(source)} records"
 
 
-class _ReadBlock(grain.transforms.RandomMap):
-    """A block of shuffled record indices -> their sequences (one batched read, one RNG).
+def _read_shells(source: Sequence[Record], indices: list[int]) -> list[Record]:
+    """Layout-only records for the plan: `source.read_shells` (an index; no tokens or latents
+    read) where the source has it, else the records themselves."""
+    if hasattr(source, "read_shells"):
+        return source.read_shells(indices)
+    if hasattr(source, "__getitems__"):
+        return list(source.__getitems__(indices))
+    return [source[i] for i in indices]
+
+
+class _PlanBlock(grain.transforms.RandomMap):
+    """A block of the global shuffled order -> the plans of their sequences.
+
+    A plan is a sequence's length and where it comes from: a [L, 3] int32 array that repeats
+    (record index, piece k of the record's sequences, arrangement). The packer packs these, so
+    every process packs the same global rows from layout alone (cheap: shells, `_read_shells`),
+    and each then reads and lays out only the records of its own rows (`_Materialize`).
 
     Reading a block at once is ~4x cheaper per record than single reads from ArrayRecord
     (`__getitems__`), and one Philox generator per block instead of per record saves as much
@@ -279,36 +320,33 @@ class _ReadBlock(grain.transforms.RandomMap):
 
     It also watches what it reads, so that a pipeline that cannot make batches says so instead
     of hanging and one that loses much of its data stops instead of training on the rest:
-      - `patience` different records in a row (at most the shard) that give no sequence ->
+      - `patience` different records in a row (at most the source) that give no sequence ->
         DataLossError (every example over-long and dropped, too long to fit, or unreadable);
       - more than `max_lost_fraction` of the records read lost -> DataLossError, checked after
-        one pass over the shard and, with a margin for sampling noise, after `early` records;
+        one pass over the source and, with a margin for sampling noise, after `early` records;
       - after one pass, the counts are logged (over-long, unreadable).
+    Every process plans the whole global batch, so these counts are global and the same in all.
     """
 
     EARLY, EARLY_MARGIN, PATIENCE = 1000, 0.05, 1000
 
-    def __init__(
-        self, source: Sequence[Record], spec: SequenceSpec, counters: Counters, shard_size: int
-    ):
+    def __init__(self, source: Sequence[Record], spec: SequenceSpec, counters: Counters):
         self._source, self._spec, self._counters = source, spec, counters
-        self._shard_size = shard_size
-        self._patience = max(1, min(shard_size, self.PATIENCE))
+        self._size = len(source)
+        self._patience = max(1, min(self._size, self.PATIENCE))
         self._rejected: set[int] = set()  # distinct records rejected since the last sequence
         self._last_error = ""
         self._checked_early = self._checked_pass = False
 
     def _read(self, indices: list[int]) -> list[Record | None]:
-        if hasattr(self._source, "__getitems__"):
-            try:
-                return list(self._source.__getitems__(indices))
-            except Exception:  # find the bad record(s) one by one below
-                pass
-        return [self._read_one(i) for i in indices]
+        try:
+            return _read_shells(self._source, indices)
+        except Exception:  # find the bad record(s) one by one below
+            return [self._read_one(i) for i in indices]
 
     def _read_one(self, index: int) -> Record | None:
         try:
-            return self._source[index]
+            return _read_shells(self._source, [index])[0]
         except Exception as e:
             if self._spec.on_error == "raise":
                 raise RecordError(
@@ -325,10 +363,13 @@ class _ReadBlock(grain.transforms.RandomMap):
         c = self._counters
         for index, record in zip(indices.tolist(), self._read(indices.tolist()), strict=True):
             c.examples += 1
-            seqs = []
+            seqs, arrange = [], AS_STORED
             if record is not None:
                 try:
-                    seqs = to_sequence(record, rng, self._spec, c)
+                    arrange = arrangement(record, rng, self._spec)
+                    seqs = to_sequence(
+                        record, None, self._spec, c, arrange=arrange, with_patches=False
+                    )
                 except Exception as e:  # a record that does not match its images
                     if self._spec.on_error == "raise":
                         raise RecordError(f"record {index} of {_name(self._source)}: {e}") from e
@@ -339,43 +380,39 @@ class _ReadBlock(grain.transforms.RandomMap):
                 self._rejected.add(index)
                 continue
             self._rejected.clear()
-            for seq in seqs:
-                # One packed feature for both id streams: the packer's cost is per feature.
-                ids = np.stack([seq["tokens"], seq["image_ids"]], 1)
-                out.append({"ids": ids, "patches": seq["patches"]})
+            for k, seq in enumerate(seqs):
+                ref = np.array([index, k, arrange], np.int32)
+                out.append({"ref": np.broadcast_to(ref, (len(seq["tokens"]), 3))})
         self._check()
         return out
 
-    def _what(self) -> str:
-        return f"{_name(self._source)} (this process's shard: {self._shard_size} records)"
-
     def _check(self) -> None:
         c, spec = self._counters, self._spec
+        what = _name(self._source)
         if len(self._rejected) >= self._patience:
             unreadable = f"; last error: {self._last_error}" if self._last_error else ""
             raise DataLossError(
-                f"the input pipeline read {c.examples} examples of {self._what()} and none of "
+                f"the input pipeline read {c.examples} examples of {what} and none of "
                 f"the last {len(self._rejected)} can be packed, so no batch can be made: "
                 f"{c.overlong_summary(spec.seq_len)}; {c.decode_errors} unreadable{unreadable}. "
                 f"{fixes(c, spec)}"
             )
-        if not self._checked_pass and c.examples >= self._shard_size:
+        if not self._checked_pass and c.examples >= self._size:
             self._checked_pass = self._checked_early = True
             level = logging.WARNING if c.overlong or c.decode_errors else logging.INFO
             log.log(
                 level,
                 "input pipeline, first pass over %s: %s; %d unreadable",
-                self._what(),
+                what,
                 c.overlong_summary(spec.seq_len),
                 c.decode_errors,
             )
             if c.lost > spec.max_lost_fraction * c.examples:
-                raise DataLossError(lost_message(c, spec, self._what()))
+                raise DataLossError(lost_message(c, spec, what))
         if not self._checked_early and c.examples >= self.EARLY:
             self._checked_early = True
             if c.lost > (spec.max_lost_fraction + self.EARLY_MARGIN) * c.examples:
-                what = f"the first examples read of {self._what()}"
-                raise DataLossError(lost_message(c, spec, what))
+                raise DataLossError(lost_message(c, spec, f"the first examples read of {what}"))
 
 
 class _Unblock(grain.experimental.FlatMapTransform):
@@ -386,14 +423,77 @@ class _Unblock(grain.experimental.FlatMapTransform):
         return element
 
 
-def _finalize(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        "tokens": np.ascontiguousarray(row["ids"][:, 0]),
-        "segment_ids": row["ids_segment_ids"].astype(np.int32),
-        "positions": row["ids_positions"].astype(np.int32),
-        "image_ids": np.ascontiguousarray(row["ids"][:, 1]),
-        "patches": row["patches"],
-    }
+class _Materialize(grain.transforms.Map):
+    """A planned global batch -> this process's rows of it, in the `tfx_jax.layout` format.
+
+    Process p of P takes rows [p·R, (p+1)·R) (R = global rows / P), reads the records those
+    rows hold (one batched read) and lays each sequence out where the plan put it: the same
+    `to_sequence`, with the arrangement the plan drew, so a row is exactly what one process
+    alone would have made of it.
+    """
+
+    def __init__(self, source, spec: SequenceSpec, rows: slice, counters: Counters, patch_dim: int):
+        self._source, self._spec, self._rows = source, spec, rows
+        self._counters, self._P = counters, patch_dim
+
+    def _records(self, indices: list[int]) -> dict[int, Record | None]:
+        try:
+            if hasattr(self._source, "__getitems__"):
+                return dict(zip(indices, self._source.__getitems__(indices), strict=True))
+        except Exception:  # find the bad record(s) one by one below
+            pass
+        out: dict[int, Record | None] = {}
+        for i in indices:
+            try:
+                out[i] = self._source[i]
+            except Exception as e:
+                if self._spec.on_error == "raise":
+                    raise RecordError(
+                        f"record {i} of {_name(self._source)} cannot be read: {e}. Set "
+                        "data.on_error=skip to skip such records (they are counted)."
+                    ) from e
+                self._counters.decode_errors += 1
+                log.warning("skipping unreadable record %d (%s): its slot is padding", i, e)
+                out[i] = None
+        return out
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ref = batch["ref"][self._rows]
+        segments = batch["ref_segment_ids"][self._rows].astype(np.int32)
+        positions = batch["ref_positions"][self._rows].astype(np.int32)
+        R, T = segments.shape
+        tokens = np.zeros((R, T), np.int32)
+        image_ids = np.zeros((R, T), np.int32)
+        patches = np.zeros((R, T, self._P), np.float32)
+        starts = np.argwhere((positions == 0) & (segments > 0))
+        records = self._records(sorted({int(ref[r, s, 0]) for r, s in starts}))
+        made: dict[tuple[int, int], list[dict]] = {}
+        for r, s in starts.tolist():
+            index, k, arrange = (int(x) for x in ref[r, s])
+            length = int(np.count_nonzero(segments[r] == segments[r, s]))
+            record = records[index]
+            if record is None:  # unreadable now (it was readable when planned): padding
+                segments[r, s : s + length] = positions[r, s : s + length] = 0
+                continue
+            if (index, arrange) not in made:
+                made[index, arrange] = to_sequence(record, None, self._spec, arrange=arrange)
+            seq = made[index, arrange][k]
+            if len(seq["tokens"]) != length:
+                raise RecordError(
+                    f"record {index} of {_name(self._source)} changed since the pipeline planned "
+                    f"it ({len(seq['tokens'])} positions, planned {length}): its index does not "
+                    "match the records. Re-run `python -m tfx_jax data encode`."
+                )
+            tokens[r, s : s + length] = seq["tokens"]
+            image_ids[r, s : s + length] = seq["image_ids"]
+            patches[r, s : s + length] = seq["patches"]
+        return {
+            "tokens": tokens,
+            "segment_ids": segments,
+            "positions": positions,
+            "image_ids": image_ids,
+            "patches": patches,
+        }
 
 
 def packed_dataset(
@@ -412,44 +512,56 @@ def packed_dataset(
     read_block: int = 64,
     counters: Counters | None = None,
 ) -> grain.IterDataset:
-    """The packed, batched dataset of this host.
+    """This process's rows of the packed global batches.
+
+    The plan is global: every process shuffles all of `source` the same way, lays out each
+    example's sequences from its layout alone (no tokens or latents read, `_PlanBlock`) and
+    packs them into the same global batches; then it reads and fills in only its own rows
+    (`_Materialize`). So the batches do not depend on the process count, and neither does the
+    iterator's position: a checkpoint made by N processes resumes on M exactly where it stopped
+    (`position_is_global`), no example skipped or repeated.
 
     Args:
       source: random-access encoded records (`encoded.EncodedSource`, or a list of
         `encoded.encode_example` results).
       spec: sequence layout options.
-      batch_size: rows per batch on this host (global batch / process count).
+      batch_size: rows of the GLOBAL batch (all processes); each process gets batch_size / P.
       seed: shuffling, caption order and bin shuffling all derive from it.
       num_epochs: None repeats forever.
-      process_index, process_count: this host's shard of the source.
+      process_index, process_count: which rows of each global batch are this process's.
       num_packing_bins: first-fit bins (more: better packing, more memory).
       worker_count: >0 adds Grain multiprocess prefetch with that many workers.
-      read_threads: threads reading and sequencing blocks ahead of the packer (helps remote
-        storage; 0 reads in the iterating thread, the fastest per core for local files).
-      read_block: shuffled records read at once.
-      counters: receives what was read, cut, dropped and skipped (in this process).
+      read_threads: threads planning blocks ahead of the packer (helps remote storage; 0 plans
+        in the iterating thread, the fastest per core for local files).
+      read_block: shuffled records planned at once.
+      counters: receives what was read, cut, dropped and skipped (global: every process plans
+        every example).
 
     Raises:
-      DataLossError: at once if this host's shard is empty; while iterating, if none of the
-        examples can be packed or more than `spec.max_lost_fraction` of them are lost.
+      DataLossError: at once if the source is empty; while iterating, if none of the examples
+        can be packed or more than `spec.max_lost_fraction` of them are lost.
+      ValueError: batch_size does not split evenly over the processes.
 
     Returns:
       A Grain IterDataset; `iter()` gives a checkpointable iterator of layout-format batches.
     """
     counters = counters if counters is not None else Counters()
-    ds = grain.MapDataset.range(len(source))[process_index::process_count]
-    shard_size = len(ds)
-    if not shard_size:
-        raise DataLossError(
-            f"{_name(source)} has {len(source)} examples, none for process {process_index} of "
-            f"{process_count}: there is nothing to make batches of. Check that the split has "
-            "examples (`python -m tfx_jax data build` lists them; `data encode` counts what it "
-            "wrote)."
+    if batch_size % process_count:
+        raise ValueError(
+            f"data.global_batch_size={batch_size} does not split over {process_count} processes: "
+            "make it a multiple of the process count."
         )
+    if not len(source):
+        raise DataLossError(
+            f"{_name(source)} has no examples: there is nothing to make batches of. Check that "
+            "the split has examples (`python -m tfx_jax data build` lists them; `data encode` "
+            "counts what it wrote)."
+        )
+    ds = grain.MapDataset.range(len(source))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).batch(read_block)
-    ds = ds.random_map(_ReadBlock(source, spec, counters, shard_size), seed=seed + 1)
+    ds = ds.random_map(_PlanBlock(source, spec, counters), seed=seed + 1)
     # Grain's default read-ahead (16 threads, 500 elements) polls its whole buffer for every
     # element: slower than the packer itself on one core (benchmarks/RESULTS.md).
     it = ds.to_iter_dataset(
@@ -459,12 +571,16 @@ def packed_dataset(
     T = spec.seq_len
     it = grain.experimental.FirstFitPackIterDataset(
         it,
-        length_struct={"ids": T, "patches": T},
+        length_struct={"ref": T},
         num_packing_bins=num_packing_bins,
         seed=seed + 2,
         shuffle_bins=shuffle,
     )
-    it = it.map(_finalize).batch(batch_size, drop_remainder=True)
+    it = it.batch(batch_size, drop_remainder=True)
+    rows = batch_size // process_count
+    mine = slice(process_index * rows, (process_index + 1) * rows)
+    P = spec.patch_size**2 * spec.latent_channels
+    it = it.map(_Materialize(source, spec, mine, counters, P))
     if worker_count > 0:
         # Grain's workers read absl flags, which a non-absl program never parsed.
         if not flags.FLAGS.is_parsed():

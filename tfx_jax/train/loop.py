@@ -15,6 +15,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,11 +279,14 @@ def restore_into(
     ours = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if can_restore_data and not (data_dir / ours).exists():
         # Saved with another process count. A stream whose position is global (the same in
-        # every process, e.g. batches made from (seed, step)) resumes from any process's; a
-        # sharded Grain pipeline cannot be remapped exactly.
+        # every process: the packed pipeline plans global batches, the synthetic stream makes
+        # them from (seed, step)) resumes from any process's file.
         saved = sorted(data_dir.glob("process_*.json"))
         if saved and getattr(data_iter, "position_is_global", False):
-            data_iter.set_state(saved[0].read_text().encode())
+            text = saved[0].read_text()
+            is_grain = isinstance(data_iter, grain.DatasetIterator)
+            data_iter.set_state(json.loads(text) if is_grain else text.encode())
+            log.info("data position restored from %s (saved by another process count)", saved[0])
         else:
             log.warning(
                 "data position was saved with another process count (%s); the input pipeline "
