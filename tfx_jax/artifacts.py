@@ -27,6 +27,7 @@ from etils import epath
 from tfx_jax.config import Config
 from tfx_jax.data import pipeline, sources
 from tfx_jax.data.encoded import EncodedSource, OnTheFlySource
+from tfx_jax.data.sources import mixture
 from tfx_jax.data.tokenizer import Tokenizer
 from tfx_jax.models.vae import VAE, Codec
 
@@ -116,6 +117,8 @@ def encode_settings(cfg: Config) -> dict:
 
 
 def encoded_is_current(cfg: Config) -> bool:
+    if cfg.data.source == "mixture":  # each component has its own records
+        return all(encoded_is_current(part) for _, _, part in mixture.parts(cfg))
     made_by = made_by_path(cfg)
     splits = sources.of(cfg).splits(cfg)
     if not made_by.exists() or not all(encoded_path(cfg, s).exists() for s in splits):
@@ -220,6 +223,27 @@ def sequence_spec(cfg: Config) -> pipeline.SequenceSpec:
     )
 
 
+def _records(cfg: Config, split: str, tokenizer: Tokenizer):
+    """One source's encoded records of `split`: read from `data encode`'s files, or made as they
+    are read (data.latents=on_the_fly)."""
+    source = sources.of(cfg)
+    if cfg.data.latents == "on_the_fly":
+        return OnTheFlySource(
+            source.open_split(cfg, split),
+            tokenizer.encode,
+            CpuImageEncoder(cfg) if source.has_images else None,
+            latent_shape(cfg),
+        )
+    if encoded_is_current(cfg):
+        return EncodedSource(encoded_path(cfg, split))
+    raise FileNotFoundError(
+        f"the encoded records in {encoded_path(cfg, split).parent} are missing or were made "
+        "with another tokenizer, VAE or source: run `python -m tfx_jax data encode` (or "
+        "`data all`, which also makes whatever they depend on), or set "
+        "data.latents=on_the_fly to encode while training."
+    )
+
+
 def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.ndarray]]:
     """This process's packed batches of `split` of the configured source: a checkpointable
     iterator. A source that makes batches itself gives them; otherwise a Grain pipeline over
@@ -238,22 +262,20 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
             f"{tokenizer_path(cfg)} has {tokenizer.vocab_size} pieces but "
             f"model.vocab_size={m.vocab_size}."
         )
-    if d.latents == "on_the_fly":
-        records = OnTheFlySource(
-            source.open_split(cfg, split),
-            tokenizer.encode,
-            CpuImageEncoder(cfg) if source.has_images else None,
-            latent_shape(cfg),
-        )
-    elif encoded_is_current(cfg):
-        records = EncodedSource(encoded_path(cfg, split))
+    named = mixture.parts(cfg)
+    records = [_records(part, split, tokenizer) for _, _, part in named]
+    parts = []
+    if source.name == "mixture":  # the components end to end, drawn at their weights
+        records = mixture.Concat(records, [name for name, _, _ in named])
+        parts = [
+            pipeline.MixturePart(name, offset, size, weight)
+            for (name, weight, _), offset, size in zip(
+                named, records.offsets[:-1], map(len, records.items), strict=True
+            )
+        ]
+        kw = {"parts": parts, "mix_by": d.mix_by, **kw}
     else:
-        raise FileNotFoundError(
-            f"the encoded records in {encoded_path(cfg, split).parent} are missing or were made "
-            "with another tokenizer, VAE or source: run `python -m tfx_jax data encode` (or "
-            "`data all`, which also makes whatever they depend on), or set "
-            "data.latents=on_the_fly to encode while training."
-        )
+        records = records[0]
     ds = pipeline.packed_dataset(
         records,
         sequence_spec(cfg),

@@ -29,6 +29,7 @@ from tfx_jax.config import Config, ConfigError
 from tfx_jax.data import pipeline, sources
 from tfx_jax.data.embedded import text_corpus
 from tfx_jax.data.encoded import IMAGE_PLACEHOLDER, write_encoded
+from tfx_jax.data.sources import mixture
 from tfx_jax.data.tokenizer import (
     NUM_BYTE_PIECES,
     NUM_RESERVED,
@@ -124,6 +125,11 @@ def encode(cfg: Config) -> None:
         names the settings that fix it (the records stay current: no re-encoding needed).
       RecordError: an example cannot be read and data.on_error=raise.
     """
+    if cfg.data.source == "mixture":  # each component's records, with the shared tokenizer/VAE
+        for name, _, part in mixture.parts(cfg):
+            print(f"mixture component {name}:")
+            encode(part)
+        return
     tokenizer = artifacts.load_tokenizer(cfg)
     encode_images = artifacts.image_encoder(cfg)
     shape = artifacts.latent_shape(cfg)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from tfx_jax.data import sources
 from tfx_jax.data.sources import DataConfigError
+from tfx_jax.data.sources.mixture import components
 
 if TYPE_CHECKING:
     from tfx_jax.config import Config
@@ -29,7 +30,15 @@ class DataConfig:
     #   folder     images with same-name .txt captions under `path` (train/ validation/ subdirs
     #              or a deterministic 5% validation split by file name)
     #   text       plain UTF-8 text files under `path` (text-only documents)
+    #   mixture    several of the above at weights (`mixture`, `mix_by`)
     source: str = "synthetic"
+    # source=mixture: one "NAME WEIGHT key=value ..." per source; each component is this data
+    # section with its own key=value settings (e.g. source=text path=corpus), e.g.
+    #   ("text 0.5 source=text path=corpus", "shapes 0.5 source=shapes tfds_config=default").
+    # The weights are shares of tokens (mix_by=tokens: Transfusion §4.1 mixes by tokens) or of
+    # examples (mix_by=examples); they need not sum to 1.
+    mixture: tuple[str, ...] = ()
+    mix_by: str = "tokens"
     data_dir: str = "data_cache"  # TFDS data, tokenizer, VAE and encoded records (local or gs://)
     tfds_config: str = "default"  # tfx_shapes builder config: default | default_64px | tiny
     tfds_name: str = ""  # source=tfds: e.g. "mnist", "cifar10", "coco_captions", "mnist:3.0.1"
@@ -77,6 +86,19 @@ class DataConfig:
     worker_count: int = 0  # Grain prefetch processes (0 = in-process)
     read_threads: int = 0  # threads reading records ahead (helps gs://; 0 = fastest per core)
     seed: int = 0
+    # source=tfds: a text feature (or a sequence of them, joined by blank lines) of a text-only
+    # dataset, e.g. "text" of wikipedia or c4: each record is one document (no image_key used).
+    text_key: str = ""
+    # The tokenizer trains on at most this many texts of the training split: a seeded sample
+    # when it has more (read without decoding images), all of them in order otherwise.
+    tokenizer_sample: int = 100_000
+    # Every stage (tokenizer, VAE, encode) reads only the first N examples of each split; for
+    # trials on a large source. 0 = all.
+    max_examples: int = 0
+    # `data encode` writes each split as ArrayRecord shards of this many examples (the source's
+    # order); the shards are spread over the processes of a --distributed job, and a killed
+    # encode resumes at the first unfinished shard.
+    encode_shard_size: int = 16384
 
     @property
     def min_image_side(self) -> int:
@@ -105,6 +127,14 @@ def validate_data(cfg: Config) -> None:
         f"data.seq_len={d.seq_len} cannot hold one image (BOI + {m.num_patches} patches + EOI).",
     )
     need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0.")
+    need(d.mix_by in ("tokens", "examples"), f"data.mix_by={d.mix_by!r}: tokens | examples.")
+    need(
+        bool(d.mixture) == (d.source == "mixture"),
+        "data.mixture lists the sources of data.source=mixture: set both or neither "
+        f"(data.source={d.source!r}, {len(d.mixture)} mixture entries).",
+    )
+    for part in components(d):
+        validate_data(dataclasses.replace(cfg, data=part.data))
     source = sources.get(d.source)
     source.validate(cfg)
     need(
@@ -146,3 +176,12 @@ def validate_data(cfg: Config) -> None:
             f"data.image_size={d.image_size} / vae.downsample={v.downsample} must equal "
             f"model.latent_size={m.latent_size}.",
         )
+    need(
+        d.tokenizer_sample > 0,
+        f"data.tokenizer_sample={d.tokenizer_sample} must be > 0 (texts the tokenizer trains on).",
+    )
+    need(d.max_examples >= 0, f"data.max_examples={d.max_examples} must be >= 0 (0 = all).")
+    need(
+        d.encode_shard_size > 0,
+        f"data.encode_shard_size={d.encode_shard_size} must be > 0 (examples per encoded shard).",
+    )

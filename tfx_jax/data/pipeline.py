@@ -309,10 +309,11 @@ def _read_shells(source: Sequence[Record], indices: list[int]) -> list[Record]:
 class _PlanBlock(grain.transforms.RandomMap):
     """A block of the global shuffled order -> the plans of their sequences.
 
-    A plan is a sequence's length and where it comes from: a [L, 3] int32 array that repeats
-    (record index, piece k of the record's sequences, arrangement). The packer packs these, so
-    every process packs the same global rows from layout alone (cheap: shells, `_read_shells`),
-    and each then reads and lays out only the records of its own rows (`_Materialize`).
+    A plan is a sequence's length and where it comes from: a [L, 4] int32 array that repeats
+    (record index, piece k of the record's sequences, arrangement, images in it). The packer
+    packs these, so every process packs the same global rows from layout alone (cheap: shells,
+    `_read_shells`), and each then reads and lays out only the records of its own rows
+    (`_Materialize`).
 
     Reading a block at once is ~4x cheaper per record than single reads from ArrayRecord
     (`__getitems__`), and one Philox generator per block instead of per record saves as much
@@ -381,8 +382,9 @@ class _PlanBlock(grain.transforms.RandomMap):
                 continue
             self._rejected.clear()
             for k, seq in enumerate(seqs):
-                ref = np.array([index, k, arrange], np.int32)
-                out.append({"ref": np.broadcast_to(ref, (len(seq["tokens"]), 3))})
+                images = len(np.unique(seq["image_ids"])) - 1 if seq["image_ids"].any() else 0
+                ref = np.array([index, k, arrange, images], np.int32)
+                out.append({"ref": np.broadcast_to(ref, (len(seq["tokens"]), 4))})
         self._check()
         return out
 
@@ -432,9 +434,34 @@ class _Materialize(grain.transforms.Map):
     alone would have made of it.
     """
 
-    def __init__(self, source, spec: SequenceSpec, rows: slice, counters: Counters, patch_dim: int):
+    def __init__(
+        self,
+        source,
+        spec: SequenceSpec,
+        rows: slice,
+        counters: Counters,
+        patch_dim: int,
+        parts: Sequence[MixturePart] = (),
+    ):
         self._source, self._spec, self._rows = source, spec, rows
         self._counters, self._P = counters, patch_dim
+        self._names = [p.name for p in parts]
+        self._bounds = np.asarray([p.offset for p in parts[1:]], np.int64)
+
+    def _stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Positions, sequences and images of each mixture part in the whole global batch
+        (`stats/<part>/...`; the same in every process): the ratio a run actually trains on."""
+        ref, seg, pos = batch["ref"], batch["ref_segment_ids"], batch["ref_positions"]
+        part = np.searchsorted(self._bounds, ref[..., 0], side="right")
+        real = seg > 0
+        first = real & (pos == 0)
+        out = {}
+        for k, name in enumerate(self._names):
+            mine = part == k
+            out[f"stats/{name}/tokens"] = np.int64(np.count_nonzero(real & mine))
+            out[f"stats/{name}/sequences"] = np.int64(np.count_nonzero(first & mine))
+            out[f"stats/{name}/images"] = np.int64(ref[..., 3][first & mine].sum())
+        return out
 
     def _records(self, indices: list[int]) -> dict[int, Record | None]:
         try:
@@ -469,7 +496,7 @@ class _Materialize(grain.transforms.Map):
         records = self._records(sorted({int(ref[r, s, 0]) for r, s in starts}))
         made: dict[tuple[int, int], list[dict]] = {}
         for r, s in starts.tolist():
-            index, k, arrange = (int(x) for x in ref[r, s])
+            index, k, arrange = (int(x) for x in ref[r, s, :3])
             length = int(np.count_nonzero(segments[r] == segments[r, s]))
             record = records[index]
             if record is None:  # unreadable now (it was readable when planned): padding
@@ -487,13 +514,50 @@ class _Materialize(grain.transforms.Map):
             tokens[r, s : s + length] = seq["tokens"]
             image_ids[r, s : s + length] = seq["image_ids"]
             patches[r, s : s + length] = seq["patches"]
-        return {
+        out = {
             "tokens": tokens,
             "segment_ids": segments,
             "positions": positions,
             "image_ids": image_ids,
             "patches": patches,
         }
+        if self._names:
+            out.update(self._stats(batch))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MixturePart:
+    """One source of a mixture inside the concatenated records: [offset, offset + size)."""
+
+    name: str
+    offset: int
+    size: int
+    weight: float
+
+
+def _mean_length(source, part: MixturePart, spec: SequenceSpec, sample: int = 2048) -> float:
+    """Mean positions per example of a part, from the layouts of a fixed sample of it."""
+    take = np.random.default_rng(0).permutation(part.size)[:sample] + part.offset
+    plain = dataclasses.replace(spec, caption_drop_prob=0.0)
+    total = 0
+    for record in _read_shells(source, take.tolist()):
+        seqs = to_sequence(record, None, plain, arrange=AS_STORED, with_patches=False)
+        total += sum(len(q["tokens"]) for q in seqs)
+    return max(total / max(len(take), 1), 1.0)
+
+
+def mixture_weights(
+    source, parts: Sequence[MixturePart], spec: SequenceSpec, by: str
+) -> list[float]:
+    """Grain's mix draws examples; a share of tokens w_k becomes an example weight
+    w_k / (mean positions per example of part k), so long documents do not crowd out captions
+    (Transfusion §4.1 states its mix in tokens)."""
+    weights = [p.weight for p in parts]
+    if by == "tokens":
+        weights = [p.weight / _mean_length(source, p, spec) for p in parts]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def packed_dataset(
@@ -511,6 +575,8 @@ def packed_dataset(
     read_threads: int = 0,
     read_block: int = 64,
     counters: Counters | None = None,
+    parts: Sequence[MixturePart] = (),
+    mix_by: str = "tokens",
 ) -> grain.IterDataset:
     """This process's rows of the packed global batches.
 
@@ -536,6 +602,9 @@ def packed_dataset(
       read_block: shuffled records planned at once.
       counters: receives what was read, cut, dropped and skipped (global: every process plans
         every example).
+      parts: a mixture: `source` is its parts end to end; each is shuffled on its own and drawn
+        at its weight (`mixture_weights`, by `mix_by`: "tokens" or "examples"); each batch then
+        carries `stats/<part>/{tokens,sequences,images}` of the whole global batch.
 
     Raises:
       DataLossError: at once if the source is empty; while iterating, if none of the examples
@@ -557,10 +626,22 @@ def packed_dataset(
             "the split has examples (`python -m tfx_jax data build` lists them; `data encode` "
             "counts what it wrote)."
         )
-    ds = grain.MapDataset.range(len(source))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).batch(read_block)
+    if parts:
+        # Each part shuffled and repeated on its own, then drawn at its weight: Grain's mix is
+        # deterministic by index, so the position stays one global, checkpointable state.
+        streams = []
+        for k, part in enumerate(parts):
+            one = grain.MapDataset.range(part.size)
+            if shuffle:
+                one = one.shuffle(seed=seed + 7919 * (k + 1))
+            streams.append(one.repeat(num_epochs).map(lambda i, o=part.offset: i + o))
+        ds = grain.MapDataset.mix(streams, mixture_weights(source, parts, spec, mix_by))
+    else:
+        ds = grain.MapDataset.range(len(source))
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs)
+    ds = ds.batch(read_block)
     ds = ds.random_map(_PlanBlock(source, spec, counters), seed=seed + 1)
     # Grain's default read-ahead (16 threads, 500 elements) polls its whole buffer for every
     # element: slower than the packer itself on one core (benchmarks/RESULTS.md).
@@ -580,7 +661,7 @@ def packed_dataset(
     rows = batch_size // process_count
     mine = slice(process_index * rows, (process_index + 1) * rows)
     P = spec.patch_size**2 * spec.latent_channels
-    it = it.map(_Materialize(source, spec, mine, counters, P))
+    it = it.map(_Materialize(source, spec, mine, counters, P, parts))
     if worker_count > 0:
         # Grain's workers read absl flags, which a non-absl program never parsed.
         if not flags.FLAGS.is_parsed():

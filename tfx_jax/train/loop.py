@@ -42,12 +42,13 @@ from tfx_jax.checkpoint import (
 )
 from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.data import sources
+from tfx_jax.data.sources import mixture
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.observability import flops, metric_writers
 from tfx_jax.observability.profiling import ProfileWindow
 from tfx_jax.sharding import mesh_context
-from tfx_jax.train.evaluators import SampleGrid, run_evaluators
+from tfx_jax.train.evaluators import SampleGrid, evaluate, run_evaluators
 from tfx_jax.train.optim import learning_rate_schedule, make_optimizer
 from tfx_jax.train.preemption import Preemption
 from tfx_jax.train.steps import TrainState, make_eval_step, make_train_step
@@ -182,7 +183,9 @@ class Trainer:
         return self.compiled_train_step
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return sharding.put_global_batch(batch, self.mesh, self.cfg.mesh.rules)
+        # "stats/..." entries (a mixture's per-source counts) stay on the host.
+        arrays = {k: v for k, v in batch.items() if not k.startswith("stats/")}
+        return sharding.put_global_batch(arrays, self.mesh, self.cfg.mesh.rules)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         if self.compiled_train_step is None:
@@ -391,6 +394,9 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
     is_main = jax.process_index() == 0
     ck = cfg.checkpoint
     eval_iter = make_batches(cfg, "validation") if cfg.train.eval_every else None
+    part_evals = {}  # a mixture's components, each evaluated on its own validation split
+    if eval_iter is not None and cfg.data.source == "mixture":
+        part_evals = {name: make_batches(p, "validation") for name, _, p in mixture.parts(cfg)}
     sampler = None
     if cfg.train.eval_every and cfg.train.eval_samples and sources.of(cfg).has_images:
         sampler = SampleGrid(cfg, cfg.train.eval_samples)
@@ -405,6 +411,7 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
             cfg.train.steps,
         )
     eval_failures: dict[str, int] = {}
+    data_stats: dict[str, int] = {}  # stats/<part>/<what> summed since this process started
     history: list[dict[str, float]] = []
     bar = tqdm(
         total=cfg.train.steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True
@@ -419,7 +426,11 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
             step += 1
             if profiler:
                 profiler.on_step(step)
-            metrics = trainer.train_step(next(data_iter))
+            batch = next(data_iter)
+            for key in batch:
+                if key.startswith("stats/"):  # a mixture's counts: data/<part>/... below
+                    data_stats[key] = data_stats.get(key, 0) + int(batch[key])
+            metrics = trainer.train_step(batch)
             steps_since += 1
             bar.update(1)
             last = step == cfg.train.steps
@@ -436,6 +447,7 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
                 host["step"] = step
                 host["step_time_s"] = dt
                 host["tokens_per_s"] = host["tokens"] / dt
+                host.update(_mixture_metrics(data_stats))
                 if flops_per_step and peak:
                     host["mfu"] = flops_per_step / dt / (peak * trainer.mesh.size)
                 t_last, steps_since = now, 0
@@ -459,6 +471,7 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
                 break
             if eval_iter is not None and (step % cfg.train.eval_every == 0 or last):
                 ev = run_evaluators(trainer, eval_iter, sampler, step, writer, eval_failures)
+                ev.update(_per_source_eval(trainer, part_evals, step, writer))
                 if is_main and "eval/perplexity" in ev:
                     bar.write(
                         f"eval {step:>6} perplexity={ev['eval/perplexity']:.4g} "
@@ -469,6 +482,35 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
             if after_step is not None:
                 after_step(step)
     return history
+
+
+def _mixture_metrics(stats: dict[str, int]) -> dict[str, float]:
+    """data/<part>/{tokens,images,sequences} (totals since start-up) and data/<part>/token_share:
+    the mix a run actually trained on, against the configured weights."""
+    out = {f"data/{k.removeprefix('stats/')}": float(v) for k, v in stats.items()}
+    tokens = {k.removeprefix("stats/").removesuffix("/tokens"): v for k, v in stats.items()
+              if k.endswith("/tokens")}  # fmt: skip
+    total = max(sum(tokens.values()), 1)
+    out.update({f"data/{name}/token_share": v / total for name, v in tokens.items()})
+    return out
+
+
+def _per_source_eval(trainer, part_evals: dict, step: int, writer) -> dict[str, float]:
+    """eval/<part>/{lm_loss,diffusion_loss,perplexity} for each source of a mixture."""
+    out: dict[str, float] = {}
+    for name, batches in part_evals.items():
+        try:
+            ev = evaluate(trainer, batches, trainer.cfg.train.eval_batches)
+        except Exception as e:  # like every evaluator: one line, training goes on
+            if trainer.cfg.train.strict_eval:
+                raise
+            log.error("eval at step %d: source %s failed (%s: %s)", step, name, type(e).__name__, e)
+            continue
+        for key in ("lm_loss", "diffusion_loss", "perplexity"):
+            out[f"eval/{name}/{key}"] = ev[f"eval/{key}"]
+    if out:
+        writer.write_scalars(step, out)
+    return out
 
 
 @contextlib.contextmanager

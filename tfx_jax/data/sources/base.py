@@ -81,6 +81,10 @@ class Source:
     # `score` reads generated images back against their prompts.
     has_judge: ClassVar[bool] = False
 
+    def bind(self, cfg: Config) -> Source:
+        """This source for `cfg` (`of(cfg)`): itself, unless its flags depend on the config."""
+        return self
+
     def validate(self, cfg: Config) -> None:
         """Checks the `data.*` settings this source needs, cheaply (no files are read).
 
@@ -108,6 +112,22 @@ class Source:
     def open_split(self, cfg: Config, split: str) -> Sequence[dict]:
         """Random access to the raw examples of `split` (see the module docstring)."""
         raise no_files(cfg)
+
+    def open_limited(self, cfg: Config, split: str) -> Sequence[dict]:
+        """`open_split` cut to its first `data.max_examples` (all when 0): what every stage
+        reads, so a trial on a large source bounds the tokenizer, VAE and encode alike."""
+        return first(self.open_split(cfg, split), cfg.data.max_examples)
+
+    def texts(self, cfg: Config, split: str, limit: int, seed: int = 0) -> Iterator[str | RecordError]:
+        """The texts of up to `limit` examples of `split` (of its first `data.max_examples`),
+        for the tokenizer: all of them in order when there are no more than `limit`, else a
+        sample seeded by `seed` (`sample_indices`, read in index order).
+
+        An example that cannot be used comes as its `RecordError` (not raised), so the caller
+        counts it or stops, by `data.on_error`. The default reads whole examples; sources with
+        images override it to read the text alone, without decoding any image.
+        """
+        return sampled_texts(_Texts(self.open_limited(cfg, split)), limit, seed)
 
     def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
         """Captions to draw sample images for during eval: by default the captions of the first
@@ -152,8 +172,9 @@ def get(name: str) -> Source:
 
 
 def of(cfg: Config) -> Source:
-    """The source `cfg.data.source` names."""
-    return get(cfg.data.source)
+    """The source `cfg.data.source` names (bound to `cfg` where its abilities depend on it: a
+    mixture has images, and a judge, when one of its components does)."""
+    return get(cfg.data.source).bind(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +219,59 @@ def first_captions(source: Sequence[dict], num: int) -> list[str]:
         except RecordError:
             continue
     return captions
+
+
+def first(examples: Sequence[dict], n: int) -> Sequence[dict]:
+    """The first `n` of `examples` (all of them when n is 0 or not smaller), random access."""
+    return examples if not n or n >= len(examples) else _First(examples, n)
+
+
+class _First:
+    def __init__(self, examples: Sequence[dict], n: int):
+        self._examples, self._n = examples, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> dict:
+        return self._examples[checked_index(index, self._n)]
+
+    def __repr__(self) -> str:
+        return f"{self._examples!r}[:{self._n}]"
+
+
+def sample_indices(n: int, limit: int, seed: int = 0) -> np.ndarray:
+    """0..n-1 when n <= limit (so a source within the limit is read whole, in order: the same
+    texts as before there was a limit); else `limit` distinct indices drawn with `seed`,
+    sorted (sequential reads are the cheap ones in ArrayRecord and on disk)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def sampled_texts(
+    texts: Sequence[str], limit: int, seed: int = 0
+) -> Iterator[str | RecordError]:
+    """`texts[i]` for the `sample_indices`; an index whose read raises RecordError gives the
+    error instead (`Source.texts`)."""
+    for i in sample_indices(len(texts), limit, seed).tolist():
+        try:
+            yield texts[i]
+        except RecordError as e:
+            yield e
+
+
+class _Texts:
+    """The "text" of each example of a raw-example sequence (reads the whole example)."""
+
+    def __init__(self, examples: Sequence[dict]):
+        self._examples = examples
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> str:
+        return self._examples[index]["text"]
 
 
 def checked_index(index: int, length: int) -> int:
