@@ -498,13 +498,13 @@ def test_prompts(tfds_dir):
 
 
 def test_registry_names_the_choices_and_knows_each_source():
-    assert set(sources.names()) == {"synthetic", "shapes", "tfds", "folder", "text"}
+    assert set(sources.names()) == {"synthetic", "shapes", "tfds", "folder", "text", "mixture"}
     with pytest.raises(sources.DataConfigError, match=r"data.source='tfsd': use one of folder \|"):
         sources.get("tfsd")
     assert [n for n in sources.names() if sources.get(n).has_images] == ["folder", "shapes", "tfds"]
     assert [n for n in sources.names() if sources.get(n).makes_batches] == ["synthetic"]
     assert [n for n in sources.names() if sources.get(n).has_judge] == ["shapes"]
-    with pytest.raises(ValueError, match=r"'synthetic' has no files \(use folder, shapes, text or"):
+    with pytest.raises(ValueError, match=r"'synthetic' has no files \(use folder, mixture, shapes"):
         sources.get("synthetic").build(_cfg(source="synthetic"))
 
 
