@@ -1,8 +1,8 @@
 """Tests for the file-backed data sources (tfds, folder, text) of tfx_jax.data.sources and
 the registry.
 
-The TFDS tests prepare two tiny fake datasets (a labelled digits set and a coco-like captions
-set) into a temporary directory; nothing is downloaded.
+The TFDS tests prepare three tiny fake datasets (a labelled digits set, a coco-like captions
+set and a wikipedia-like text corpus) into a temporary directory; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tfx_jax.data import sources
 from tfx_jax.data.config import DataConfig
 from tfx_jax.data.sources import images
 from tfx_jax.data.sources import text as text_source
+from tfx_jax.data.sources.base import sample_indices
 from tfx_jax.data.sources.synthetic import SyntheticIterator
 
 DIGIT_NAMES = ["zero", "one", "two"]
@@ -53,7 +54,8 @@ def _wide(i: int) -> np.ndarray:
 
 
 def _info(builder, **features) -> tfds.core.DatasetInfo:
-    """A builder outside a package must make its DatasetInfo itself (ENVIRONMENT.md)."""
+    """A builder outside a package must make its DatasetInfo itself (TFDS looks up the package's
+    checksums and metadata otherwise)."""
     return tfds.core.DatasetInfo(
         builder=builder, features=tfds.features.FeaturesDict(features), disable_shuffling=True
     )
@@ -115,10 +117,33 @@ class TfxFakeCaptions(tfds.core.GeneratorBasedBuilder):
             )
 
 
+CORPUS_LONG = " ".join(f"word{i % 50}" for i in range(900))  # ~6 KB: longer than seq_len
+
+
+class TfxFakeCorpus(tfds.core.GeneratorBasedBuilder):
+    """wikipedia-like: a title and a text document per record, no image; record 3 is one long
+    document, record 5 is empty; splits train (8) and validation (2)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return _info(self, title=tfds.features.Text(), text=tfds.features.Text())
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples(8), "validation": self._generate_examples(2)}
+
+    def _generate_examples(self, n: int):
+        for i in range(n):
+            text = {3: CORPUS_LONG, 5: ""}.get(i, f"Document {i} says plain things.\n\nEnd {i}.")
+            yield i, {"title": f"title {i}", "text": text}
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> str:
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    for cls in (TfxFakeDigits, TfxFakeCaptions):
+    for cls in (TfxFakeDigits, TfxFakeCaptions, TfxFakeCorpus):
         cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
     return data_dir
 
@@ -277,6 +302,68 @@ def test_bad_feature_key_lists_the_features(tfds_dir, make, key, fragment):
         assert "image (Image)" in message and "label (ClassLabel)" in message
 
 
+def _corpus(tfds_dir: str, **data) -> Config:
+    fields = dict(source="tfds", tfds_name="tfx_fake_corpus", tfds_data_dir=tfds_dir)
+    return _cfg(**fields | dict(text_key="text") | data)
+
+
+def test_tfds_text_corpus_gives_text_documents_and_no_images(tfds_dir):
+    cfg = _corpus(tfds_dir)
+    source = sources.of(cfg)
+    assert not source.has_images and TFDS.has_images  # bound to the config: a text corpus
+    assert sources.of(_captions(tfds_dir)).has_images
+    source.build(cfg)
+    assert source.splits(cfg) == ("train", "validation")
+    train = source.open_split(cfg, "train")
+    assert len(train) == 8 and source.prompts(cfg, 3) == []
+    assert train[0] == {
+        "kind": "text",
+        "text": "Document 0 says plain things.\n\nEnd 0.",
+        "images": [],
+    }
+    assert train[3]["text"] == CORPUS_LONG
+    with pytest.raises(sources.RecordError, match=r"tfx_fake_corpus.*record 5: empty text"):
+        train[5]
+    texts = list(source.texts(cfg, "train", limit=100))
+    assert texts[3] == CORPUS_LONG and isinstance(texts[5], sources.RecordError)
+    assert [t for i, t in enumerate(texts) if i != 5] == [
+        train[i]["text"] for i in (0, 1, 2, 3, 4, 6, 7)
+    ]
+    assert re.fullmatch(r"tfds_tfx_fake_corpus_text_[0-9a-f]{8}", source.source_id(cfg))
+    assert source.source_id(_corpus(tfds_dir, text_key="title")) != source.source_id(cfg)
+    with pytest.raises(
+        ValueError, match=r"data.text_key='image' is not a feature .* text \(Text\)"
+    ):
+        source.open_split(_corpus(tfds_dir, text_key="image"), "train")
+
+
+def test_tfds_texts_read_no_image_and_refuse_what_training_refuses(tfds_dir, monkeypatch):
+    """The tokenizer's texts of an image dataset: the images stay encoded (decoding one fails
+    the test), yet a too-small image's caption is refused as training refuses the example."""
+    from tfx_jax.data.sources import tfds as tfds_module
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(tfds_module, "prepare_image", no_decoding)
+    monkeypatch.setattr(tfds_module, "array_to_image", no_decoding)
+    cfg = _captions(tfds_dir)
+    texts = list(TFDS.texts(cfg, "train", limit=10))
+    assert texts[:4] == [f"train cap {i} {i}" for i in range(4)]
+    assert isinstance(texts[4], sources.RecordError) and "no captions/text" in str(texts[4])
+    big = list(TFDS.texts(_captions(tfds_dir, min_image_size=31), "train", limit=10))
+    assert all(isinstance(t, sources.ImageTooSmallError) for t in big)  # 30 x 40 < 31
+    # More examples than the limit: a seeded sample, in index order; max_examples bounds it.
+    labels = _digits(tfds_dir)
+    sample = list(TFDS.texts(labels, "train", limit=3, seed=1))
+    assert sample == list(TFDS.texts(labels, "train", limit=3, seed=1)) and len(sample) == 3
+    assert set(sample) <= {f"a digit {n}" for n in DIGIT_NAMES}
+    assert sample_indices(6, 3, seed=1).tolist() == sorted(sample_indices(6, 3, seed=1).tolist())
+    first = _digits(tfds_dir, max_examples=2)
+    assert list(TFDS.texts(first, "train", limit=10)) == ["a digit zero", "a digit one"]
+    assert len(TFDS.open_limited(first, "train")) == 2
+
+
 def test_tfds_source_pickles(tfds_dir):
     source = TFDS.open_split(_captions(tfds_dir), "validation")
     copy = pickle.loads(pickle.dumps(source))
@@ -382,6 +469,33 @@ def test_folder_bad_records_raise_record_errors(tmp_path):
         train[3]
 
 
+def test_folder_texts_read_captions_and_image_headers_only(tmp_path, monkeypatch):
+    """The tokenizer's captions refuse the examples training refuses (undecodable, too small,
+    uncaptioned), without decoding a pixel."""
+    from tfx_jax.data.sources import folder as folder_module
+
+    _save_image(tmp_path / "a.png", caption="first")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    (tmp_path / "b.txt").write_text("caption of a broken image")
+    _save_image(tmp_path / "c.png", caption=None)
+    _save_image(tmp_path / "d.png", size=(2, 2), caption="too small")
+    _save_image(tmp_path / "e.png", caption="last")
+    cfg = _cfg(source="folder", path=str(tmp_path), image_size=16)
+    train = FOLDER.open_split(cfg, "train")
+    want = []
+    for i in range(len(train)):
+        try:
+            want.append(train[i]["text"])
+        except sources.RecordError as e:
+            want.append(type(e))
+    monkeypatch.setattr(folder_module, "read_image", lambda *a, **k: pytest.fail("decoded"))
+    got = [t if isinstance(t, str) else type(t) for t in FOLDER.texts(cfg, "train", limit=9)]
+    assert got == want == ["first", sources.RecordError, sources.RecordError,
+                           sources.ImageTooSmallError, "last"]  # fmt: skip
+    assert list(FOLDER.texts(_cfg(source="folder", path=str(tmp_path), max_examples=1),
+                             "train", limit=9)) == ["first"]  # fmt: skip
+
+
 def test_folder_build_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FOLDER.build(_cfg(source="folder", path=str(tmp_path / "missing")))
@@ -437,6 +551,32 @@ def test_text_source(tmp_path):
     in_dir1 = [n for n in sorted(names) if n.startswith("dir1/") and n.endswith(".md")]
     total = sum(len(TEXT.open_split(glob, split)) for split in TEXT.splits(glob))
     assert total == 2 * len(in_dir1)
+
+
+def test_text_texts_sample_whole_files_and_max_examples_reads_only_what_it_needs(
+    tmp_path, monkeypatch
+):
+    for i in range(20):  # 3 documents per file (a paragraph of ~1500 characters each)
+        (tmp_path / f"f{i:02d}.txt").write_text(
+            "\n\n".join(f"{i}-{j} " + "y" * 1500 for j in range(3))
+        )
+    cfg = _cfg(source="text", path=str(tmp_path))
+    train = TEXT.open_split(cfg, "train")
+    everything = [train[i]["text"] for i in range(len(train))]
+    assert list(TEXT.texts(cfg, "train", limit=10_000)) == everything  # all, in order
+    sample = list(TEXT.texts(cfg, "train", limit=7, seed=3))
+    assert len(sample) == 7 and sample == list(TEXT.texts(cfg, "train", limit=7, seed=3))
+    assert [everything.index(t) for t in sample] == sorted(everything.index(t) for t in sample)
+    files = {t.split("-")[0] for t in sample}
+    assert len(files) == 3 and sample != everything[:7]  # 2 whole files + 1 document of a third
+    # max_examples: the first documents, reading only the files that hold them.
+    read = []
+    real = text_source.cut_documents
+    monkeypatch.setattr(text_source, "cut_documents", lambda t: read.append(t) or real(t))
+    first = TEXT.open_limited(_cfg(source="text", path=str(tmp_path), max_examples=4), "train")
+    assert [first[i]["text"] for i in range(len(first))] == everything[:4] and len(read) == 2
+    with pytest.raises(IndexError):
+        first[4]
 
 
 def test_text_source_bad_file(tmp_path):
@@ -537,6 +677,13 @@ def test_a_new_source_is_one_registered_class(monkeypatch):
         (["data.source=text"], "data.source=text needs data.path"),
         (["data.source=shapes", "data.image_size=64"], "data.image_size=64 / vae.downsample=4"),
         (["data.overlong=wrap"], "data.overlong='wrap': split | truncate | drop"),
+        (
+            ["data.source=tfds", "data.tfds_name=wiki", "data.text_key=text", "data.label_key=l"],
+            "data.text_key='text' makes data.source=tfds a text corpus: leave",
+        ),
+        (["data.tokenizer_sample=0"], "data.tokenizer_sample=0 must be > 0"),
+        (["data.max_examples=-1"], "data.max_examples=-1 must be >= 0"),
+        (["data.encode_shard_size=0"], "data.encode_shard_size=0 must be > 0"),
     ],
 )
 def test_config_validation_asks_the_source(tiny_config, overrides, fragment):

@@ -24,7 +24,7 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     """Builds the (data, fsdp, tensor) mesh over `devices` (default: all global devices).
 
     Axis types are Auto: linen's logical partitioning relies on the compiler propagating shardings
-    (recent jax defaults `make_mesh` to Explicit, which linen rejects — see ENVIRONMENT.md).
+    (recent jax defaults `make_mesh` to Explicit, which linen rejects — docs/DESIGN.md).
     """
     devices = list(devices) if devices is not None else jax.devices()
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
