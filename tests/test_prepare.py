@@ -3,8 +3,10 @@ corrupt file and an uncaptioned one) and plain text files go through tokenizer â
 packed batches â†’ training; stale stages are detected; bad examples are skipped and counted or
 fail, by `data.on_error`."""
 
+import collections
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -85,7 +87,9 @@ def test_folder_source_prepares_skips_bad_files_and_trains(tiny_config, tmp_path
     assert "eval/judge_fraction" not in history[-1]  # only the shapes data has a judge
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
-    # on_error=raise: the first bad file fails the encode stage, naming it.
+    # on_error=raise: the first bad file fails the encode stage, naming it (records that are
+    # current for these inputs are not encoded again, whatever on_error says: start afresh).
+    shutil.rmtree(artifacts.made_by_path(cfg).parent)
     strict = _cfg(
         tiny_config, tmp_path, "data.source=folder", f"data.path={folder}", "data.on_error=raise"
     )
@@ -126,3 +130,80 @@ def test_stale_records_are_detected(tiny_config, tmp_path):
         artifacts.batches(cfg2)
     stages.prepare_all(cfg2)
     assert artifacts.encoded_is_current(cfg2) and not artifacts.encoded_is_current(cfg)
+
+
+def test_tfds_text_corpus_needs_no_vae_and_long_documents_continue_across_rows(
+    tiny_config, tmp_path
+):
+    """A TFDS text dataset (`data.text_key`) through every stage: no VAE, text-only batches,
+    and its ~6 KB document continues across rows (data.overlong=split) with no token lost."""
+    from test_sources import CORPUS_LONG, TfxFakeCorpus
+
+    tfds_dir = tmp_path / "tfds"
+    TfxFakeCorpus(data_dir=str(tfds_dir), file_format="array_record").download_and_prepare()
+    corpus = [
+        "data.source=tfds",
+        "data.tfds_name=tfx_fake_corpus",
+        f"data.tfds_data_dir={tfds_dir}",
+    ]
+    cfg = _cfg(tiny_config, tmp_path, *corpus, "data.text_key=text")
+    stages.prepare_all(cfg)
+    assert not (artifacts.vae_dir(cfg) / "vae.json").exists()
+    made_by = json.loads(artifacts.made_by_path(cfg).read_text())
+    train = made_by["stats"]["train"]
+    assert (train["examples"], train["skipped"]) == (7, 1)  # record 5 is empty
+    assert train["overlong"]["split"] == 1 and train["overlong"]["truncated"] == 0
+    long = artifacts.load_tokenizer(cfg).encode(CORPUS_LONG)
+    assert len(long) > 2 * cfg.data.seq_len
+    seen = collections.Counter()
+    it = artifacts.batches(cfg, shuffle=False)
+    for _ in range(8):  # more than a pass over the 7 documents
+        batch = next(it)
+        assert (batch["image_ids"] == 0).all()
+        seen.update(batch["tokens"][batch["segment_ids"] > 0].tolist())
+    # Every token of the long document reached a batch (tokens are counted, not positions).
+    assert all(seen[t] >= n for t, n in collections.Counter(long).items())
+
+
+def test_max_examples_bounds_every_stage_and_the_tokenizer_reads_a_sample(
+    tiny_config, tmp_path, monkeypatch
+):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"f{i:02d}.txt").write_text(
+            "\n\n".join(f"File {i} part {j} " + "z" * 1200 for j in range(3))
+        )
+    cfg = _cfg(tiny_config, tmp_path, "data.source=text", f"data.path={docs}",
+               "data.max_examples=4")  # fmt: skip
+    stages.prepare_all(cfg)
+    made_by = json.loads(artifacts.made_by_path(cfg).read_text())
+    assert made_by["max_examples"] == 4
+    assert [made_by["stats"][s]["examples"] for s in ("train", "validation")] == [4, 3]
+    assert (
+        json.loads((artifacts.tokenizer_path(cfg).parent / "tokenizer.json").read_text())[
+            "max_examples"
+        ]
+        == 4
+    )
+    whole = _cfg(tiny_config, tmp_path, "data.source=text", f"data.path={docs}")
+    assert not artifacts.tokenizer_is_current(whole) and not artifacts.encoded_is_current(whole)
+
+    # The tokenizer's sample: data.tokenizer_sample texts (+ the stdlib docstrings); a text
+    # longer than SentencePiece takes is cut into pieces, not skipped.
+    seen = {}
+
+    def capture(texts, vocab_size, **kw):
+        seen["texts"] = list(texts)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(stages, "train_tokenizer", capture)
+    sample = _cfg(tiny_config, tmp_path, "data.source=text", f"data.path={docs}",
+                  "data.tokenizer_sample=5")  # fmt: skip
+    with pytest.raises(RuntimeError, match="captured"):
+        stages.build_tokenizer(sample)
+    assert sum(t.startswith("File ") for t in seen["texts"]) == 5
+    long = "para " * 2000 + "\n\n" + "x" * 9000
+    pieces = stages._sentences(long)
+    assert all(len(p.encode()) <= 4192 for p in pieces)
+    assert "".join(pieces).replace(" ", "") == long.replace(" ", "").replace("\n", "")

@@ -6,7 +6,9 @@ Everything lives under `data.data_dir` (local or gs://), one bundle per source:
     tokenizer.model, tokenizer.json      SentencePiece model (recorded in every checkpoint)
                                          and the source it was trained on
     vae/params.msgpack, vae/vae.json     VAE weights, its settings, latent scale factor, PSNR
-    encoded/<source_id>/<split>.array_record, made_by.json
+    encoded/<source_id>/<split>-KKKKK-of-NNNNN.array_record (+ .index.npz, .done), made_by.json
+                                         the shards of each split, their length indexes and
+                                         completion markers; made_by.json once all are done
 
 Each artifact records what it was made from (its `*_settings`); `*_is_current` compares that
 with the config, so `data all` (`tfx_jax.stages`) redoes exactly the stale ones and `batches`
@@ -25,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from tfx_jax.config import Config
-from tfx_jax.data import pipeline, sources
+from tfx_jax.data import encoded, pipeline, sources
 from tfx_jax.data.encoded import EncodedSource, OnTheFlySource
 from tfx_jax.data.sources import mixture
 from tfx_jax.data.tokenizer import Tokenizer
@@ -47,6 +49,8 @@ def vae_dir(cfg: Config) -> epath.Path:
 
 
 def encoded_path(cfg: Config, split: str) -> epath.Path:
+    """The name of `split`'s records: `EncodedSource` reads the shards it names
+    (`encoded.shard_paths`)."""
     return data_dir(cfg) / "encoded" / sources.of(cfg).source_id(cfg) / f"{split}.array_record"
 
 
@@ -71,6 +75,10 @@ def tokenizer_settings(cfg: Config) -> dict:
     # Recorded only when not the default, so tokenizers made before the setting stay current.
     if cfg.data.character_coverage != 1.0:
         settings["character_coverage"] = cfg.data.character_coverage
+    if cfg.data.tokenizer_sample != type(cfg.data).tokenizer_sample:
+        settings["tokenizer_sample"] = cfg.data.tokenizer_sample
+    if cfg.data.max_examples:
+        settings["max_examples"] = cfg.data.max_examples
     return settings
 
 
@@ -86,7 +94,9 @@ def tokenizer_is_current(cfg: Config) -> bool:
 def vae_settings(cfg: Config) -> dict:
     """What determines the trained VAE; a saved VAE with other settings is stale."""
     v = cfg.vae
-    return {
+    # data.max_examples (a trial) only when set, so VAEs made before the setting stay current.
+    trial = {"max_examples": cfg.data.max_examples} if cfg.data.max_examples else {}
+    return trial | {
         "latent_channels": cfg.model.latent_channels,
         "downsample": v.downsample,
         "channels": list(v.channels),
@@ -113,19 +123,33 @@ def encode_settings(cfg: Config) -> dict:
     vae = None
     if sources.of(cfg).has_images:
         vae = json.loads((vae_dir(cfg) / "vae.json").read_text())
-    return {"source": sources.of(cfg).source_id(cfg), "tokenizer_sha256": tok, "vae": vae}
+    settings = {"source": sources.of(cfg).source_id(cfg), "tokenizer_sha256": tok, "vae": vae}
+    if cfg.data.max_examples:  # a trial's records hold the first max_examples of each split
+        settings["max_examples"] = cfg.data.max_examples
+    return settings
 
 
 def encoded_is_current(cfg: Config) -> bool:
     if cfg.data.source == "mixture":  # each component has its own records
         return all(encoded_is_current(part) for _, _, part in mixture.parts(cfg))
+    """Whether `data encode` finished for these settings: made_by.json (written last) matches
+    them and every shard it lists is there with its completion marker (one listing of the
+    directory, not a read per shard: cheap for thousands of shards in a bucket)."""
     made_by = made_by_path(cfg)
-    splits = sources.of(cfg).splits(cfg)
-    if not made_by.exists() or not all(encoded_path(cfg, s).exists() for s in splits):
+    if not made_by.exists():
         return False
     saved = json.loads(made_by.read_text())
     saved.pop("stats", None)
-    return saved == encode_settings(cfg)
+    shards = saved.pop("shards", None)
+    splits = sources.of(cfg).splits(cfg)
+    if saved != encode_settings(cfg) or not shards or any(s not in shards for s in splits):
+        return False
+    present = {p.name for p in made_by.parent.iterdir()}
+    return all(
+        name in present and encoded.marker_path(made_by.parent / name).name in present
+        for s in splits
+        for name in shards[s]
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -229,7 +253,7 @@ def _records(cfg: Config, split: str, tokenizer: Tokenizer):
     source = sources.of(cfg)
     if cfg.data.latents == "on_the_fly":
         return OnTheFlySource(
-            source.open_split(cfg, split),
+            source.open_limited(cfg, split),
             tokenizer.encode,
             CpuImageEncoder(cfg) if source.has_images else None,
             latent_shape(cfg),

@@ -135,7 +135,7 @@ def validate_data(cfg: Config) -> None:
     )
     for part in components(d):
         validate_data(dataclasses.replace(cfg, data=part.data))
-    source = sources.get(d.source)
+    source = sources.of(cfg)
     source.validate(cfg)
     need(
         "{label}" in d.caption_template,

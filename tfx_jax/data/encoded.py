@@ -18,9 +18,13 @@ A caption example is stored as [text, image 0]; the order is drawn at read time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import logging
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 
 import grain
@@ -176,6 +180,22 @@ class LengthIndex:
         flat = np.asarray([n for x in per for n in x], np.int32)
         return cls(np.asarray([r.kind for r in records], np.int8), offsets, flat, latent_shape)
 
+    @classmethod
+    def concat(cls, indexes: Sequence[LengthIndex]) -> LengthIndex:
+        """The indexes of files read end to end (shards of one split), in that order."""
+        if len({x.latent_shape for x in indexes}) > 1:
+            raise ValueError("the indexes have different latent shapes")
+        offsets, at = [np.zeros(1, np.int64)], 0
+        for x in indexes:
+            offsets.append(x.offsets[1:].astype(np.int64) + at)
+            at += int(x.offsets[-1])
+        return cls(
+            np.concatenate([x.kinds for x in indexes]).astype(np.int8),
+            np.concatenate(offsets),
+            np.concatenate([x.lengths for x in indexes]).astype(np.int32),
+            indexes[0].latent_shape,
+        )
+
     def __len__(self) -> int:
         return len(self.kinds)
 
@@ -260,12 +280,17 @@ def write_encoded(
     batch_size: int = 256,
     progress: bool = True,
     observe: Callable[[Record], None] | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> EncodeStats:
-    """Encodes every example of `examples` (raw: "kind", "text", "images") into `path`.
+    """Encodes the examples `start:stop` of `examples` (raw: "kind", "text", "images") into
+    `path` (all of them by default; a range is one shard of `data encode`).
 
     Args:
       path: output ArrayRecord file (written to `path.tmp`, then renamed: a crash never leaves
-        a file that looks complete, and re-encoding replaces an old file atomically).
+        a file that looks complete, and re-encoding replaces an old file atomically). In a
+        bucket (`gs://`) the file is written to a local temporary directory and copied up once
+        complete (ArrayRecord's writer opens local files only; its reader reads `gs://`).
       examples: random-access raw examples (`Source.open_split`); reading one may raise.
       encode_text: text -> token ids.
       encode_images: uint8 images [N, H, W, 3] -> scaled latents [N, h, w, C]; None for a
@@ -275,10 +300,13 @@ def write_encoded(
         "raise"s an error naming it.
       batch_size: images per `encode_images` call.
       observe: called with every record written (the encode stage counts the over-long ones).
+      start, stop: the examples to encode (errors name an example by its index in `examples`).
     """
+    stop = len(examples) if stop is None else stop
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp")
+    local_dir = tempfile.mkdtemp(prefix="tfx_encode_") if "://" in str(path) else None
+    tmp = epath.Path(local_dir) / path.name if local_dir else path.parent / (path.name + ".tmp")
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     stats = EncodeStats()
     kinds: list[int] = []
@@ -301,7 +329,9 @@ def write_encoded(
 
     def encode_all() -> None:
         nonlocal n_pending_images
-        for i in tqdm(range(len(examples)), desc=f"encode → {path.name}", disable=not progress):
+        order = range(start, stop)
+        name = f"encode → {path.name}"
+        for i in tqdm(order, desc=name, unit=" examples", leave=False, disable=not progress):
             try:
                 ex = examples[i]
                 if ex["images"] and encode_images is None:
@@ -329,6 +359,8 @@ def write_encoded(
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)  # the previous file, if any, stays whole
+        if local_dir:
+            shutil.rmtree(local_dir, ignore_errors=True)
         raise
     writer.close()
     offsets = np.zeros(len(lengths) + 1, np.int64)
@@ -337,30 +369,111 @@ def write_encoded(
     # The index first: records without their index are still read (planned from the records
     # themselves), an index without its records never is.
     index_path(path).unlink(missing_ok=True)
-    tmp.replace(path)
+    if local_dir:  # an object appears whole once its upload completes: no rename needed
+        try:
+            tmp.copy(path, overwrite=True)
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True)
+    else:
+        tmp.replace(path)
     LengthIndex(np.asarray(kinds, np.int8), offsets, flat, latent_shape).save(index_path(path))
     return stats
 
 
-class EncodedSource:
-    """Random access to the records written by `write_encoded` (decoded to `Record`s)."""
+# ----------------------------------------------------------------------------- shards
+#
+# `data encode` writes each split as shards: `<split>-00003-of-00012.array_record` holds examples
+# [3 * size, 4 * size) of the split (size = data.encode_shard_size), with its LengthIndex
+# (`.index.npz`) and, written last, its completion marker (`.done`, JSON). Which shards there
+# are depends only on the split's length and the shard size, never on how many processes
+# encoded them, so the records (and the training data read from them) are the same for any
+# process count.
 
-    def __init__(self, path: str | epath.PathLike):
-        path = epath.Path(path)
-        if not path.exists():
+
+def shard_paths(path: str | epath.PathLike, num_shards: int) -> list[epath.Path]:
+    """The shard files of the split whose records `path` names (`<dir>/<split>.array_record`)."""
+    path = epath.Path(path)
+    stem = path.name.removesuffix(".array_record")
+    return [
+        path.parent / f"{stem}-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)
+    ]
+
+
+def marker_path(shard: epath.Path) -> epath.Path:
+    """A shard's completion marker: written after its records and index, so its presence
+    means the shard is whole."""
+    return shard.parent / (shard.name + ".done")
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """`path` appears whole or not at all: a local file via a rename; a bucket object is
+    atomic by itself."""
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def find_shards(path: str | epath.PathLike) -> list[epath.Path]:
+    """The complete set of shard files of `path`'s split (one directory listing), or [] when
+    there is none.
+
+    Raises:
+      FileNotFoundError: shards exist but not all of one set (an unfinished encode).
+    """
+    path = epath.Path(path)
+    stem = path.name.removesuffix(".array_record")
+    if not path.parent.exists():
+        return []
+    pattern = re.compile(rf"{re.escape(stem)}-(\d{{5}})-of-(\d{{5}})\.array_record")
+    found: dict[int, set[int]] = {}
+    for name in (p.name for p in path.parent.iterdir()):
+        if m := pattern.fullmatch(name):
+            found.setdefault(int(m[2]), set()).add(int(m[1]))
+    if not found:
+        return []
+    if len(found) == 1:
+        ((n, have),) = found.items()
+        if have == set(range(n)):
+            return shard_paths(path, n)
+    sets = ", ".join(f"{len(have)} of {n}" for n, have in sorted(found.items()))
+    raise FileNotFoundError(
+        f"the encoded shards of {path} are incomplete ({sets} shard files): run "
+        "`python -m tfx_jax data encode` to finish them."
+    )
+
+
+class EncodedSource:
+    """Random access to the records written by `write_encoded` (decoded to `Record`s): one
+    file, or the shards of a split read end to end (`find_shards`), their LengthIndexes
+    concatenated in the same order."""
+
+    def __init__(self, path: str | epath.PathLike | Sequence[str | epath.PathLike]):
+        if isinstance(path, (list, tuple)):
+            files = [epath.Path(p) for p in path]
+            path = files[0] if files else epath.Path("<no files>")
+        else:
+            path = epath.Path(path)
+            files = [path] if path.exists() else find_shards(path)
+        if not files or not all(f.exists() for f in files):
             raise FileNotFoundError(
                 f"encoded records {path} do not exist: run `python -m tfx_jax data encode` "
                 "(it tokenizes the text and encodes the images with the trained VAE, once)."
             )
-        self._path = path
-        self._source = grain.sources.ArrayRecordDataSource([str(path)])
+        self._path, self._files = path, files
+        self._source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
         self._index: LengthIndex | None = None
-        if index_path(path).exists():
-            index = LengthIndex.load(index_path(path))
+        if all(index_path(f).exists() for f in files):
+            # Many shards in a bucket: their small index files load in parallel.
+            with concurrent.futures.ThreadPoolExecutor(min(16, len(files))) as pool:
+                parts = list(pool.map(LengthIndex.load, map(index_path, files)))
+            index = LengthIndex.concat(parts)
             if len(index) == len(self._source):
                 self._index = index
             else:
-                log.warning("ignoring %s: it does not match %s", index_path(path), path)
+                log.warning("ignoring the indexes of %s: they do not match the records", path)
 
     def __len__(self) -> int:
         return len(self._source)
@@ -384,6 +497,8 @@ class EncodedSource:
         return [deserialize(b) for b in self._source.__getitems__(indices)]
 
     def __repr__(self) -> str:
+        if len(self._files) > 1:
+            return f"EncodedSource({self._path}: {len(self._files)} shards)"
         return f"EncodedSource({self._path})"
 
 

@@ -15,6 +15,8 @@ which the `data encode` stage turns, once, into token ids and VAE latents
 example that cannot be used (`ImageTooSmallError` for an image below `data.min_image_size`);
 every stage that reads examples (tokenizer, VAE, encode) skips and counts it by its `reason`,
 or fails, by `data.on_error`: an example that cannot be used contributes nothing anywhere.
+The stages read `open_limited` (the first `data.max_examples`, for trials) and the tokenizer
+`texts` (a bounded, seeded sample; sources with images read the text without decoding them).
 A source may instead make packed batches itself (`makes_batches`): then no
 tokenizer, VAE or encoded records are made for it.
 """
@@ -118,7 +120,9 @@ class Source:
         reads, so a trial on a large source bounds the tokenizer, VAE and encode alike."""
         return first(self.open_split(cfg, split), cfg.data.max_examples)
 
-    def texts(self, cfg: Config, split: str, limit: int, seed: int = 0) -> Iterator[str | RecordError]:
+    def texts(
+        self, cfg: Config, split: str, limit: int, seed: int = 0
+    ) -> Iterator[str | RecordError]:
         """The texts of up to `limit` examples of `split` (of its first `data.max_examples`),
         for the tokenizer: all of them in order when there are no more than `limit`, else a
         sample seeded by `seed` (`sample_indices`, read in index order).
@@ -249,9 +253,7 @@ def sample_indices(n: int, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def sampled_texts(
-    texts: Sequence[str], limit: int, seed: int = 0
-) -> Iterator[str | RecordError]:
+def sampled_texts(texts: Sequence[str], limit: int, seed: int = 0) -> Iterator[str | RecordError]:
     """`texts[i]` for the `sample_indices`; an index whose read raises RecordError gives the
     error instead (`Source.texts`)."""
     for i in sample_indices(len(texts), limit, seed).tolist():

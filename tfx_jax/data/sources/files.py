@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from etils import epath
+from tqdm.auto import tqdm
 
 from tfx_jax.data.sources.base import DataConfigError, Source, check_split, safe_name
 
@@ -93,15 +94,25 @@ def walk(root: epath.Path, suffixes: tuple[str, ...]) -> list[epath.Path]:
     """Files under `root` (recursively) with one of `suffixes`, skipping hidden files and
     directories (".ipynb_checkpoints", macOS "._x.jpg" resource forks)."""
     files = []
+    scheme = str(root).split("://", 1)[0] + "://" if "://" in str(root) else ""
+    # A large tree (or a bucket) takes a while to list: a count and a rate after 2 s.
+    bar = tqdm(desc=f"listing {root}", unit=" files", leave=False, delay=2)
     for directory, dirs, names in root.walk():
+        if scheme and "://" not in str(directory):
+            # epath's fsspec backend (gcsfs) yields "bucket/dir" without the scheme, which
+            # would read as a local relative path: put the scheme back.
+            directory = epath.Path(scheme + str(directory))
         dirs[:] = [name for name in dirs if not name.startswith(".")]  # Prunes the walk.
         if any(part.startswith(".") for part in directory.relative_to(root).parts):
             continue  # For backends whose walk ignores the pruning.
-        files.extend(
+        found = [
             directory / name
             for name in names
             if not name.startswith(".") and name.lower().endswith(suffixes)
-        )
+        ]
+        files.extend(found)
+        bar.update(len(found))
+    bar.close()
     return files
 
 

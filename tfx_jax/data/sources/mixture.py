@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tfx_jax.data.sources.base import SPLITS, DataConfigError, Source, get, register
+from tfx_jax.data.sources.base import SPLITS, DataConfigError, Source, of, register
 
 if TYPE_CHECKING:
     from tfx_jax.config import Config
@@ -158,38 +158,42 @@ class Mixture(Source):
     def __init__(self, cfg: Config | None = None):
         self._cfg = cfg
         self._parts = parts(cfg) if cfg is not None else []
-        self.has_images = any(get(p.data.source).has_images for _, _, p in self._parts)
-        judged = [p for _, _, p in self._parts if get(p.data.source).has_judge]
+        bound = [(of(p), p) for _, _, p in self._parts]
+        self.has_images = any(source.has_images for source, _ in bound)
+        judged = [(source, p) for source, p in bound if source.has_judge]
         self.has_judge = bool(judged)
-        self._judge = (get(judged[0].data.source), judged[0]) if judged else None
+        self._judge = judged[0] if judged else None
 
     def bind(self, cfg: Config) -> Source:
         return Mixture(cfg)
 
     def source_id(self, cfg: Config) -> str:
-        ids = [(n, get(p.data.source).source_id(p)) for n, _, p in parts(cfg)]
+        ids = [(n, of(p).source_id(p)) for n, _, p in parts(cfg)]
         digest = hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:10]
         return f"mixture_{'_'.join(n for n, _ in ids)}_{digest}"
 
     def splits(self, cfg: Config) -> tuple[str, ...]:
-        have = [set(get(p.data.source).splits(p)) for _, _, p in parts(cfg)]
+        have = [set(of(p).splits(p)) for _, _, p in parts(cfg)]
         return tuple(s for s in SPLITS if all(s in h for h in have))
 
     def build(self, cfg: Config) -> None:
         for _, _, p in parts(cfg):
-            get(p.data.source).build(p)
+            of(p).build(p)
 
     def open_split(self, cfg: Config, split: str) -> Concat:
         named = parts(cfg)
         return Concat(
-            [get(p.data.source).open_split(p, split) for _, _, p in named], [n for n, _, _ in named]
+            [of(p).open_split(p, split) for _, _, p in named],
+            [n for n, _, _ in named],
         )
 
     def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
-        with_images = [p for _, _, p in parts(cfg) if get(p.data.source).has_images]
+        bound = [(of(p), p) for _, _, p in parts(cfg)]
+        with_images = [(source, p) for source, p in bound if source.has_images]
         if not with_images:
             return []
-        return get(with_images[0].data.source).prompts(with_images[0], num, seed)
+        source, p = with_images[0]
+        return source.prompts(p, num, seed)
 
     def score(self, image: np.ndarray, prompt: str) -> float:
         if self._judge is None:

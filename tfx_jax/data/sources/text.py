@@ -1,16 +1,29 @@
-"""source=text: UTF-8 .txt/.md files under `data.path` (or matching a glob), cut into
-documents of up to ~2000 characters at blank lines; 5% of files (by hash) for validation."""
+"""source=text: UTF-8 .txt/.md files under `data.path` (a directory, searched recursively, or a
+glob), cut into documents of up to ~2000 characters at blank lines; 5% of files (by hash) for
+validation. A longer paragraph is one document: the input pipeline continues it across rows
+(`data.overlong=split`), so no token is lost.
+
+Counting a tree's documents reads every file once (`TextExamples`); the tokenizer's sample
+(`Text.texts`) and a `data.max_examples` trial read only as many files as they need.
+"""
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from etils import epath
+from tqdm.auto import tqdm
 
-from tfx_jax.data.sources.base import RecordError, checked_index, crc_hex, register
+from tfx_jax.data.sources.base import (
+    RecordError,
+    check_split,
+    checked_index,
+    crc_hex,
+    register,
+)
 from tfx_jax.data.sources.files import FileSource, path_name
 
 if TYPE_CHECKING:
@@ -32,6 +45,26 @@ class Text(FileSource):
 
     def examples(self, cfg: Config, files: Sequence[str]) -> TextExamples:
         return TextExamples(files)
+
+    def open_limited(self, cfg: Config, split: str) -> Sequence[dict]:
+        """The first `data.max_examples` documents, reading only the files that hold them."""
+        if not cfg.data.max_examples:
+            return self.open_split(cfg, split)
+        files = self.files(cfg)
+        check_split(cfg, split, {s: f for s, f in files.items() if f})
+        return TextExamples(files[split], limit=cfg.data.max_examples)
+
+    def texts(
+        self, cfg: Config, split: str, limit: int, seed: int = 0
+    ) -> Iterator[str | RecordError]:
+        """Documents of whole files drawn with `seed` until `limit` are read (the last file's
+        cut), in file order; every document, in order, when the split has no more than `limit`.
+        Documents per file are only known by reading it, so this samples files, not documents."""
+        if cfg.data.max_examples:
+            return super().texts(cfg, split, limit, seed)
+        files = self.files(cfg)
+        check_split(cfg, split, {s: f for s, f in files.items() if f})
+        return _sampled_file_texts(files[split], limit, seed)
 
     def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
         return []  # Nothing to draw.
@@ -72,8 +105,9 @@ class TextExamples:
 
     _CACHE_FILES = 8
 
-    def __init__(self, files: Sequence[str]):
+    def __init__(self, files: Sequence[str], limit: int = 0):
         self._files = tuple(files)
+        self._limit = limit  # > 0: only the first `limit` documents (files read until then)
         self._starts: np.ndarray | None = None  # first document index of each file, + total
         self._cache: collections.OrderedDict[int, list[str] | str] = collections.OrderedDict()
 
@@ -94,19 +128,28 @@ class TextExamples:
 
     def _index(self) -> np.ndarray:
         if self._starts is None:
-            counts = [
-                1 if isinstance(docs, str) else len(docs)
-                for docs in map(self._documents, range(len(self._files)))
-            ]
+            counts: list[int] = []
+            total = 0
+            n = len(self._files)
+            bar = tqdm(total=n, desc="text files", unit=" files", leave=False, disable=n < 1000)
+            for k in range(len(self._files)):
+                docs = self._documents(k)
+                counts.append(1 if isinstance(docs, str) else len(docs))
+                total += counts[-1]
+                bar.update()
+                if self._limit and total >= self._limit:
+                    break
+            bar.close()
             self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         return self._starts
 
     def __len__(self) -> int:
-        return int(self._index()[-1])
+        total = int(self._index()[-1])
+        return min(total, self._limit) if self._limit else total
 
     def __getitem__(self, index: int) -> dict:
         starts = self._index()
-        index = checked_index(index, int(starts[-1]))
+        index = checked_index(index, len(self))
         file_index = int(np.searchsorted(starts, index, side="right")) - 1
         documents = self._documents(file_index)
         if isinstance(documents, str):
@@ -118,3 +161,27 @@ class TextExamples:
 
     def __repr__(self) -> str:
         return f"TextExamples({len(self._files)} files)"
+
+
+def _sampled_file_texts(files: Sequence[str], limit: int, seed: int) -> Iterator[str | RecordError]:
+    """`Text.texts`: whole files in a seeded order until `limit` documents are read, then those
+    documents in file order (all files read: exactly `TextExamples`' order). A file that is not
+    UTF-8 gives one RecordError."""
+    examples = TextExamples(files)
+    order = np.random.default_rng(seed).permutation(len(files))
+    chosen: dict[int, list[str] | str] = {}
+    total = 0
+    for k in tqdm(order.tolist(), desc="tokenizer sample", unit=" files", leave=False):
+        if total >= limit:
+            break
+        docs = examples._documents(k)
+        if not isinstance(docs, str):
+            docs = docs[: limit - total]
+        chosen[k] = docs
+        total += 1 if isinstance(docs, str) else len(docs)
+    for k in sorted(chosen):
+        docs = chosen[k]
+        if isinstance(docs, str):
+            yield RecordError(docs)
+        else:
+            yield from docs

@@ -8,18 +8,25 @@ through `data.caption_template`) names the caption. `data.tfds_splits` maps our 
 dataset's ("train=train,validation=test"; default: train, and validation or else test).
 Images go through `images.prepare_image` (RGB, alpha on white, centre crop, resize to
 `data.image_size`; smaller than `data.min_image_size` on a side: skipped as too small).
+
+A text corpus (wikipedia, c4, ...) is `data.text_key` instead: a text feature (or a sequence of
+them) whose record is one document; the source then has no images (`bind`: no VAE, no latents).
+The tokenizer's text (`Tfds.texts`) is read with the image left encoded (TFDS `SkipDecoding`):
+only the image's header is parsed, for the same unreadable / too-small checks as training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Sequence
+import io
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import Image
 
 from tfx_jax.data.embedded import builders  # noqa: F401  (its import drops TFDS's OpenCV hint)
 from tfx_jax.data.sources.base import (
@@ -32,8 +39,9 @@ from tfx_jax.data.sources.base import (
     crc_hex,
     register,
     safe_name,
+    sampled_texts,
 )
-from tfx_jax.data.sources.images import array_to_image, prepare_image
+from tfx_jax.data.sources.images import array_to_image, check_size, prepare_image
 
 if TYPE_CHECKING:
     from tfx_jax.config import Config
@@ -44,12 +52,24 @@ class Tfds(Source):
     name = "tfds"
     has_images = True
 
+    def bind(self, cfg: Config) -> Source:
+        """A text corpus (`data.text_key`) has no images: no VAE, no latents."""
+        return _TEXT_ONLY if cfg.data.text_key else self
+
     def validate(self, cfg: Config) -> None:
         d = cfg.data
         if not d.tfds_name:
             raise DataConfigError(
                 "data.source=tfds needs data.tfds_name (e.g. mnist, cifar10, coco_captions)."
             )
+        if d.text_key:
+            if d.caption_key or d.label_key:
+                raise DataConfigError(
+                    f"data.text_key={d.text_key!r} makes data.source=tfds a text corpus: leave "
+                    f"data.caption_key ({d.caption_key!r}) and data.label_key "
+                    f"({d.label_key!r}) empty."
+                )
+            return
         if bool(d.caption_key) == bool(d.label_key):
             raise DataConfigError(
                 "data.source=tfds needs exactly one of data.caption_key (a text feature) and "
@@ -59,6 +79,9 @@ class Tfds(Source):
 
     def source_id(self, cfg: Config) -> str:
         d = cfg.data
+        if d.text_key:
+            fields = (d.text_key, d.tfds_splits)
+            return f"tfds_{safe_name(d.tfds_name)}_text_{crc_hex(repr(fields))}"
         fields = (d.image_key, d.caption_key, d.label_key, d.caption_template, d.tfds_splits)
         return f"tfds_{safe_name(d.tfds_name)}_{d.image_size}px_{crc_hex(repr(fields))}"
 
@@ -83,9 +106,37 @@ class Tfds(Source):
         name = f"{builder.info.full_name}[{split_map[split]}]"
         return TfdsExamples(builder.as_data_source(split_map[split]), fields, name)
 
+    def texts(
+        self, cfg: Config, split: str, limit: int, seed: int = 0
+    ) -> Iterator[str | RecordError]:
+        """Captions (or documents) of a sample of `split`, the images left encoded: TFDS hands
+        over the image's bytes (`SkipDecoding`) and only its header is read, so a record is
+        refused (unreadable, too small) exactly when training would refuse it, at a fraction
+        of the cost of decoding it."""
+        builder = _tfds_builder(cfg)
+        fields = _tfds_fields(cfg, builder)
+        split_map = _tfds_split_map(cfg, builder)
+        check_split(cfg, split, split_map)
+        decoders = None
+        if not fields.text_key:
+            decoders = {}
+            at = decoders
+            *parents, leaf = fields.image_key.split("/")
+            for key in parents:
+                at = at.setdefault(key, {})
+            at[leaf] = tfds.decode.SkipDecoding()
+        source = builder.as_data_source(split_map[split], decoders=decoders)
+        name = f"{builder.info.full_name}[{split_map[split]}]"
+        n = len(source)
+        if cfg.data.max_examples:
+            n = min(n, cfg.data.max_examples)
+        return sampled_texts(_TfdsTexts(source, fields, name, n), limit, seed)
+
     def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
         """Class names through `data.caption_template` for labelled data, else the captions of
-        the first validation (else train) examples."""
+        the first validation (else train) examples (none for a text corpus: nothing to draw)."""
+        if cfg.data.text_key:
+            return []
         fields = _tfds_fields(cfg, _tfds_builder(cfg))
         if fields.label_names:
             names = fields.label_names
@@ -93,6 +144,16 @@ class Tfds(Source):
                 fields.template.format(label=names[(seed + i) % len(names)]) for i in range(num)
             ]
         return super().prompts(cfg, num, seed)
+
+
+class _TfdsText(Tfds):
+    """`source=tfds` bound to a text corpus (`data.text_key`): the same source without images.
+    Not registered: `Tfds.bind` returns it."""
+
+    has_images = False
+
+
+_TEXT_ONLY = _TfdsText()
 
 
 def _tfds_data_dir(cfg: Config) -> str:
@@ -211,6 +272,8 @@ class TfdsFields:
       label_names: the ClassLabel's names; () for a plain integer or text label.
       image_size: S.
       min_image_size: the smallest accepted shorter side (`data.min_image_side`).
+      text_key: "/" path of a text feature (or sequence of them) of a text corpus, or "": the
+        records are then text documents and the other keys are unused.
     """
 
     image_key: str
@@ -220,10 +283,12 @@ class TfdsFields:
     label_names: tuple[str, ...]
     image_size: int
     min_image_size: int = 1
+    text_key: str = ""
 
 
 def _tfds_fields(cfg: Config, builder) -> TfdsFields:
-    """Checks data.image_key / caption_key / label_key against the dataset's features."""
+    """Checks data.image_key / caption_key / label_key (or text_key) against the dataset's
+    features."""
     d = cfg.data
     name = builder.info.full_name
     paths = _feature_paths(builder.info.features)
@@ -243,6 +308,17 @@ def _tfds_fields(cfg: Config, builder) -> TfdsFields:
             )
         return paths[key]
 
+    if d.text_key:
+        feature("text_key", d.text_key, "a Text feature (or a sequence of them)", _is_text)
+        return TfdsFields(
+            image_key="",
+            caption_key="",
+            label_key="",
+            template=d.caption_template,
+            label_names=(),
+            image_size=d.image_size,
+            text_key=d.text_key,
+        )
     if bool(d.caption_key) == bool(d.label_key):
         raise ValueError(
             "data.source=tfds needs exactly one of data.caption_key (a text feature) and "
@@ -355,6 +431,12 @@ class TfdsExamples:
 
     def __getitem__(self, index: int) -> dict:
         index = checked_index(index, len(self))
+        if self._fields.text_key:
+            return {
+                "kind": "text",
+                "text": _document(self._source, index, self._fields, self._name),
+                "images": [],
+            }
         try:
             record = self._source[index]
             image = prepare_image(
@@ -363,28 +445,74 @@ class TfdsExamples:
                 min_size=self._fields.min_image_size,
                 name=f"{self._name} record {index}",
             )
-            text = self._caption(record, index)
+            text = _caption(record, index, self._fields, self._name)
         except RecordError:
             raise
         except Exception as e:  # Any decoding failure is this record's, not the run's.
             raise RecordError(f"{self._name} record {index}: {type(e).__name__}: {e}") from e
         return {"kind": "caption", "text": text, "images": [image]}
 
-    def _caption(self, record: dict, index: int) -> str:
-        f = self._fields
-        if f.caption_key:
-            value = _lookup(record, f.caption_key)
-            if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) > 0:
-                if not len(value):
-                    raise RecordError(f"{self._name} record {index}: no {f.caption_key} texts")
-                value = value[index % len(value)]  # Deterministic, and spread over the list.
-            caption = _to_text(value).strip()
-            if not caption:
-                raise RecordError(f"{self._name} record {index}: empty {f.caption_key}")
-            return caption
-        value = _lookup(record, f.label_key)
-        label = f.label_names[int(value)] if f.label_names else _to_text(value)
-        return f.template.format(label=label)
-
     def __repr__(self) -> str:
         return f"TfdsExamples({self._name}, {len(self)} records)"
+
+
+class _TfdsTexts:
+    """The caption (or document) of each of the first `n` records of a TFDS data source opened
+    with the image undecoded (`Tfds.texts`): its bytes' header is checked like
+    `prepare_image` checks the decoded image, so the same records are refused."""
+
+    def __init__(self, source: Sequence[dict], fields: TfdsFields, name: str, n: int):
+        self._source, self._fields, self._name, self._n = source, fields, name, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> str:
+        index = checked_index(index, self._n)
+        f = self._fields
+        if f.text_key:
+            return _document(self._source, index, f, self._name)
+        try:
+            record = self._source[index]
+            data = _lookup(record, f.image_key)
+            with Image.open(io.BytesIO(bytes(data))) as image:  # the header only
+                width, height = image.size
+            check_size(
+                width, height, f.image_size, f.min_image_size, f"{self._name} record {index}"
+            )
+            return _caption(record, index, f, self._name)
+        except RecordError:
+            raise
+        except Exception as e:
+            raise RecordError(f"{self._name} record {index}: {type(e).__name__}: {e}") from e
+
+
+def _document(source: Sequence[dict], index: int, f: TfdsFields, name: str) -> str:
+    """Record `index` of a text corpus: its `text_key` text, or its texts joined by blank lines."""
+    try:
+        value = _lookup(source[index], f.text_key)
+    except Exception as e:
+        raise RecordError(f"{name} record {index}: {type(e).__name__}: {e}") from e
+    if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) > 0:
+        text = "\n\n".join(_to_text(v).strip() for v in value)
+    else:
+        text = _to_text(value)
+    if not text.strip():
+        raise RecordError(f"{name} record {index}: empty {f.text_key}")
+    return text
+
+
+def _caption(record: dict, index: int, f: TfdsFields, name: str) -> str:
+    if f.caption_key:
+        value = _lookup(record, f.caption_key)
+        if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) > 0:
+            if not len(value):
+                raise RecordError(f"{name} record {index}: no {f.caption_key} texts")
+            value = value[index % len(value)]  # Deterministic, and spread over the list.
+        caption = _to_text(value).strip()
+        if not caption:
+            raise RecordError(f"{name} record {index}: empty {f.caption_key}")
+        return caption
+    value = _lookup(record, f.label_key)
+    label = f.label_names[int(value)] if f.label_names else _to_text(value)
+    return f.template.format(label=label)
