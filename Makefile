@@ -24,8 +24,17 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/python -m tfx_jax demo --workdir $(WORKDIR)
 
-test: venv .venv-hf
+test: venv .venv-hf tools
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+# shellcheck, for tests/test_launch.py: installed when missing and apt-get is there (CI runs as
+# root); best effort, never fatal: without it those checks skip and say why.
+.PHONY: tools
+tools:
+	@command -v shellcheck >/dev/null || ! command -v apt-get >/dev/null || \
+	  apt-get install -y -qq shellcheck >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1; } || \
+	  echo "shellcheck not installed (apt-get failed): tests/test_launch.py skips its shellcheck test"
 
 # PyTorch + transformers, only for tests/test_export.py (it runs tests/hf_logits.py here to load
 # the Hugging Face export). A separate Python 3.11 venv: the torch 2.13.0 CPU wheel on these

@@ -2,7 +2,7 @@
 
 `write_documents(results, out_dir)` takes what `tfx_jax.sample.generate` returns (anything with
 `prompt_pieces`, `pieces` and `stop`, whose pieces have `kind`, `text`, `latents`, `image`) and
-writes samples.md, samples.html and images/*.png.
+writes samples.md, samples.html and images/*.png (locally or to `gs://`, through `etils.epath`).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import html
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 
 def latent_preview(latents_hwC: np.ndarray, scale: int = 4) -> np.ndarray:
@@ -31,7 +31,7 @@ def latent_preview(latents_hwC: np.ndarray, scale: int = 4) -> np.ndarray:
 # ----------------------------------------------------------------------------- documents
 
 
-def write_documents(results: Sequence[Any], out_dir: str | Path) -> dict[str, Path]:
+def write_documents(results: Sequence[Any], out_dir: str | epath.PathLike) -> dict[str, epath.Path]:
     """Writes `samples.md` and `samples.html` with every prompt, its text and its images inline
     (PNG files under `images/`; a latent preview stands in for images without a VAE).
 
@@ -40,7 +40,7 @@ def write_documents(results: Sequence[Any], out_dir: str | Path) -> dict[str, Pa
     """
     from PIL import Image
 
-    out = Path(out_dir)
+    out = epath.Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     md = ["# Samples", ""]
     body = []

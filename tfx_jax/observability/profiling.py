@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
 
 log = logging.getLogger("tfx_jax")
 
@@ -66,7 +67,7 @@ class ProfileWindow:
             return
         if step == self.start_step and not self.active:
             try:
-                os.makedirs(self.logdir, exist_ok=True)
+                epath.Path(self.logdir).mkdir(parents=True, exist_ok=True)  # may be gs://
                 jax.profiler.start_trace(self.logdir)
             except RuntimeError as e:  # e.g. "Profile has already been started"
                 log.warning("profiler did not start at step %d: %s", step, e)
