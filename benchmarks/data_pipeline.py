@@ -2,6 +2,8 @@
 
     python benchmarks/data_pipeline.py                      # embedded shapes data, seq 1024
     python benchmarks/data_pipeline.py --seq-len 4096 --batches 50
+    python benchmarks/data_pipeline.py --set data.source=mixture \
+        --set 'data.mixture=shapes 0.5 source=shapes,text 0.5 source=text path=CORPUS'
 
 Reads the prepared demo data (`make demo` or `python -m tfx_jax data all --config
 experiments/demo.py` creates it); `--set data.latents=on_the_fly` measures encoding in the
@@ -49,9 +51,13 @@ def main() -> None:
     for _ in range(args.warmup):
         next(it)
     real = slots = images = 0
+    stats: dict[str, int] = {}  # a mixture's per-source counts (stats/<name>/tokens)
     t0 = time.perf_counter()
     for _ in range(args.batches):
         b = next(it)
+        for k in b:
+            if k.endswith("/tokens"):
+                stats[k] = stats.get(k, 0) + int(b[k])
         real += int((b["segment_ids"] > 0).sum())
         slots += b["segment_ids"].size
         images += int(((b["image_ids"] > 0) & (np.roll(b["image_ids"], 1, 1) == 0)).sum())
@@ -62,6 +68,10 @@ def main() -> None:
         f"| {args.seq_len} | {args.batch} | {args.bins} | {real / dt:,.0f} | "
         f"{100 * real / slots:.1f}% | {images / dt:,.0f} |"
     )
+    if stats:
+        total = sum(stats.values())
+        shares = ", ".join(f"{k.split('/')[1]} {v / total:.1%}" for k, v in stats.items())
+        print(f"\nmixture ({cfg.data.mix_by}): token shares {shares}; weights {cfg.data.mixture}")
     import grain
 
     cpu = next(

@@ -1,12 +1,27 @@
-"""The Transfusion paper's model sizes (Zhou et al. 2024, Table 1 / §4.1).
+"""The Transfusion paper's model sizes (Zhou et al. 2024, Table 1 / §4.1), on a text + image–caption
+mixture.
 
     python -m tfx_jax train --config experiments/transfusion.py:0.76b --workdir gs://bucket/run
     python -m tfx_jax config --config experiments/transfusion.py:7b --workdir /tmp/x  # inspect
     python -m tfx_jax dryrun --config experiments/transfusion.py:0.76b --topology v5p-128
+    python benchmarks/train_step.py --config experiments/transfusion.py:0.16b,synthetic
 
 Images: 256x256 through an 8x VAE with 8 latent channels -> a 32x32x8 latent, 2x2 patches ->
 256 positions per image. The 7B model uses U-Net down/up blocks as in the paper; the smaller ones
 a linear patch projection (switch with --set model.patch_encoder=unet).
+
+Data (`SIZE` alone): half the tokens from a text corpus, half from image–caption pairs, as in the
+paper (§4.1: 0.5T tokens, half text, half images) — here LM1B and COCO captions from TFDS, both
+prepared once on a machine with internet access (nothing is downloaded at run time):
+
+    pip install tensorflow  # only on the preparing machine; tfds build needs it
+    tfds build lm1b --file_format=array_record --data_dir=$DATA/tfds
+    tfds build coco_captions --file_format=array_record --data_dir=$DATA/tfds
+    gsutil -m cp -r $DATA gs://BUCKET/tfx_data   # then --set data.data_dir=gs://BUCKET/tfx_data
+    python -m tfx_jax data all --config experiments/transfusion.py:0.76b \
+        --set data.data_dir=gs://BUCKET/tfx_data
+
+`SIZE,synthetic` trains on synthetic packed batches instead (benchmarks and smoke runs only).
 """
 
 from tfx_jax.config import (
@@ -18,6 +33,7 @@ from tfx_jax.config import (
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
+    VAEConfig,
 )
 
 # The slice each size is meant for (`python -m tfx_jax dryrun --topology ...` checks that the
@@ -41,11 +57,37 @@ SIZES = {
 }
 
 
+# The mixture (data.mixture entries, `tfx_jax/data/sources/mixture.py`): half the tokens each.
+MIXTURE = (
+    "text 0.5 source=tfds tfds_name=lm1b text_key=text tfds_splits=train=train,validation=test",
+    "coco 0.5 source=tfds tfds_name=coco_captions caption_key=captions/text image_key=image "
+    "tfds_splits=train=train,validation=val",
+)
+
+
+def data_config(kind: str) -> DataConfig:
+    if kind == "synthetic":
+        return DataConfig(source="synthetic", seq_len=4096, global_batch_size=512)
+    return DataConfig(
+        source="mixture",
+        mixture=MIXTURE,
+        mix_by="tokens",
+        data_dir="data_cache/transfusion",
+        image_size=256,
+        seq_len=4096,
+        global_batch_size=512,
+        read_threads=8,  # gs:// reads
+    )
+
+
 def get_config(arg: str = "0.16b") -> Config:
-    if arg not in SIZES:
+    size, _, kind = arg.partition(",")
+    if size not in SIZES or kind not in ("", "synthetic"):
         raise ValueError(
-            f"experiments/transfusion.py: unknown size {arg!r}; use one of {list(SIZES)}"
+            f"experiments/transfusion.py: {arg!r}: use SIZE or SIZE,synthetic with SIZE one of "
+            f"{list(SIZES)}"
         )
+    arg = size
     layers, width, heads = SIZES[arg]
     model = ModelConfig(
         vocab_size=32_000,
@@ -65,7 +107,8 @@ def get_config(arg: str = "0.16b") -> Config:
         name=f"transfusion_{arg}",
         model=model,
         diffusion=DiffusionConfig(num_timesteps=1000, schedule="cosine", loss_weight=5.0),
-        data=DataConfig(source="synthetic", seq_len=4096, global_batch_size=512),
+        data=data_config(kind),
+        vae=VAEConfig(downsample=8, channels=(128, 256, 512), steps=100_000, batch_size=256),
         optimizer=OptimizerConfig(
             learning_rate=3e-4, warmup_steps=4000, min_lr_ratio=0.05, weight_decay=0.1
         ),
