@@ -3,6 +3,7 @@ pipeline delivers, its position resumes exactly, and a mixture trains end to end
 per-source counts and evaluation."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -119,6 +120,7 @@ def test_a_text_and_image_mixture_trains(tmp_path):
         "train.eval_every=4",
         "train.eval_batches=1",
         "train.eval_samples=0",
+        "checkpoint.every_steps=2",
     ]
     cfg = load_config(REPO / "experiments/demo.py", overrides)
     stages.prepare_all(cfg)
@@ -129,3 +131,9 @@ def test_a_text_and_image_mixture_trains(tmp_path):
     assert last["data/shapes/images"] > 0 and last["data/text/images"] == 0
     logged = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert any("data/text/token_share" in x for x in logged)
+    # Killed after step 2's checkpoint: the resumed run's step 4 is the uninterrupted one's
+    # (the mixture's position is part of the saved Grain state).
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/4")
+    (again,) = train(cfg, tmp_path / "resumed")
+    assert again["step"] == 4 and again["loss"] == last["loss"]
