@@ -45,7 +45,10 @@ class DiffusionConfig:
     # `rolling_window` rows.
     mode: str = "standard"
     rolling_window: int = 4
-    rolling_init_prob: float = 0.1  # share of images trained on the init (first-window) schedule
+    # Share of images trained on the init (first-window) schedule; -1 = W / (W + rows - 1), the
+    # init pass's share of the sampler's model calls (tfx_jax.diffusion.rolling; issue 15: 0.1
+    # left the top rows of rolling samples wrong).
+    rolling_init_prob: float = -1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +402,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             "diffusion.mode=rolling needs model.patch_encoder=linear: the sampler runs the model "
             "on a window of patch rows, and the U-Net's convolutions would mix rows it cannot see.",
         )
-        need(0.0 <= dc.rolling_init_prob <= 1.0, "diffusion.rolling_init_prob must be in [0, 1].")
+        need(
+            dc.rolling_init_prob == -1.0 or 0.0 <= dc.rolling_init_prob <= 1.0,
+            f"diffusion.rolling_init_prob={dc.rolling_init_prob} must be in [0, 1], or -1 for "
+            "W / (W + rows - 1), the init pass's share of the sampler's model calls.",
+        )
     try:
         validate_data(cfg)  # the data section, and the source's own checks
     except DataConfigError as e:
