@@ -5,7 +5,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import fcntl  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -21,3 +24,56 @@ def tiny_config():
         return load_config(f"{path}:{arg}" if arg else path, overrides)
 
     return make
+
+
+# The tiny shapes pipeline of tests/test_shapes_training.py (data.data_dir is added per session).
+SHAPES_OVERRIDES = (
+    "data.tfds_config=tiny",
+    "data.seq_len=128",
+    "data.global_batch_size=8",
+    "data.packing_bins=8",
+    "model.vocab_size=512",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "vae.steps=3",
+    "vae.batch_size=16",
+    "vae.channels=16,32",
+    "train.steps=4",
+    "train.log_every=2",
+    "train.eval_every=4",
+    "train.eval_batches=1",
+    "train.eval_samples=2",
+    "checkpoint.every_steps=4",
+)
+
+
+@pytest.fixture(scope="session")
+def shapes_run(tmp_path_factory):
+    """The tiny shapes data built (TFDS → tokenizer → VAE → encoded records) and one process
+    trained on it to step 6 (evals at steps 4 and 6), once per test session: under xdist the
+    first worker to ask builds it and the others wait on a file lock, then read it.
+
+    Returns:
+      namespace(overrides: the config overrides, data_dir included; data_dir; run: the
+      workdir (read it, copy it to write); reference: {step: logged metrics} of that run).
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shapes_run"
+    root.mkdir(exist_ok=True)
+    overrides = [f"data.data_dir={root / 'data'}", *SHAPES_OVERRIDES]
+    done = root / "reference.json"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            from tfx_jax import stages
+            from tfx_jax.config import load_config
+            from tfx_jax.train.loop import train
+
+            stages.prepare_all(load_config(REPO / "experiments/demo.py", overrides))
+            cfg = load_config(REPO / "experiments/demo.py", [*overrides, "train.steps=6"])
+            history = train(cfg, root / "run")
+            done.write_text(json.dumps({h["step"]: h for h in history}))
+    reference = {int(k): v for k, v in json.loads(done.read_text()).items()}
+    return types.SimpleNamespace(
+        overrides=overrides, data_dir=root / "data", run=root / "run", reference=reference
+    )

@@ -61,6 +61,35 @@ def test_sampling_schedule_properties(rows, window, steps):
         )
 
 
+@pytest.mark.parametrize("rows,window", [(4, 4), (8, 4), (8, 2), (16, 4), (5, 5)])
+def test_default_init_share_is_the_init_pass_share_of_model_calls(rows, window):
+    # The default trains each pass as often as the sampler runs the model in it (module doc).
+    calls = [len(p.taus) - 1 for p in rolling.sampling_plan(rows, window, 3)]
+    share = rolling.resolve_init_prob(rolling.AUTO_INIT, rows, window)
+    np.testing.assert_allclose(share, calls[0] / sum(calls))
+    np.testing.assert_allclose(share, rolling.init_share(rows, window))
+    assert rolling.resolve_init_prob(0.25, rows, window) == 0.25  # an explicit share is kept
+
+
+def test_training_uses_the_default_init_share(tiny_config):
+    from tfx_jax.config import DiffusionConfig, validate
+
+    assert DiffusionConfig().rolling_init_prob == rolling.AUTO_INIT  # the default is the share
+    validate(tiny_config(None, ["diffusion.mode=rolling", "diffusion.rolling_init_prob=-1"]))
+    B, M = 256, 1
+    x0 = jnp.zeros((B, M, 8, 8, 4))
+    img = np.zeros((B, 18), np.int32)
+    img[:, 1:17] = 1
+    seg = np.ones((B, 18), np.int32)
+    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), M)
+    sched = ddpm.make_schedule("cosine", T)
+    weight = jax.jit(  # one compiled call: eager ops on 8 simulated devices are slow
+        lambda k, *a: rolling.training_inputs(k, sched, *a, 2, 4, rolling.AUTO_INIT)["weight_BMI"]
+    )(jax.random.key(0), x0, x0, jnp.asarray(img), slot, start)
+    first_row_in_window = np.asarray(weight)[:, 0, 0] > 0  # only the init pass has row 0
+    assert abs(first_row_in_window.mean() - 4 / 7) < 0.1
+
+
 def tiny_model(tiny_config):
     from test_sample import init_params
 
@@ -195,24 +224,42 @@ def test_cached_window_equals_training_forward(tiny_config):
         np.testing.assert_allclose(np.asarray(eps_win), want, rtol=1e-4, atol=1e-5)
 
 
-def test_rolling_generation_streams_rows_top_to_bottom(tiny_config):
+def test_rolling_generation_streams_rows_top_to_bottom(tiny_config, tmp_path):
+    """Rows reach `on_row` top to bottom, each once; `sample.RowStream` (the streaming API)
+    records them, builds one frame per row (that row's pixels shown, grey below) and writes an
+    animated PNG and a strip per image."""
+    from PIL import Image
+
     from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
     from tfx_jax.generate import sample
 
     cfg, _, params = tiny_model(tiny_config)
     tok = Tokenizer(train_tokenizer([f"shape number {i} is red" for i in range(50)], 300))
     seen = []
+    stream = sample.RowStream(on_row=lambda b, r, x: seen.append((b, r, np.array(x))))
     opts = sample.SampleOptions(
         max_new_tokens=2, diffusion_steps=4, sampler="ddpm", guidance_scale=None, seed=1
     )
     prompts = [sample.Prompt("a red", force_image=True), sample.Prompt("blue", force_image=True)]
-    res = sample.generate(
-        cfg, params, tok, prompts, opts, on_row=lambda b, r, x: seen.append((b, r, np.array(x)))
-    )
+    res = sample.generate(cfg, params, tok, prompts, opts, on_row=stream)
     for b in range(2):
         rows = [(r, x) for bb, r, x in seen if bb == b]
         assert [r for r, _ in rows] == [0, 1, 2, 3]  # top to bottom, each row once
         image = res[b].pieces[0]
         assert image.kind == "image" and image.latents.shape == (8, 8, 4)
         np.testing.assert_array_equal(np.concatenate([x for _, x in rows]), image.latents)
+        np.testing.assert_array_equal(np.concatenate(stream.rows[(b, 0)]), image.latents)
         assert np.isfinite(image.latents).all()
+    assert [(b, r) for b, _, r in stream.arrivals] == [(b, r) for b, r, _ in seen]
+
+    frames = stream.frames((0, 0))  # no VAE: latent previews, 4x the latent
+    assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
+    for k, f in enumerate(frames):  # after row k: pixel rows [0, 8(k + 1)) shown, grey below
+        assert (f[8 * (k + 1) :] == 128).all() and (f[: 8 * (k + 1)] != 128).any()
+    paths = stream.write(tmp_path)
+    want = {f"stream_{b}_0{s}.png" for b in (0, 1) for s in ("", "_strip")}
+    assert {p.name for p in paths} == want
+    with Image.open(tmp_path / "stream_0_0.png") as im:
+        assert im.n_frames == 4 and im.size == (32, 32)  # an animated PNG, a frame per row
+    with Image.open(tmp_path / "stream_0_0_strip.png") as im:
+        assert im.size == (4 * 32 + 3 * sample.RowStream.GAP, 32)

@@ -9,35 +9,18 @@ import pytest
 from conftest import REPO
 from test_multihost import run_processes
 
-from tfx_jax import artifacts, stages
+from tfx_jax import artifacts
 from tfx_jax.checkpoint import Checkpointer
 from tfx_jax.config import load_config
 from tfx_jax.train.loop import train
 
 
 @pytest.mark.slow
-def test_shapes_pipeline_trains_and_evaluates(tmp_path):
-    overrides = [
-        f"data.data_dir={tmp_path / 'data'}",
-        "data.tfds_config=tiny",
-        "data.seq_len=128",
-        "data.global_batch_size=8",
-        "data.packing_bins=8",
-        "model.vocab_size=512",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "vae.steps=3",
-        "vae.batch_size=16",
-        "vae.channels=16,32",
-        "train.steps=4",
-        "train.log_every=2",
-        "train.eval_every=4",
-        "train.eval_batches=1",
-        "train.eval_samples=2",
-        "checkpoint.every_steps=4",
-    ]
+def test_shapes_pipeline_trains_and_evaluates(tmp_path, shapes_run):
+    # The data stages and the one-process reference run (to step 6) are the session's
+    # `shapes_run` (conftest.py), shared with tests/test_evaluation.py.
+    overrides = shapes_run.overrides
     cfg = load_config(REPO / "experiments/demo.py", overrides)
-    stages.prepare_all(cfg)
     assert artifacts.vae_is_current(cfg)
     summary = json.loads((artifacts.vae_dir(cfg) / "vae.json").read_text())
     assert summary["heldout_psnr_db"] > 0 and summary["scale_factor"] > 0
@@ -48,15 +31,15 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
 
     # One process, uninterrupted, to step 6: the reference for the runs below.
     ref_cfg = load_config(REPO / "experiments/demo.py", [*overrides, "train.steps=6"])
-    reference = {h["step"]: h for h in train(ref_cfg, tmp_path / "run")}
+    reference = shapes_run.reference
     history = [reference[2], reference[4]]
     assert sorted(reference) == [2, 4, 6]
     last = history[-1]
     assert np.isfinite(last["loss"]) and last["images"] > 0
     assert 0.0 <= last["eval/judge_fraction"] <= 1.0 and last["eval/perplexity"] > 1
     assert any(k.startswith("eval/diffusion_loss_t") for k in last)
-    assert list((tmp_path / "run" / "tensorboard").iterdir()), "no TensorBoard events"
-    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False, create=False)
+    assert list((shapes_run.run / "tensorboard").iterdir()), "no TensorBoard events"
+    ckpt = Checkpointer(shapes_run.run / "checkpoints", async_save=False, create=False)
     assert ckpt.all_steps() == [4, 6]
     meta = ckpt.read_meta(4)
     ckpt.close()
@@ -92,7 +75,7 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path):
     history = train(ref_cfg, tmp_path / "two")
     assert [h["step"] for h in history] == [6]
     np.testing.assert_allclose(history[0]["loss"], reference[6]["loss"], rtol=1e-5)
-    shutil.copytree(tmp_path / "run", tmp_path / "one_to_two")
+    shutil.copytree(shapes_run.run, tmp_path / "one_to_two")
     shutil.rmtree(tmp_path / "one_to_two/checkpoints/6")
     run_processes(
         ["train", "--config", str(REPO / "experiments/demo.py")]

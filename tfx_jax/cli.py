@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import jax
+from etils import epath
 
-from tfx_jax import artifacts, demo, dryrun, export, stages
+from tfx_jax import artifacts, demo, dryrun, evaluation, export, report, stages
 from tfx_jax import params as params_lib
 from tfx_jax.checkpoint import CheckpointWriteError
 from tfx_jax.config import Config, ConfigError, load_config, validate
@@ -134,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     options = sample_options.from_args(args)
     options.validate()
     for image in args.image:
-        if not Path(image).is_file():
+        if not epath.Path(image).is_file():  # may be gs://
             raise ConfigError(f"--image {image}: no such file (give an image file).")
     sample.plan_prompt_images(args.prompt, len(args.image))
     if args.export:
@@ -154,6 +155,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
         input_images=args.image,
         force_image=args.force_image,
     )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    options = sample_options.from_args(args)
+    options.validate()  # a bad option fails before the model is loaded
+    if args.num_prompts < 1:
+        raise ConfigError(f"--num-prompts {args.num_prompts}: give at least 1 per split.")
+    splits = [s for part in args.split for s in part.split(",") if s]
+    result = evaluation.evaluate_run(
+        args.workdir,
+        args.step,
+        splits=splits or None,
+        num_prompts=args.num_prompts,
+        options=options,
+        overrides=args.overrides,
+        num_batches=args.num_batches,
+    )
+    if jax.process_index() != 0:
+        return
+    print(evaluation.summary(result))
+    print(f"wrote {epath.Path(args.workdir) / 'eval.json'}")
+    if not args.no_report:
+        print(f"report: {report.write(args.workdir)['html']}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    paths = report.write(args.workdir)
+    print(f"wrote {paths['html']} and {paths['markdown']}")
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -225,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         "data",
         help="prepare data: build | tokenizer | encode | all",
         description="build: render the embedded TFDS dataset (or check a tfds/folder/text "
-        "source is there); tokenizer: train SentencePiece on its text; encode: tokenize every "
-        "example and encode its images with the trained VAE, once, into ArrayRecord; all: every "
-        "missing or stale stage, the VAE included ('latents' is accepted for 'encode').",
+        "source is there); tokenizer: train SentencePiece on a sample of its text "
+        "(data.tokenizer_sample); encode: tokenize every example and encode its images with the "
+        "trained VAE, once, into ArrayRecord shards (data.encode_shard_size), spread over every "
+        "process under --distributed; a killed encode resumes, a current one does nothing; all: "
+        "every missing or stale stage, the VAE included ('latents' is accepted for 'encode'). "
+        "data.max_examples=N bounds every stage for a trial.",
     )
     p.add_argument("stage", choices=["build", "tokenizer", "encode", "latents", "all"])
     _add_common(p, config_required=False, workdir=False)
@@ -278,6 +310,60 @@ def build_parser() -> argparse.ArgumentParser:
     sample_options.add_arguments(p)
     _add_distributed(p)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's checkpoint: losses, judged images and captions -> eval.json",
+        description="Restore a checkpoint's params only and compute what training's "
+        "evaluators compute: held-out perplexity, diffusion loss per timestep bucket and per "
+        "patch row; for image sources, an image per prompt of each split scored by the judge "
+        "(per attribute, seen vs held-out pairs, one vs several objects, grid row) and a greedy "
+        "caption for each true image; one interleaved document. Writes WORKDIR/eval.json, "
+        "WORKDIR/eval/step_N/ and (unless --no-report) WORKDIR/report.html.",
+    )
+    p.add_argument("--workdir", required=True, help="the run (its checkpoints/ are read)")
+    p.add_argument("--step", type=int, default=None, help="default: the latest complete step")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        help="prompt split(s), repeatable or comma-separated (default: train,heldout for the "
+        "shapes data, else validation)",
+    )
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        default=64,
+        help="prompts per split; --seed picks them and the noise (default: 64)",
+    )
+    p.add_argument(
+        "--num-batches",
+        type=int,
+        default=0,
+        help="validation batches for the losses (default: train.eval_batches, as in training)",
+    )
+    p.add_argument("--no-report", action="store_true", help="do not write report.html/.md")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the saved config, e.g. --set data.data_dir=DIR when the data moved",
+    )
+    sample_options.add_arguments(p, evaluation.IMAGE_OPTIONS)
+    _add_distributed(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser(
+        "report",
+        help="write WORKDIR/report.html and report.md from eval.json and metrics.jsonl",
+        description="A self-contained HTML report (images inline) and a Markdown one: config, "
+        "targets, loss and eval curves, metric tables, the sample grid with its prompts, "
+        "captions beside their images, an interleaved document. Needs no model.",
+    )
+    p.add_argument("--workdir", required=True, help="the run")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser(
         "config",

@@ -121,15 +121,20 @@ def _optional_float(text: str) -> float | None:
     return float(text)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one flag per `SampleOptions` field, with its default shown in --help."""
+def add_arguments(parser: argparse.ArgumentParser, defaults: SampleOptions | None = None) -> None:
+    """Adds one flag per `SampleOptions` field, with its default shown in --help.
+
+    Args:
+      defaults: the command's own defaults (`eval` draws with other ones than `generate`).
+    """
     group = parser.add_argument_group("sampling options")
     types = {"int": int, "float": float, "str": str, "float | None": _optional_float}
     for f in dataclasses.fields(SampleOptions):
-        kw: dict[str, Any] = {"dest": f.name, "default": f.default, "type": types[f.type]}
+        default = f.default if defaults is None else getattr(defaults, f.name)
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "type": types[f.type]}
         if f.metadata["choices"]:
             kw["choices"] = f.metadata["choices"]
-        group.add_argument(_flag(f), help=f"{f.metadata['help']} (default: {f.default})", **kw)
+        group.add_argument(_flag(f), help=f"{f.metadata['help']} (default: {default})", **kw)
 
 
 def from_args(args: argparse.Namespace) -> SampleOptions:

@@ -1,8 +1,13 @@
-"""Held-out evaluation during training (and for any params): the evaluators the loop runs.
+"""Held-out evaluation during training: the evaluators the loop runs at `train.eval_every`.
 
-evaluate       text perplexity and diffusion loss per timestep bucket over N batches
-SampleGrid     images for held-out prompts drawn with the current params (generation on
-               every process), a TensorBoard grid, and the source's judge score
+They call the same code as `python -m tfx_jax eval` (`tfx_jax.evaluation`), so a step's logged
+eval metrics are what `eval --step N` computes for the same batches and prompts:
+
+evaluate       text perplexity and diffusion loss per timestep bucket and per patch row over
+               `train.eval_batches` validation batches (the same batches every eval)
+SampleGrid     `train.eval_samples` images per prompt split drawn with the current params
+               (generation on every process), a TensorBoard grid, the judge's scores per
+               attribute / split / grid row, and scored captions for the true images
 run_evaluators runs them after the step's checkpoint; a failure is one line and a count
 """
 
@@ -13,14 +18,10 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
 
-from tfx_jax import artifacts
+from tfx_jax import evaluation
 from tfx_jax.config import Config
-from tfx_jax.data import sources
-from tfx_jax.generate import sample
-from tfx_jax.observability.metric_writers import image_grid
 
 if TYPE_CHECKING:  # the loop imports this module; the trainer is only a parameter here
     from tfx_jax.train.loop import Trainer
@@ -29,66 +30,31 @@ log = logging.getLogger("tfx_jax")
 
 
 def evaluate(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], num: int) -> dict:
-    """Held-out text perplexity and diffusion loss per timestep bucket, averaged over batches."""
-    totals: dict[str, Any] = {}
-    for i in range(num):
-        m = jax.device_get(trainer.eval_step(next(batches), jax.random.key(10_000 + i)))
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    out = {
-        "eval/lm_loss": float(totals["lm_loss"] / num),
-        "eval/diffusion_loss": float(totals["diffusion_loss"] / num),
-    }
-    out["eval/perplexity"] = float(math.exp(min(out["eval/lm_loss"], 50.0)))
-    n_buckets = len(totals["bucket_count"])
-    T = trainer.cfg.diffusion.num_timesteps
-    for b in range(n_buckets):
-        if totals["bucket_count"][b] > 0:
-            lo = b * T // n_buckets
-            key = f"eval/diffusion_loss_t{lo:04d}"
-            out[key] = float(totals["bucket_loss_sum"][b] / totals["bucket_count"][b])
-    return out
+    """Held-out text perplexity and diffusion loss (per timestep bucket and patch row),
+    averaged over `num` batches (`evaluation.loss_metrics` with the trainer's eval step)."""
+    return evaluation.loss_metrics(trainer.eval_step, batches, num, trainer.cfg)
 
 
 class SampleGrid:
-    """Images for held-out captions, drawn with the current params at each eval: a picture of
-    progress (TensorBoard `samples` image) plus the source's judge's score of it
-    (`eval/judge_fraction`, `Source.score`: the shapes data; NaN for sources without a judge)."""
+    """Images for the captions of `num` examples per prompt split (the shapes data: train and
+    held-out combinations; other sources: validation), drawn with the current params at each
+    eval, and captions for their true images: a picture of progress (TensorBoard `samples`)
+    and the judge's scores (`eval/judge/...`, `eval/judge_fraction`, `eval/caption/...`; for
+    sources without a judge, the grid alone). The examples are chosen once
+    (`evaluation.Prompting`)."""
 
     def __init__(self, cfg: Config, num: int):
-        self.source = sources.of(cfg)
-        self.vae = artifacts.load_vae(cfg)
-        self.tokenizer = artifacts.load_tokenizer(cfg)
-        self.prompts = self.source.prompts(cfg, num)
+        self.prompting = evaluation.Prompting(cfg, num)
 
-    def __call__(self, trainer: Trainer) -> tuple[np.ndarray, float]:
-
-        opts = sample.SampleOptions(
-            max_new_tokens=2,
-            temperature=0.0,
-            sampler="ddim",
-            diffusion_steps=20,
-            guidance_scale=3.0,
-        )
-        prompts = [sample.Prompt(p, (), True) for p in self.prompts]
-        results = sample.generate(
+    def __call__(self, trainer: Trainer) -> tuple[np.ndarray, dict[str, float]]:
+        # Captions are only worth their decoding time where they are scored.
+        drawn, _, metrics = self.prompting(
             trainer.cfg,
             trainer.state.params,
-            self.tokenizer,
-            prompts,
-            opts,
-            vae=self.vae,
-            mesh=trainer.mesh,
+            trainer.mesh,
+            captions=self.prompting.source.has_judge,
         )
-        pairs = [
-            (r.images[0].image, p)
-            for r, p in zip(results, self.prompts, strict=True)
-            if r.images and r.images[0].image is not None
-        ]
-        if not pairs:
-            return np.zeros((1, 1, 3), np.uint8), 0.0
-        score = float(np.mean([self.source.score(img, p) for img, p in pairs]))  # NaN: no judge
-        return image_grid(np.stack([img for img, _ in pairs]), cols=4), score
+        return evaluation.sample_grid(drawn), metrics
 
 
 def run_evaluators(
@@ -128,8 +94,7 @@ def run_evaluators(
 
     def samples() -> None:
         grid, judged = sampler(trainer)
-        if not math.isnan(judged):
-            out["eval/judge_fraction"] = judged
+        out.update({k: v for k, v in judged.items() if not math.isnan(v)})
         writer.write_images(step, {"samples": grid})
 
     attempt("losses", losses)

@@ -116,6 +116,15 @@ def forward_losses(
     }
     if with_details:
         metrics["t_BM"], metrics["per_image_BM"], metrics["valid_BM"] = t_BM, per_image_BM, valid_BM
+        # ε-MSE per patch row (issue 15: quality from the first row to the last), weighted as
+        # the loss weights it (rolling: only the window's rows count).
+        g = m.latent_size // m.patch_size
+        err = jnp.square(eps_hat_BMhwC.astype(jnp.float32) - eps_BMhwC.astype(jnp.float32))
+        metrics["row_loss_BMR"] = err.reshape(B, M, g, -1).mean(-1)
+        row_w = jnp.ones((B, M, g), jnp.float32)
+        if dc.mode == "rolling":
+            row_w = roll["weight_BMI"].reshape(B, M, g, -1).mean(-1)
+        metrics["row_weight_BMR"] = row_w * valid_BM[..., None].astype(jnp.float32)
     return total, metrics
 
 
@@ -191,7 +200,8 @@ def make_eval_step(model: nn.Module, cfg: Config, num_buckets: int = 10) -> Call
     """Returns eval_step(params, batch, rng) -> metrics (no gradient).
 
     Besides the losses it returns, per timestep bucket b (t in [b·T/n, (b+1)·T/n)), the sum of
-    per-image diffusion losses and the image count, so the caller can average over batches.
+    per-image diffusion losses and the image count, and per patch row the weighted sum of row
+    losses and the weight, so the caller can average over batches.
     """
     schedule = ddpm.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     width = schedule.num_timesteps / num_buckets
@@ -203,6 +213,9 @@ def make_eval_step(model: nn.Module, cfg: Config, num_buckets: int = 10) -> Call
         onehot_BMK = jax.nn.one_hot(bucket_BM, num_buckets) * valid[..., None]
         m["bucket_loss_sum"] = (onehot_BMK * per_image[..., None]).sum(axis=(0, 1))
         m["bucket_count"] = onehot_BMK.sum(axis=(0, 1))
+        row_w = m.pop("row_weight_BMR")
+        m["row_loss_sum"] = (m.pop("row_loss_BMR") * row_w).sum(axis=(0, 1))
+        m["row_count"] = row_w.sum(axis=(0, 1))
         return m
 
     return eval_step

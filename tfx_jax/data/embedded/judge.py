@@ -283,7 +283,17 @@ def score(image: np.ndarray, prompt: str | Sequence[shapes.SceneObject]) -> dict
     detections = detect(image)
     # Garbage images can have many blobs; the largest ones are the only plausible matches.
     largest = sorted(detections, key=lambda d: -d.area)[:_MAX_MATCH_CANDIDATES]
-    matched = _match(prompted, [d.object for d in largest])
+    return _scored(prompted, [d.object for d in largest], len(detections))
+
+
+def _scored(
+    prompted: Sequence[shapes.SceneObject],
+    candidates: Sequence[shapes.SceneObject],
+    num_found: int,
+) -> dict:
+    """`score`'s result for prompted objects matched one-to-one among `candidates`, out of
+    `num_found` objects found in all."""
+    matched = _match(prompted, candidates)
     objects = []
     for p, d in zip(prompted, matched, strict=True):
         row = {"prompt": p, "found": d}
@@ -291,14 +301,42 @@ def score(image: np.ndarray, prompt: str | Sequence[shapes.SceneObject]) -> dict
         row["present"] = all(row[a] for a in _ATTRIBUTES)
         objects.append(row)
     n = len(prompted)
-    count = len(detections) == n
+    count = num_found == n
     result = {
         "exact": count and all(o["present"] for o in objects),
         "fraction": sum(o["present"] for o in objects) / n,
         "count": count,
         "num_prompted": n,
-        "num_detected": len(detections),
+        "num_detected": num_found,
     }
     result.update({a: sum(o[a] for o in objects) / n for a in _ATTRIBUTES})
     result["objects"] = objects
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes read some other way (captions), and where objects sit.
+# ---------------------------------------------------------------------------------------------
+
+ROWS = ("top", "middle", "bottom")
+
+
+def row_of(position: str) -> str:
+    """The grid row of a position: "top", "middle" or "bottom" (positions are row-major)."""
+    return ROWS[shapes.POSITIONS.index(position) // 3]
+
+
+def compare(expected: Sequence[shapes.SceneObject], found: Sequence[shapes.SceneObject]) -> dict:
+    """Scores a scene found some other way (a generated caption read with
+    `shapes.parse_caption`) against the true scene, exactly as `score` scores an image: the
+    same one-to-one matching, the same keys ("exact", "fraction", "count", "num_prompted",
+    "num_detected", one accuracy per attribute, "objects"), with `expected` as the prompt.
+
+    Args:
+      expected: the true scene (at least one object).
+      found: the scene that was read (may be empty: every expected object is then missed).
+    """
+    expected, found = tuple(expected), tuple(found)
+    if not expected:
+        raise ValueError("the expected scene needs at least one object")
+    return _scored(expected, found[:_MAX_MATCH_CANDIDATES], len(found))
