@@ -5,12 +5,16 @@
 For each `model.attention_impl` (tfx_jax.models.attention) that runs on this machine: forward and
 forward+backward time of one attention call on a synthetic packed batch (documents with text and
 image blocks, bf16), and the largest deviation of its output and gradients from the `xla`
-reference (fp32 softmax). Prints one table. No grain/TFDS needed.
+reference (fp32 softmax). `cudnn_causal` is cuDNN's plain causal kernel on the same q/k/v (the
+wrong mask for Transfusion: the yardstick for speed only). `pallas_gpu[X]` rows are tile-size
+variants of the `pallas_gpu` kernel (`--pallas-variants`). Prints one table. No grain/TFDS needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import functools
 import time
 
 import jax
@@ -18,10 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfx_jax.data.sources import synthetic
-from tfx_jax.models import attention
+from tfx_jax.models import attention, gpu_attention
+from tfx_jax.models.mask import key_ranges
+
+# Tile-size variants of the pallas_gpu kernel to time beside its default (BlockSizes(): 128x64
+# forward, dQ 64x32, dK/dV 32x64, 8/4 warps, 2/3 stages; "thin" when first measured).
+# Fields: fwd_q, fwd_k, dq_q, dq_k, dkv_q, dkv_k, fwd_warps, fwd_stages, bwd_warps, bwd_stages.
+VARIANTS = {
+    "tutorial": gpu_attention.BlockSizes(128, 64, 128, 32, 32, 128, 8, 3, 8, 3),
+    "big": gpu_attention.BlockSizes(128, 128, 128, 64, 64, 128, 8, 3, 8, 2),
+    "64": gpu_attention.BlockSizes(64, 64, 64, 64, 64, 64, 4, 3, 4, 3),
+}
 
 
-def _time(fn, *args, repeats: int = 20) -> float:
+def _time(fn, *args, repeats: int = 50) -> float:
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -37,7 +51,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--impls", default="xla,cudnn,tokamax")
+    p.add_argument("--impls", default="xla,cudnn_causal,cudnn,tokamax,pallas_gpu")
+    p.add_argument("--pallas-variants", default=",".join(VARIANTS), help="'' for none")
     args = p.parse_args()
     B, T, N, K, H = args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim
     # Images of 16x16 patches (a 32x32x4 latent, patch 2), as many per row as fit.
@@ -49,42 +64,71 @@ def main() -> None:
     v = jax.random.normal(keys[2], (B, T, K, H), jnp.bfloat16)
     ct = jax.random.normal(keys[3], (B, T, N, H), jnp.bfloat16)
 
-    def programs(name):
-        impl = attention.get(name)
-
-        def fwd(q, k, v):
-            return impl.apply(q, k, v, impl.prepare(seg, img))
-
+    def with_grads(fwd):
         def fwd_bwd(q, k, v):
             out, vjp = jax.vjp(fwd, q, k, v)
             return out, vjp(ct)
 
         return jax.jit(fwd), jax.jit(fwd_bwd)
 
+    def programs(name):
+        if name == "cudnn_causal":
+            return with_grads(
+                functools.partial(
+                    jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"
+                )
+            )
+        if name.startswith("pallas_gpu["):
+            blocks = VARIANTS[name[len("pallas_gpu[") : -1]]
+            fn = functools.partial(gpu_attention.attention, blocks=blocks)
+            return with_grads(lambda q, k, v: fn(q, k, v, key_ranges(seg, img)))
+        impl = attention.get(name)
+        return with_grads(lambda q, k, v: impl.apply(q, k, v, impl.prepare(seg, img)))
+
     _, ref_fb = programs("xla")
     ref_out, ref_grads = ref_fb(q, k, v)
-    rows = []
-    for name in args.impls.split(","):
+    names = args.impls.split(",")
+    names += [f"pallas_gpu[{v}]" for v in args.pallas_variants.split(",") if v]
+    rows, causal_ms = [], None
+    for name in names:
         try:
             fwd, fb = programs(name)
             out, grads = fb(q, k, v)
+            t_fwd, t_fb = _time(fwd, q, k, v), _time(fb, q, k, v)
         except Exception as e:  # e.g. cudnn off GPU, tokamax not installed
-            rows.append(f"| {name} | n/a | n/a | n/a | {type(e).__name__}: {str(e)[:60]} |")
+            msg = " ".join(str(e).split())[:160]
+            rows.append(f"| {name} | n/a | n/a | n/a | n/a | {type(e).__name__}: {msg} |")
+            print(rows[-1], flush=True)
             continue
-        err_o = float(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)).max())
-        err_g = max(
-            float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
-            for a, b in zip(grads, ref_grads, strict=True)
-        )
-        rows.append(
-            f"| {name} | {_time(fwd, q, k, v):.2f} | {_time(fb, q, k, v):.2f} | "
-            f"{err_o:.3g} / {err_g:.3g} | |"
-        )
-    print(f"B={B} T={T} heads={N} kv_heads={K} head_dim={H} bf16, {jax.devices()[0].device_kind}")
-    print("| impl | fwd ms | fwd+bwd ms | max abs err vs xla (out / grads) | note |")
-    print("|---|---|---|---|---|")
+        causal_ms = t_fb if name == "cudnn_causal" else causal_ms
+        if name == "cudnn_causal":
+            err = "(other mask)"
+        else:
+            abs_o = jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))
+            rel = max(
+                float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+                / float(jnp.abs(b.astype(jnp.float32)).max())
+                for a, b in zip((out, *grads), (ref_out, *ref_grads), strict=True)
+            )
+            err_g = max(
+                float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+                for a, b in zip(grads, ref_grads, strict=True)
+            )
+            err = f"{float(abs_o.max()):.3g} / {err_g:.3g} (rel {rel:.2g})"
+        ratio = f"{t_fb / causal_ms:.2f}" if causal_ms else "n/a"
+        rows.append(f"| {name} | {t_fwd:.3f} | {t_fb:.3f} | {ratio} | {err} | |")
+        print(rows[-1], flush=True)
+    ks, ke = key_ranges(seg, img)
+    density = float((ke - ks).sum()) / (B * T * (T + 1) / 2)
+    print(f"\nB={B} T={T} heads={N} kv_heads={K} head_dim={H} bf16, {jax.devices()[0].device_kind}")
+    print(f"visible (query, key) pairs: {density:.3f} of a causal mask's; pallas_gpu default tiles")
+    print(f"{gpu_attention.BlockSizes()}")
+    cols = ["impl", "fwd ms", "fwd+bwd ms", "fwd+bwd / cudnn_causal"]
+    cols += ["max abs err vs xla (out / grads)", "note"]
+    print("| " + " | ".join(cols) + " |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"jax {jax.__version__}")
+    print(f"jax {jax.__version__}, {datetime.date.today()}")
 
 
 if __name__ == "__main__":
