@@ -95,7 +95,8 @@ def test_parse_caption_rejects_text_outside_the_grammar(text):
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_render_keeps_every_object_inside_its_cell(image_size):
     cell = image_size / 3
-    for position, size, shape in itertools.product(shapes.POSITIONS, shapes.SIZES, shapes.SHAPES):
+    grid = itertools.product(shapes.POSITIONS, shapes.GRID_SIZES, shapes.SHAPES)
+    for position, size, shape in grid:
         image = shapes.render((shapes.SceneObject(shape, "red", size, position),), image_size)
         assert image.shape == (image_size, image_size, 3) and image.dtype == np.uint8
         rows, cols = np.nonzero((image != shapes.BACKGROUND).any(-1))
@@ -107,6 +108,14 @@ def test_render_keeps_every_object_inside_its_cell(image_size):
     small = shapes.object_diameter("small", image_size)
     large = shapes.object_diameter("large", image_size)
     assert (small, large) == {32: (5, 9), 64: (11, 17)}[image_size]
+    # A huge object (the demo's tier) is centred and keeps a margin to the image's edges.
+    assert shapes.object_diameter("huge", image_size) == {32: 25, 64: 49}[image_size]
+    for shape in shapes.SHAPES:
+        image = shapes.render((shapes.SceneObject(shape, "red", "huge", "center"),), image_size)
+        rows, cols = np.nonzero((image != shapes.BACKGROUND).any(-1))
+        assert min(rows.min(), cols.min()) >= 3 and max(rows.max(), cols.max()) < image_size - 3
+    with pytest.raises(ValueError, match="center"):
+        shapes.render((shapes.SceneObject("circle", "red", "huge", "top left"),), image_size)
 
 
 def test_shape_footprints_are_distinct():
@@ -216,6 +225,37 @@ def test_heldout_pairs_never_in_train_and_always_in_heldout():
         assert example["kind"] == "caption"
         scene = shapes.parse_caption(example["text"])
         assert {(o.shape, o.color) for o in scene} & shapes.HELDOUT_PAIRS
+
+
+def test_single_tier():
+    """The demo's tier: one huge centred object per caption and per interleaved image, the
+    held-out pairs never in train/validation (text or pixels) and always in heldout, every
+    caption parses and the judge reads every rendered image exactly."""
+    spec = builders.get_config("single").spec
+    assert spec == shapes.SINGLE
+    (only,) = spec.sizes
+    for split in shapes.SPLITS:
+        examples = [e for _, e in shapes.generate_examples(split, 250, 32, 0, (6, 3, 1), spec)]
+        kinds = {e["kind"] for e in examples}
+        assert kinds == ({"caption"} if split == "heldout" else {"caption", "interleaved", "text"})
+        for example in examples:
+            scenes = [judge.read_scene(image) for image in example["images"]]
+            assert all(len(s) == 1 and s[0].size == only for s in scenes), example["text"]
+            assert all(s[0].position == "center" for s in scenes)
+            pairs = {(o.shape, o.color) for s in scenes for o in s}
+            if example["kind"] == "caption":
+                scene = shapes.parse_caption(example["text"])
+                assert scenes == [scene] and judge.score(example["images"][0], scene)["exact"]
+            if split == "heldout":
+                assert pairs <= shapes.HELDOUT_PAIRS and len(pairs) == 1
+            else:
+                assert not (pairs | _pairs_in_text(example["text"])) & shapes.HELDOUT_PAIRS
+    # Every (shape, colour) of the tier renders and reads back, at both image sizes.
+    for (shape, color), size in itertools.product(shapes.ALL_PAIRS, (32, 64)):
+        scene = (shapes.SceneObject(shape, color, only, "center"),)
+        assert judge.score(shapes.render(scene, size), shapes.caption(scene))["exact"]
+    with pytest.raises(ValueError, match="center"):
+        shapes.SceneSpec(max_objects=1, sizes=("huge",))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ documents). Writing is unshuffled (`disable_shuffling`): record i of a split is 
 `shapes.generate_examples`, and Grain shuffles at read time anyway.
 
 Configs (`ShapesConfig`): "default" (32 px; train 20000, validation 1000, heldout 1000),
-"default_64px" (the same at 64 px) and "tiny" (32 px; 512 / 64 / 64, for tests). `build` and
+"default_64px" (the same at 64 px), "tiny" (32 px; 512 / 64 / 64, for tests) and "single" (the
+demo's tier, `shapes.SINGLE`: one huge object per caption; 32 px; 4000 / 512 / 512). `build` and
 `data_source` derive further configs for other image sizes or seeds (named e.g. "tiny_64px").
 
 Measured build time (`build`, pinned to one CPU core of the 2-core dev machine, Python 3.12,
@@ -55,6 +56,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
       num_train, num_validation, num_heldout: examples per split.
       seed: base seed of `shapes.generate_examples`.
       mix: probabilities of (caption, interleaved, text) examples in train/validation.
+      max_objects, sizes, positions: the tier (`shapes.SceneSpec`); the defaults are the full
+        multi-object world.
     """
 
     image_size: int = 32
@@ -63,6 +66,14 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_heldout: int = 1_000
     seed: int = 0
     mix: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    max_objects: int = shapes.MAX_OBJECTS
+    sizes: tuple[str, ...] = shapes.GRID_SIZES
+    positions: tuple[str, ...] = shapes.POSITIONS
+
+    @property
+    def spec(self) -> shapes.SceneSpec:
+        """The tier its scenes are drawn from."""
+        return shapes.SceneSpec(self.max_objects, self.sizes, self.positions)
 
     def num_examples(self, split: str) -> int:
         """Returns how many examples `split` holds."""
@@ -84,6 +95,20 @@ BUILDER_CONFIGS = (
         num_validation=64,
         num_heldout=64,
         description="32x32 images; 512/64/64 examples, for tests.",
+    ),
+    # The demo's tier: captions name one huge object, so a small model learns (shape, colour) in
+    # CPU minutes. Few text documents (the demo measures prompts and captions) and a smaller
+    # train split: its 20 training scenes repeat ~170 times in 4000 examples anyway.
+    ShapesConfig(
+        name="single",
+        num_train=4_000,
+        num_validation=512,
+        num_heldout=512,
+        mix=(0.85, 0.12, 0.03),
+        max_objects=shapes.SINGLE.max_objects,
+        sizes=shapes.SINGLE.sizes,
+        positions=shapes.SINGLE.positions,
+        description="32x32 images, one huge object per caption; 4000/512/512 examples.",
     ),
 )
 
@@ -137,7 +162,12 @@ class TfxShapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         config = self.builder_config
         examples = shapes.generate_examples(
-            split, config.num_examples(split), config.image_size, config.seed, config.mix
+            split,
+            config.num_examples(split),
+            config.image_size,
+            config.seed,
+            config.mix,
+            config.spec,
         )
         for key, example in examples:
             yield key, {**example, "images": [_png(image) for image in example["images"]]}
@@ -156,6 +186,7 @@ def _content(config: ShapesConfig) -> tuple:
         config.num_heldout,
         config.seed,
         tuple(config.mix),
+        config.spec,
     )
 
 
@@ -165,7 +196,7 @@ def get_config(
     """Returns a predefined config, or one derived from it with another image size or seed.
 
     Args:
-      config: name of a predefined config ("default", "default_64px", "tiny").
+      config: name of a predefined config ("default", "default_64px", "tiny", "single").
       image_size: if given, the image size (overrides the config's).
       seed: if given, the seed (overrides the config's).
 

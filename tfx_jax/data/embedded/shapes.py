@@ -7,7 +7,8 @@ edges so that `tfx_jax.data.embedded.judge` can read a rendered scene back exact
 Vocabulary (4 shapes x 6 colours x 2 sizes x 9 positions):
   shapes     circle, square, triangle (apex up), diamond
   colours    red, green, blue, yellow, purple, orange (pairwise RGB distance >= 95)
-  sizes      small (~half a cell across), large (~0.85 of a cell across)
+  sizes      small (~half a cell across), large (~0.85 of a cell across); and huge (3/4 of the
+             image across, in the center only: the demo's tier, below)
   positions  top left, top, top right, left, center, right, bottom left, bottom, bottom right
 
 Captions follow one grammar and parse back exactly (`parse_caption`):
@@ -26,6 +27,14 @@ square, green triangle, blue diamond. Every shape and every colour still appears
 only caption examples whose scene has at least one held-out pair (its other objects may be any
 pair). This measures compositional generalisation: can a model draw "a purple circle" having
 seen purple things and circles, but never a purple circle?
+
+Tiers. A `SceneSpec` says what a scene may hold: up to `max_objects` objects, sizes and positions
+drawn from its `sizes` and `positions`. `SceneSpec()` is the full multi-object world above (the
+"default" datasets: small and large objects anywhere); `SINGLE` is the demo's easier tier: one
+huge object in the center ("a huge purple circle in the center"), so a caption is a (shape,
+colour) pair and most of the image depends on it. A small model learns that in CPU minutes;
+with one large (9 px) object in any cell it did not (benchmarks/RESULTS.md, "Demo tuning").
+The held-out pairs are the same in every tier.
 
 Examples. `generate_examples` yields `(key, example)` with
   {"kind": "caption" | "interleaved" | "text", "text": str, "images": list of [S, S, 3] uint8}
@@ -62,7 +71,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (240, 120, 20),
 }
 BACKGROUND = (245, 245, 240)
-SIZES = ("small", "large")
+SIZES = ("small", "large", "huge")
+# The multi-object tiers' sizes; "huge" fills most of the image, so it exists only in the center.
+GRID_SIZES = ("small", "large")
 # Row-major over the 3x3 grid: index = 3 * row + col.
 POSITIONS = (
     "top left",
@@ -128,6 +139,37 @@ class SceneObject:
 Scene = tuple[SceneObject, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class SceneSpec:
+    """What the scenes of a tier may hold (see "Tiers" above).
+
+    Attributes:
+      max_objects: scenes have 1..max_objects objects (at most `MAX_OBJECTS`).
+      sizes: the sizes objects are drawn from.
+      positions: the cells objects are placed in (at least `max_objects` of them).
+    """
+
+    max_objects: int = MAX_OBJECTS
+    sizes: tuple[str, ...] = GRID_SIZES
+    positions: tuple[str, ...] = POSITIONS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_objects <= MAX_OBJECTS:
+            raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {self.max_objects}")
+        if not self.sizes or not set(self.sizes) <= set(SIZES):
+            raise ValueError(f"sizes {self.sizes!r} must be a non-empty subset of {SIZES}")
+        if len(set(self.positions)) < self.max_objects or not set(self.positions) <= set(POSITIONS):
+            raise ValueError(
+                f"positions {self.positions!r} must be >= max_objects distinct cells of {POSITIONS}"
+            )
+        if "huge" in self.sizes and (self.max_objects != 1 or self.positions != ("center",)):
+            raise ValueError("a huge object fills the image: use max_objects=1, positions=center")
+
+
+# One huge object per caption, in the center: the demo's tier.
+SINGLE = SceneSpec(max_objects=1, sizes=("huge",), positions=("center",))
+
+
 def canonical(scene: Sequence[SceneObject]) -> Scene:
     """Returns the scene's objects in reading order (by grid cell), for order-free comparison.
 
@@ -155,9 +197,10 @@ def object_diameter(size: str, image_size: int) -> int:
     Odd widths keep every shape symmetric about its centre pixel. At 32 px (cells of ~10.7 px):
     large = 9, small = 5; at 64 px: large = 17, small = 11. A large object leaves >= 1 px to the
     neighbouring cell, so same-coloured objects in adjacent cells stay separate components.
+    A huge object (center only) is 3/4 of the image across: 25 px at 32 px, 49 at 64.
 
     Args:
-      size: "small" or "large".
+      size: "small", "large" or "huge".
       image_size: side of the square image in pixels (>= 24).
 
     Returns:
@@ -166,6 +209,8 @@ def object_diameter(size: str, image_size: int) -> int:
     if image_size < 24:
         raise ValueError(f"image_size must be >= 24, got {image_size}")
     cell = image_size / 3
+    if size == "huge":
+        return _nearest_odd(0.75 * image_size)
     return _nearest_odd(0.84 * cell if size == "large" else 0.5 * cell)
 
 
@@ -237,6 +282,9 @@ def render(scene: Sequence[SceneObject], image_size: int = 32) -> np.ndarray:
     """
     if len({obj.position for obj in scene}) != len(scene):
         raise ValueError(f"objects must occupy distinct cells: {scene}")
+    # (Only here, not in SceneObject: the judge may read a generated huge blob as off-center.)
+    if any(obj.size == "huge" and obj.position != "center" for obj in scene):
+        raise ValueError(f"a huge object fills the image: it can only be in the center: {scene}")
     image = np.empty((image_size, image_size, 3), np.uint8)
     image[...] = BACKGROUND
     for obj in scene:
@@ -320,19 +368,22 @@ def parse_caption(text: str) -> Scene:
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
-    """Samples a scene of one to three objects in distinct cells.
+def sample_scene(
+    rng: np.random.Generator, split: str = "train", spec: SceneSpec = SceneSpec()
+) -> Scene:
+    """Samples a scene of one to `spec.max_objects` objects in distinct cells.
 
     Args:
       rng: the random generator to draw from.
       split: "train"/"validation" draw (shape, colour) from `TRAIN_PAIRS`; "heldout" puts a
         held-out pair on one object and draws the others from all pairs.
+      spec: the tier (the default draws exactly as before tiers existed).
 
     Returns:
       The scene, objects in random order.
     """
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
-    cells = rng.choice(len(POSITIONS), size=n, replace=False)
+    n = int(rng.integers(1, spec.max_objects + 1))
+    cells = rng.choice(len(spec.positions), size=n, replace=False)
     if split == "heldout":
         forced = int(rng.integers(n))
         heldout = sorted(HELDOUT_PAIRS)
@@ -347,8 +398,8 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
         else:
             pairs = ALL_PAIRS if split == "heldout" else TRAIN_PAIRS
             shape, color = pairs[int(rng.integers(len(pairs)))]
-        size = SIZES[int(rng.integers(len(SIZES)))]
-        scene.append(SceneObject(shape, color, size, POSITIONS[int(cell)]))
+        size = spec.sizes[int(rng.integers(len(spec.sizes)))]
+        scene.append(SceneObject(shape, color, size, spec.positions[int(cell)]))
     return tuple(scene)
 
 
@@ -367,8 +418,11 @@ def _capitalise(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _edit(rng: np.random.Generator, obj: SceneObject, split: str) -> tuple[SceneObject, str]:
-    """Changes one attribute of `obj`; returns the new object and the words that say so."""
+def _edit(
+    rng: np.random.Generator, obj: SceneObject, split: str, spec: SceneSpec
+) -> tuple[SceneObject, str]:
+    """Changes one attribute of `obj` (within the tier); returns the new object and the words
+    that say so."""
     while True:
         attribute = ("shape", "color", "size", "position")[int(rng.integers(4))]
         if attribute == "shape":
@@ -378,10 +432,10 @@ def _edit(rng: np.random.Generator, obj: SceneObject, split: str) -> tuple[Scene
             value = tuple(COLORS)[int(rng.integers(len(COLORS)))]
             words = f"Now it is {value}"
         elif attribute == "size":
-            value = SIZES[int(rng.integers(len(SIZES)))]
+            value = spec.sizes[int(rng.integers(len(spec.sizes)))]
             words = f"Now it is {value}"
         else:
-            value = POSITIONS[int(rng.integers(len(POSITIONS)))]
+            value = spec.positions[int(rng.integers(len(spec.positions)))]
             words = f"Now it is {POSITION_PHRASES[value]}"
         new = dataclasses.replace(obj, **{attribute: value})
         if new != obj and (split == "heldout" or (new.shape, new.color) not in HELDOUT_PAIRS):
@@ -389,7 +443,10 @@ def _edit(rng: np.random.Generator, obj: SceneObject, split: str) -> tuple[Scene
 
 
 def interleaved_document(
-    rng: np.random.Generator, split: str = "train", image_size: int = 32
+    rng: np.random.Generator,
+    split: str = "train",
+    image_size: int = 32,
+    spec: SceneSpec = SceneSpec(),
 ) -> tuple[str, list[np.ndarray]]:
     """Samples a 2-3 image document with `IMAGE_PLACEHOLDER` once per image, in order.
 
@@ -403,6 +460,7 @@ def interleaved_document(
       rng: the random generator to draw from.
       split: which (shape, colour) pairs are allowed, as in `sample_scene`.
       image_size: side of the rendered images.
+      spec: the tier its scenes (and edits) stay within.
 
     Returns:
       (text, images) with `text.count(IMAGE_PLACEHOLDER) == len(images)`.
@@ -410,16 +468,16 @@ def interleaved_document(
     n = int(rng.integers(2, 4))
     style = int(rng.integers(5))
     if style == 4:  # Edit chain: one object changed one attribute at a time.
-        obj = sample_scene(rng, split)[0]
+        obj = sample_scene(rng, split, spec)[0]
         scenes = [(obj,)]
         parts = [f"{_capitalise(obj.phrase())}: {IMAGE_PLACEHOLDER}"]
         for _ in range(n - 1):
-            obj, words = _edit(rng, obj, split)
+            obj, words = _edit(rng, obj, split, spec)
             scenes.append((obj,))
             parts.append(f"{words}: {IMAGE_PLACEHOLDER}")
         return " ".join(parts), [render(s, image_size) for s in scenes]
 
-    scenes = [sample_scene(rng, split) for _ in range(n)]
+    scenes = [sample_scene(rng, split, spec) for _ in range(n)]
     caps = [caption(s) for s in scenes]
     if style == 0:
         options = _SEQUENCE_WORDS[n]
@@ -450,6 +508,7 @@ def generate_examples(
     image_size: int = 32,
     seed: int = 0,
     mix: Sequence[float] = (0.7, 0.15, 0.15),
+    spec: SceneSpec = SceneSpec(),
 ) -> Iterator[tuple[int, dict]]:
     """Yields the examples of one split, deterministically.
 
@@ -460,6 +519,7 @@ def generate_examples(
       seed: non-negative base seed; example i uses `example_rng(seed, split, i)`.
       mix: probabilities of (caption, interleaved, text) examples; normalised to sum to 1.
         Ignored for "heldout".
+      spec: the tier the scenes are drawn from (captions and interleaved documents).
 
     Yields:
       (i, {"kind": str, "text": str, "images": list of [S, S, 3] uint8 arrays}) for i in
@@ -478,10 +538,10 @@ def generate_examples(
             index = min(2, int(np.searchsorted(cumulative, rng.random(), "right")))
             kind = ("caption", "interleaved", "text")[index]
         if kind == "caption":
-            scene = sample_scene(rng, split)
+            scene = sample_scene(rng, split, spec)
             example = {"kind": kind, "text": caption(scene), "images": [render(scene, image_size)]}
         elif kind == "interleaved":
-            text, images = interleaved_document(rng, split, image_size)
+            text, images = interleaved_document(rng, split, image_size, spec)
             example = {"kind": kind, "text": text, "images": images}
         else:
             # Validation text comes from its own slice of the corpus (see text_corpus).

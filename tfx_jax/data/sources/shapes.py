@@ -41,9 +41,11 @@ class Shapes(Source):
         )
 
     def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
-        """Captions of held-out attribute combinations."""
+        """Captions of held-out attribute combinations, from the config's tier (`single`: one
+        object per caption)."""
+        spec = builders.get_config(cfg.data.tfds_config).spec
         rng = np.random.default_rng(seed)
-        return [shapes.caption(shapes.sample_scene(rng, "heldout")) for _ in range(num)]
+        return [shapes.caption(shapes.sample_scene(rng, "heldout", spec)) for _ in range(num)]
 
     def score(self, image: np.ndarray, prompt: str) -> float:
         return float(judge.score(image, prompt)["fraction"])
