@@ -101,7 +101,7 @@ def get_config(arg: str = "0.16b") -> Config:
         unet_channels=(256, 512),
         dtype="bfloat16",
         remat_policy="dots_no_batch",
-        attention_impl="auto",  # splash/xla on TPU, tokamax/cudnn on GPU, xla on CPU
+        attention_impl="auto",  # splash on TPU, pallas_gpu on GPU, xla on CPU
     )
     return Config(
         name=f"transfusion_{arg}",
