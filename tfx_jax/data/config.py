@@ -40,7 +40,7 @@ class DataConfig:
     mixture: tuple[str, ...] = ()
     mix_by: str = "tokens"
     data_dir: str = "data_cache"  # TFDS data, tokenizer, VAE and encoded records (local or gs://)
-    tfds_config: str = "default"  # tfx_shapes builder config: default | default_64px | tiny | single
+    tfds_config: str = "default"  # tfx_shapes config: default | default_64px | tiny | single
     tfds_name: str = ""  # source=tfds: e.g. "mnist", "cifar10", "coco_captions", "mnist:3.0.1"
     tfds_data_dir: str = ""  # where that dataset is prepared; "" = <data_dir>/tfds
     tfds_splits: str = ""  # "train=train,validation=test"; "" = train and validation|test
