@@ -301,9 +301,44 @@ def _read_shells(source: Sequence[Record], indices: list[int]) -> list[Record]:
     read) where the source has it, else the records themselves."""
     if hasattr(source, "read_shells"):
         return source.read_shells(indices)
+    return _read_records(source, indices)
+
+
+def _read_records(source: Sequence[Record], indices: list[int]) -> list[Record]:
     if hasattr(source, "__getitems__"):
         return list(source.__getitems__(indices))
     return [source[i] for i in indices]
+
+
+def _read_or_skip(
+    read, source, indices: list[int], spec: SequenceSpec, counters: Counters, note: str = ""
+) -> tuple[list[Record | None], str]:
+    """`read(indices)` at once; if that fails, one by one, so that an unreadable record stops
+    the pipeline naming it (on_error=raise) or is counted and given as None (skip).
+
+    Returns:
+      (the records, None for the unreadable; the last read error, "" when none).
+    """
+    try:
+        return list(read(indices)), ""
+    except Exception:  # find the bad record(s) one by one below
+        pass
+    out: list[Record | None] = []
+    last = ""
+    for index in indices:
+        try:
+            out.append(read([index])[0])
+        except Exception as e:
+            if spec.on_error == "raise":
+                raise RecordError(
+                    f"record {index} of {_name(source)} cannot be read: {e}. Set "
+                    "data.on_error=skip to skip such records (they are counted)."
+                ) from e
+            counters.decode_errors += 1
+            last = f"record {index}: {e}"
+            log.warning("skipping unreadable record %d (%s)%s", index, e, note)
+            out.append(None)
+    return out, last
 
 
 class _PlanBlock(grain.transforms.RandomMap):
@@ -340,24 +375,10 @@ class _PlanBlock(grain.transforms.RandomMap):
         self._checked_early = self._checked_pass = False
 
     def _read(self, indices: list[int]) -> list[Record | None]:
-        try:
-            return _read_shells(self._source, indices)
-        except Exception:  # find the bad record(s) one by one below
-            return [self._read_one(i) for i in indices]
-
-    def _read_one(self, index: int) -> Record | None:
-        try:
-            return _read_shells(self._source, [index])[0]
-        except Exception as e:
-            if self._spec.on_error == "raise":
-                raise RecordError(
-                    f"record {index} of {_name(self._source)} cannot be read: {e}. Set "
-                    "data.on_error=skip to skip such records (they are counted)."
-                ) from e
-            self._counters.decode_errors += 1
-            self._last_error = f"record {index}: {e}"
-            log.warning("skipping unreadable record %d (%s)", index, e)
-            return None
+        read = lambda ix: _read_shells(self._source, ix)
+        records, error = _read_or_skip(read, self._source, indices, self._spec, self._counters)
+        self._last_error = error or self._last_error
+        return records
 
     def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> list[dict]:
         out = []
@@ -464,25 +485,11 @@ class _Materialize(grain.transforms.Map):
         return out
 
     def _records(self, indices: list[int]) -> dict[int, Record | None]:
-        try:
-            if hasattr(self._source, "__getitems__"):
-                return dict(zip(indices, self._source.__getitems__(indices), strict=True))
-        except Exception:  # find the bad record(s) one by one below
-            pass
-        out: dict[int, Record | None] = {}
-        for i in indices:
-            try:
-                out[i] = self._source[i]
-            except Exception as e:
-                if self._spec.on_error == "raise":
-                    raise RecordError(
-                        f"record {i} of {_name(self._source)} cannot be read: {e}. Set "
-                        "data.on_error=skip to skip such records (they are counted)."
-                    ) from e
-                self._counters.decode_errors += 1
-                log.warning("skipping unreadable record %d (%s): its slot is padding", i, e)
-                out[i] = None
-        return out
+        read = lambda ix: _read_records(self._source, ix)
+        records, _ = _read_or_skip(
+            read, self._source, indices, self._spec, self._counters, " (its slot is padding)"
+        )
+        return dict(zip(indices, records, strict=True))
 
     def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ref = batch["ref"][self._rows]
