@@ -7,7 +7,8 @@
 #     && export PYTHONPATH=/tmp/site:$PWD
 # What was missing on the lent H200 (jax 0.11.2, Python 3.12; benchmarks/RESULTS.md): grain,
 # tensorflow-datasets, array-record, tensorboardX and their pure-Python needs; tokamax and its
-# needs for the GPU attention kernel (`xprof` is stubbed: tokamax imports it only for profiling).
+# needs for the GPU attention kernel (`xprof` is stubbed: tokamax imports it only for profiling);
+# transfusion-pytorch and its pure-Python needs for the peer comparison (torch is preinstalled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
@@ -19,6 +20,13 @@ WHEELS=(
   googleapis-common-protos termcolor toml etils wrapt
   tokamax==0.0.17 einshape qwix pydantic pydantic-core annotated-types typing-inspection
   typing-extensions
+  # The peer for benchmarks/compare_transfusion_pytorch.py (benchmark-only, never imported by
+  # tfx_jax): transfusion-pytorch and what its wheels' Requires-Dist name beyond what the GPU
+  # machine's torch 2.11 brings (sympy, numpy, scipy are already there). Not torch itself.
+  transfusion-pytorch==0.20.0 axial-positional-embedding==0.3.12 beartype==0.23.1 einops==0.8.2
+  einx==0.4.3 ema-pytorch==0.8.3 frozendict==2.5.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
+  loguru==0.7.3 rotary-embedding-torch==0.9.1 torch-einops-utils==0.2.0 torchdiffeq==0.2.5
+  tqdm==4.70.1
 )
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

@@ -70,6 +70,7 @@ def caption_score(truth: shapes.Scene, named: tuple[shapes.SceneObject, ...]) ->
         if value > best_value:
             best, best_value = hits, value
     out = {a: float(np.mean([h[i] for h in best])) for i, a in enumerate(ATTRIBUTES)}
+    out["objects"] = float(np.mean([all(h) for h in best]))  # the scene's objects named exactly
     out["exact"] = shapes.canonical(named) == shapes.canonical(truth)
     return out
 
@@ -214,7 +215,11 @@ def evaluate(args: argparse.Namespace, step: int | None) -> dict:
     for key in ("vae_readback", "t2i_train", "t2i_heldout", "i2t_train", "i2t_heldout"):
         r = report[key]
         per = " ".join(f"{a}={r[a]:.0%}" for a in ATTRIBUTES)
-        print(f"{key:<12} attributes {r['attributes']:.1%}  exact {r['exact']:.0%}  ({per})")
+        whole = r.get("fraction", r.get("objects"))  # objects fully right (drawn or named)
+        print(
+            f"{key:<12} attributes {r['attributes']:.1%}  objects {whole:.1%}  "
+            f"exact {r['exact']:.0%}  ({per})"
+        )
     for e in examples:
         print(f"  {e['split']:<8} {e['truth']!r} -> {e['caption']!r}")
     return report
