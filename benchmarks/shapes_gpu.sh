@@ -6,9 +6,8 @@
 # Builds the data stages of experiments/shapes_gpu.py once, then trains its variants one after
 # the other — the default recipe ("base", caption first 80%), "cfp05" and "cfp02" (caption first
 # 50% / 20%) — and scores each with benchmarks/shapes_eval.py on NUM prompts per split (seed 0) at
-# guidance 3 and 7. Sequential on purpose: three of these small trainings sharing one H200 (one
-# process each) were time-sliced by the driver and none finished within 9 minutes, where one
-# alone takes ~4. Logs stream to stdout; the eval JSON goes to OUT/shapes_gpu.tgz.
+# guidance 3 and 7, one variant after the other (each gets the whole GPU and its own TRAIN_LIMIT).
+# Logs stream to stdout; the eval JSON goes to OUT/shapes_gpu.tgz.
 # Extra `--set k=v` arguments go to every stage and training (the CPU smoke test uses them).
 set -euo pipefail
 OUT=${1:?usage: shapes_gpu.sh OUT [--set k=v ...]}

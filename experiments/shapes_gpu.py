@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> Config:
             global_batch_size=128,
             packing_bins=64,
             caption_first_prob=CAPTION_FIRST[arg],
+            # In one process the packer held the step at ~96 ms on an H200 (RESULTS.md); Grain
+            # workers pack in parallel (each its own slice of the examples).
+            worker_count=4,
         ),
         vae=VAEConfig(
             downsample=4,

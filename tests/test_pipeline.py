@@ -426,3 +426,18 @@ def test_worker_processes_are_deterministic_and_resumable():
     _, resumed = run(state, n=2)
     for x, y in zip(first + after, again + resumed, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_worker_count_is_fixed_for_a_run():
+    """Each Grain worker packs its own slice of the examples, so another worker count gives other
+    batches: resuming with one is refused by name (the read-ahead threads may change)."""
+    import json
+
+    from tfx_jax import checkpoint, config
+
+    cfg = config.Config()
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as the checkpoint's meta holds it
+    more_workers = config.replace_path(cfg, "data.worker_count", 4)
+    assert checkpoint.config_differences(saved, more_workers) == ["data.worker_count: 0 -> 4"]
+    more_threads = config.replace_path(cfg, "data.read_threads", 8)
+    assert checkpoint.config_differences(saved, more_threads) == []

@@ -46,7 +46,8 @@ RESUMABLE_DIFFERENCES = (
     "mesh.",
     "model.attention_impl",
     "model.remat_policy",
-    "data.worker_count",
+    # Not data.worker_count: Grain's workers each pack their own slice of the examples, so the
+    # batches (and the iterator state) depend on it — fixed for a run, like the data layout.
     "data.read_threads",
     "data.latents",  # both modes give the same records
     "data.data_dir",
