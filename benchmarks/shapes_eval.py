@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--diffusion-steps", type=int, default=50)
     p.add_argument("--caption-tokens", type=int, default=0, help="0: 12 per object")
+    p.add_argument(
+        "--text-guidance", type=float, default=1.0, help="captions guided by the image; 1 = off"
+    )
     p.add_argument("--out", default=None, help="default: WORKDIR/shapes_eval.json")
     args = p.parse_args(argv)
     if args.workdir is None:
@@ -156,6 +159,7 @@ def evaluate(args: argparse.Namespace, step: int | None) -> dict:
         "num": args.num,
         "seed": args.seed,
         "guidance": args.guidance,
+        "text_guidance": args.text_guidance,
     }
 
     report["vae_readback"] = vae_readback(cfg, scenes)
@@ -193,6 +197,7 @@ def evaluate(args: argparse.Namespace, step: int | None) -> dict:
         max_images=0,
         temperature=0.0,
         guidance_scale=None,
+        text_guidance=args.text_guidance,
         seed=args.seed,
     )
     examples = []

@@ -17,7 +17,7 @@ from tfx_jax.data import encoded, pipeline
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, Tokenizer, train_tokenizer
 from tfx_jax.diffusion import ddpm, samplers
 from tfx_jax.generate import sample
-from tfx_jax.generate.decode import Decoder
+from tfx_jax.generate.decode import TEXT_GUIDANCE_ALPHA, Decoder
 from tfx_jax.generate.options import SampleOptions
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models import kv_cache
@@ -325,6 +325,42 @@ def test_guidance_scale_one_equals_the_conditional_prediction(tiny, tokenizer):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.images[0].latents, b.images[0].latents, rtol=1e-4, atol=1e-5)
         assert np.abs(a.images[0].latents - c.images[0].latents).max() > 1e-3
+
+
+def test_text_guidance(tiny, tokenizer):
+    """Text guidance (captions): without images a prompt's twin is the prompt itself, so any
+    scale decodes what plain greedy does — the twins' cache slots and positions track their
+    prompts'; the guided scores are l_u + s (l_c − l_u) over the plausible tokens, EOS unguided;
+    an image prompt decodes; and asking for images too is refused by name."""
+    cfg, params = tiny
+    prompts = ["red circle", "a small blue square at the top left", "green"]
+
+    def opts(scale):
+        return sample.SampleOptions(
+            max_new_tokens=6, max_images=0, guidance_scale=None, text_guidance=scale
+        )
+
+    plain = sample.generate(cfg, params, tokenizer, prompts, opts(1.0))
+    guided = sample.generate(cfg, params, tokenizer, prompts, opts(3.0))
+    assert [r.token_ids for r in guided] == [r.token_ids for r in plain]
+
+    dec = Decoder(cfg, sharding.make_mesh(cfg.mesh), opts(3.0))
+    V = cfg.model.vocab_size
+    logits = jax.random.normal(jax.random.key(1), (4, V)) * 4  # rows: 2 prompts, 2 twins
+    out = np.asarray(dec._text_logits(logits, jnp.ones((2, V), bool)))
+    c, u = (np.asarray(jax.nn.log_softmax(x)) for x in (logits[:2], logits[2:]))
+    want = u + 3.0 * (c - u)
+    want[:, EOS_ID] = c[:, EOS_ID]
+    plausible = c >= c.max(-1, keepdims=True) + np.log(TEXT_GUIDANCE_ALPHA)
+    np.testing.assert_allclose(out[plausible], want[plausible], rtol=1e-5, atol=1e-5)
+    assert (out[~plausible] == np.finfo(np.float32).min).all() and (~plausible).any()
+
+    latent = np.random.default_rng(0).normal(size=(8, 8, cfg.model.latent_channels))
+    with_image = sample.Prompt(f"{sample.IMAGE_PLACEHOLDER} red", (latent,))
+    (res,) = sample.generate(cfg, params, tokenizer, [with_image], opts(3.0))
+    assert res.token_ids and res.images == []
+    with pytest.raises(ConfigError, match="text_guidance.*max_images=0"):
+        sample.SampleOptions(text_guidance=2.0).validate()
 
 
 # ----------------------------------------------------------------------------- training switches

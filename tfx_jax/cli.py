@@ -159,7 +159,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     options = sample_options.from_args(args)
-    options.validate()  # a bad option fails before the model is loaded
+    for part in evaluation.split_options(options):  # images' and captions' own
+        part.validate()  # a bad option fails before the model is loaded
     if args.num_prompts < 1:
         raise ConfigError(f"--num-prompts {args.num_prompts}: give at least 1 per split.")
     splits = [s for part in args.split for s in part.split(",") if s]

@@ -68,11 +68,20 @@ ATTRIBUTES = ("shape", "color", "size", "position")
 IMAGE_OPTIONS = SampleOptions(
     max_new_tokens=2, sampler="ddim", diffusion_steps=50, guidance_scale=3.0
 )
-# Captions: greedy text after the image, no image allowed, no unconditional twin rows (text
-# decoding does not use guidance).
+# Captions: greedy text after the image, no image allowed, no image guidance; text guidance by
+# the image only when asked (`eval --text-guidance S`: on the demo it did not help, RESULTS.md).
 CAPTION_OPTIONS = SampleOptions(
     max_new_tokens=64, max_images=0, temperature=0.0, guidance_scale=None
 )
+
+
+def split_options(options: SampleOptions) -> tuple[SampleOptions, SampleOptions]:
+    """(image options, caption options) of the `eval` command's one set of sampling flags:
+    `text_guidance` is for the captions, every other flag for the images."""
+    captions = dataclasses.replace(CAPTION_OPTIONS, text_guidance=options.text_guidance)
+    return dataclasses.replace(options, text_guidance=1.0), captions
+
+
 DOCUMENT_TOKENS = 128  # text budget of the interleaved document (its images come on top)
 
 
@@ -353,13 +362,15 @@ class Prompting:
         except ValueError:
             return None
 
-    def caption(self, cfg: Config, params: Any, mesh: Mesh) -> list[Captioned]:
+    def caption(
+        self, cfg: Config, params: Any, mesh: Mesh, options: SampleOptions = CAPTION_OPTIONS
+    ) -> list[Captioned]:
         """A greedy caption after each example's true image, compared with its true scene."""
         if not self.examples:
             return []
         images = np.stack([ex.image for ex in self.examples])
         results = sample.caption_images(
-            cfg, params, self.tokenizer, images, self.vae, CAPTION_OPTIONS, mesh=mesh
+            cfg, params, self.tokenizer, images, self.vae, options, mesh=mesh
         )
         out = []
         for ex, res in zip(self.examples, results, strict=True):
@@ -378,13 +389,14 @@ class Prompting:
         options: SampleOptions = IMAGE_OPTIONS,
         on_row: Callable | None = None,
         captions: bool = True,
+        caption_options: SampleOptions = CAPTION_OPTIONS,
     ) -> tuple[list[Drawn], list[Captioned], dict[str, float]]:
         """Draws, captions (unless not asked) and scores: (drawn, captioned, metrics)."""
         drawn = self.draw(cfg, params, mesh, options, on_row)
         captioned = []
         if captions:
             log.info("eval: %d captions, one after each true image", len(self.examples))
-            captioned = self.caption(cfg, params, mesh)
+            captioned = self.caption(cfg, params, mesh, caption_options)
         return drawn, captioned, prompt_metrics(drawn, captioned)
 
 
@@ -593,6 +605,7 @@ def evaluate_run(
     cfg, params, step = params_lib.restore_params(root, step=step)
     cfg = apply_overrides(cfg, overrides)
     mesh = jax.tree.leaves(params)[0].sharding.mesh
+    options, caption_options = split_options(options)
     options = options.resolved(cfg)
     seed = options.seed
     source = sources.of(cfg)
@@ -615,7 +628,7 @@ def evaluate_run(
         "seed": seed,
         "num_prompts": num_prompts,
         "image_options": dataclasses.asdict(options),
-        "caption_options": dataclasses.asdict(CAPTION_OPTIONS),
+        "caption_options": dataclasses.asdict(caption_options),
         "metrics": {},
         "samples": [],
         "captions": [],
@@ -639,7 +652,9 @@ def evaluate_run(
             "/".join(prompting.splits),
         )
         stream = sample.RowStream() if options.image_mode == "rolling" else None
-        drawn, captioned, scores = prompting(cfg, params, mesh, options, stream)
+        drawn, captioned, scores = prompting(
+            cfg, params, mesh, options, stream, caption_options=caption_options
+        )
         metrics.update(scores)
         if stream is not None:
             report["streams"] = _strips(stream, drawn, prompting.vae, out_dir, step, is_main)

@@ -14,7 +14,9 @@ Every function here is pure (params, cache, chunk, ...) -> arrays, jitted once p
 Classifier-free guidance (Ho & Salimans 2022) doubles the batch: rows [0, B) are the prompts and
 rows [B, 2B) their unconditional twins, whose cache holds only BOS, BOI and the image being
 generated (what training with caption dropping shows the model). Both halves run as one batch
-through the model; ε̂ = ε̂_u + s(ε̂_c − ε̂_u) updates one shared latent.
+through the model; ε̂ = ε̂_u + s(ε̂_c − ε̂_u) updates one shared latent. Text guidance
+(`text_guidance`, for captions) uses the twins the other way round: a twin holds its prompt
+without the images and writes the same tokens, and l_u + s(l_c − l_u) picks them.
 
 Legend: B rows (prompts), R cache rows (B, or 2B with guidance), T chunk length, S cache slots,
 V vocab, W window rows, h/w/C latent grid.
@@ -33,6 +35,7 @@ from jax.sharding import Mesh
 from tfx_jax import layout, sharding
 from tfx_jax import params as params_lib
 from tfx_jax.config import Config
+from tfx_jax.data.tokenizer import EOS_ID
 from tfx_jax.diffusion import ddpm, rolling, samplers
 from tfx_jax.generate.options import SampleOptions
 from tfx_jax.models.kv_cache import KV_AXES, META_AXES, KVCache, init_cache
@@ -40,6 +43,7 @@ from tfx_jax.models.transformer import Transfusion
 from tfx_jax.sharding import mesh_context
 
 CHUNK_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "attn_image_ids")
+TEXT_GUIDANCE_ALPHA = 0.1  # text guidance picks among tokens with p_c >= α · max p_c
 
 
 # ----------------------------------------------------------------------------- text sampling
@@ -199,8 +203,25 @@ class Decoder:
             params, cache, index_R, chunk, latents_RMhwC, t_RMI, True
         )
         logits_RV = jnp.take_along_axis(logits_RTV, last_R[:, None, None], axis=1)[:, 0]
+        return self._sample(self._text_logits(logits_RV, allowed_BV), rng, allowed_BV), cache
+
+    def _text_logits(self, logits_RV, allowed_BV):
+        """The B prompts' next-token logits; with text guidance, pushed away from what the
+        image-free twins predict: l_u + s (l_c − l_u) (CFG for text, Sanchez et al. 2023)."""
         B = allowed_BV.shape[0]
-        return self._sample(logits_RV[:B], rng, allowed_BV), cache
+        if not self.opts.text_guided:
+            return logits_RV[:B]
+        cond = jax.nn.log_softmax(logits_RV[:B].astype(jnp.float32))
+        uncond = jax.nn.log_softmax(logits_RV[B:].astype(jnp.float32))
+        guided = uncond + self.opts.text_guidance * (cond - uncond)
+        # EOS keeps its conditional score: the twin's context (BOS, no image) never ends a
+        # document, so guidance would make "stop here" win wherever the prompt allows it.
+        guided = guided.at[:, EOS_ID].set(cond[:, EOS_ID])
+        # Only tokens the prompt itself finds plausible (p_c >= α max p_c, the plausibility
+        # constraint of contrastive decoding, Li et al. 2023): without it, a token the
+        # image-free twin never expects here (EOS right after BOS) wins by its tiny p_u alone.
+        plausible = cond >= cond.max(axis=-1, keepdims=True) + jnp.log(TEXT_GUIDANCE_ALPHA)
+        return jnp.where(plausible, guided, jnp.finfo(jnp.float32).min)
 
     def _sample(self, logits_BV, rng, allowed_BV):
         o = self.opts
@@ -216,8 +237,9 @@ class Decoder:
         none = jnp.zeros((R, 0, m.latent_size, m.latent_size, m.latent_channels), jnp.float32)
         t_none = jnp.zeros((R, 0, m.num_patches), jnp.int32)
         logits_RTV, _, cache = self._forward(params, cache, index_R, chunk, none, t_none, True)
-        B = allowed_BV.shape[0]
-        return self._sample(logits_RTV[:B, -1], rng, allowed_BV), cache
+        return self._sample(
+            self._text_logits(logits_RTV[:, -1], allowed_BV), rng, allowed_BV
+        ), cache
 
     def _image_full(self, params, cache, index_R, chunk, x_T_BMhwC, rng):
         """The reverse process over a whole image block; the cache is only read."""

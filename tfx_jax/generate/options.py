@@ -49,6 +49,12 @@ class SampleOptions:
         "unconditional pass",
         flag="--guidance",
     )
+    text_guidance: float = _opt(
+        1.0,
+        "guidance of text by the prompt's images (captioning): logits = l_u + s (l_c - l_u), "
+        "l_u from the prompt without its images (CFG for text, Sanchez et al. 2023); 1 = off; "
+        "needs max_images=0",
+    )
     image_mode: str = _opt(
         "auto",
         "auto = as the model was trained (rolling for diffusion.mode=rolling), full, or rolling "
@@ -64,7 +70,18 @@ class SampleOptions:
 
     @property
     def guided(self) -> bool:
+        """Images are drawn with classifier-free guidance (unconditional twin rows)."""
         return self.guidance_scale is not None
+
+    @property
+    def text_guided(self) -> bool:
+        """Text is guided by the prompt's images (image-free twin rows)."""
+        return self.text_guidance != 1.0
+
+    @property
+    def twins(self) -> bool:
+        """The cache holds a twin row per prompt (for one guidance or the other)."""
+        return self.guided or self.text_guided
 
     def validate(self) -> None:
         """Raises ConfigError naming the option, the value and the valid range."""
@@ -80,6 +97,12 @@ class SampleOptions:
                 self.guidance_scale is None or self.guidance_scale >= 0,
                 "guidance_scale",
                 "must be >= 0 or none",
+            ),
+            (self.text_guidance >= 0, "text_guidance", "must be >= 0 (1 = off)"),
+            (
+                not self.text_guided or self.max_images == 0,
+                "text_guidance",
+                "needs max_images=0 (the twin rows guide either text or images, not both)",
             ),
             (self.image_mode in IMAGE_MODES, "image_mode", f"use one of {IMAGE_MODES}"),
             (self.rolling_window >= 0, "rolling_window", "must be >= 0 (0 = the config's)"),
@@ -103,8 +126,14 @@ class SampleOptions:
                 "would mix rows outside the window. Use image_mode=full."
             )
         steps = self.diffusion_steps or samplers.DEFAULT_STEPS[self.sampler]
+        # Text guidance draws no image: its twins are image-free prompts, not image twins.
+        guidance = None if self.text_guided else self.guidance_scale
         return dataclasses.replace(
-            self, image_mode=mode, rolling_window=window, diffusion_steps=steps
+            self,
+            image_mode=mode,
+            rolling_window=window,
+            diffusion_steps=steps,
+            guidance_scale=guidance,
         )
 
 

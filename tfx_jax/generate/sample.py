@@ -167,6 +167,10 @@ class _Rows:
     token_ids: list[list[int]]
     text_ids: list[list[int]]  # the current run of text ids (flushed at an image and the end)
     pieces: list[list[Piece]]
+    # Text guidance: the image-free twins' next cache slot and position (they write the same
+    # tokens as their prompts, from a shorter prefix). None: the twins, if any, are image twins.
+    twin_index: np.ndarray | None = None
+    twin_pos: np.ndarray | None = None
 
 
 def generate(
@@ -205,12 +209,21 @@ def generate(
     params = dec.put_params(params)
     n = len(prompts)
     B = math.ceil(n / dec.batch_parallel()) * dec.batch_parallel()
-    R = 2 * B if dec.opts.guided else B
+    R = 2 * B if dec.opts.twins else B
     rng = jax.random.key(options.seed)
+    text_guided = dec.opts.text_guided
+    if text_guided and any(pr.force_image for pr in prompts):
+        raise ValueError("text_guidance draws no image: drop force_image (or text_guidance=1).")
 
-    encoded = [encode_prompt(pr, tokenizer.encode, I) for pr in prompts]
-    encoded += [([BOS_ID], [0], [])] * (B - n)  # padding rows: a lone BOS, done at once
+    pad = [([BOS_ID], [0], [])] * (B - n)  # padding rows: a lone BOS, done at once
+    encoded = [encode_prompt(pr, tokenizer.encode, I) for pr in prompts] + pad
     lens = np.array([len(e[0]) for e in encoded])
+    twins = None
+    if text_guided:  # each prompt without its images (the unconditional text model)
+        twins = [
+            encode_prompt(Prompt(pr.text.replace(IMAGE_PLACEHOLDER, " ")), tokenizer.encode, I)
+            for pr in prompts
+        ] + pad
     # Slots: prompt, sampled tokens, images with their EOI, and room for the padding chunks idle
     # rows write past their content while other rows run an image (or a rolling window).
     headroom = I + dec.window * g
@@ -238,11 +251,14 @@ def generate(
         text_ids=[[] for _ in range(B)],
         pieces=[[] for _ in range(B)],
     )
+    if twins is not None:
+        st.twin_index = np.array([len(e[0]) for e in twins])
+        st.twin_pos = st.twin_index.copy()
     first, cache = dec.prefill(
         params,
         cache,
         dec.put(np.zeros(R, np.int32)),
-        *_prefill_inputs(dec, encoded, R),
+        *_prefill_inputs(dec, encoded, R, twins),
         jax.random.fold_in(rng, 0),
         allowed_now(),
     )
@@ -270,12 +286,19 @@ def generate(
         chunk["tokens"][:B, 0] = np.where(active, st.pending, 0)
         chunk["segment_ids"][:B, 0] = active
         chunk["positions"][:B, 0] = st.pos
+        if text_guided:  # the twins write the same token at their own position
+            chunk["tokens"][B:, 0] = chunk["tokens"][:B, 0]
+            chunk["segment_ids"][B:, 0] = active
+            chunk["positions"][B:, 0] = st.twin_pos
         nxt, cache = dec.text_step(
             params, cache, dec.put(_cache_index(st, R)), _put_chunk(dec, chunk), key, allowed_now()
         )
         wrote = st.pending.copy()
         st.index[active] += 1
         st.pos[active] += 1
+        if text_guided:
+            st.twin_index[active] += 1
+            st.twin_pos[active] += 1
         for b in np.flatnonzero(active & (wrote == EOI_ID)):
             st.token_ids[b].append(EOI_ID)
         st.need_image |= active & (wrote == BOI_ID)
@@ -294,19 +317,21 @@ def generate(
     return results
 
 
-def _prefill_inputs(dec: Decoder, encoded, R: int) -> tuple:
+def _prefill_inputs(dec: Decoder, encoded, R: int, twins=None) -> tuple:
     """(chunk, latents, last) of the prefill. Rows [0, B) hold the prompts; the unconditional
     twins [B, 2B) hold BOS, BOI (the caption-dropped layout), written once: every image block of
-    a twin is rewritten right after them. Prompt images are clean blocks; a model trained with
+    a twin is rewritten right after them — or, with text guidance, `twins`: each prompt
+    without its images. Prompt images are clean blocks; a model trained with
     rolling diffusion sees them row by row, as the rolling sampler leaves its own images."""
     m = dec.cfg.model
     B, g = len(encoded), dec.rows
-    Tp = max(len(e[0]) for e in encoded)
-    Mp = max(len(e[2]) for e in encoded)
+    rows = encoded + (twins or [])
+    Tp = max(len(e[0]) for e in rows)
+    Mp = max(len(e[2]) for e in rows)
     chunk = {k: np.zeros((R, Tp), np.int32) for k in CHUNK_KEYS}
     latents = np.zeros((R, Mp, m.latent_size, m.latent_size, m.latent_channels), np.float32)
     last = np.zeros(R, np.int32)
-    for b, (toks, imgs, lats) in enumerate(encoded):
+    for b, (toks, imgs, lats) in enumerate(rows):
         L, img = len(toks), np.asarray(imgs)
         chunk["tokens"][b, :L], chunk["segment_ids"][b, :L] = toks, 1
         chunk["positions"][b, :L] = np.arange(L)
@@ -319,7 +344,7 @@ def _prefill_inputs(dec: Decoder, encoded, R: int) -> tuple:
         if lats:
             latents[b, : len(lats)] = np.stack(lats)
         last[b] = L - 1
-    if R > B:
+    if R > B and twins is None:
         chunk["tokens"][B:, :2], chunk["segment_ids"][B:, :2] = [BOS_ID, BOI_ID], 1
         chunk["positions"][B:, :2] = [0, 1]
     return _put_chunk(dec, chunk), dec.put(latents), dec.put(last)
@@ -330,7 +355,8 @@ TWIN_INDEX = 2  # a twin's image block starts after its BOS, BOI
 
 def _cache_index(st: _Rows, R: int) -> np.ndarray:
     B = len(st.index)
-    return np.concatenate([st.index, np.full(R - B, TWIN_INDEX)]).astype(np.int32)
+    twins = np.full(R - B, TWIN_INDEX) if st.twin_index is None else st.twin_index
+    return np.concatenate([st.index, twins]).astype(np.int32)
 
 
 def _allowed_tokens(model_vocab: int, tokenizer_vocab: int) -> np.ndarray:
