@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -24,6 +25,54 @@ def tiny_config():
         return load_config(f"{path}:{arg}" if arg else path, overrides)
 
     return make
+
+
+# Every `train` builds its own Trainer and every `python -m tfx_jax` process starts cold, so a test
+# that trains one model several times compiles the same steps several times: on 2 CPU cores that
+# is most of a slow test's time. A persistent compilation cache turns the repeats into disk reads;
+# what runs is the same executable, so the results (bitwise ones included) do not change.
+@contextlib.contextmanager
+def compilation_cache(path):
+    """Within: compiles in this process, and in the processes it starts with `os.environ`, go
+    through a persistent XLA compilation cache in `path` (created if missing); every compile is
+    cached, however short. The settings are restored after.
+
+    Give each test its own `path` (or one that a file lock guards, as `shapes_run`'s): the
+    processes of one test share it safely (they run one after another, and in a multi-process
+    job jax writes from process 0 only), but tests running side by side under xdist would write
+    the same entries at once."""
+    import jax
+    from jax._src import compilation_cache as jax_cache
+
+    settings = {
+        "jax_compilation_cache_dir": str(path),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    before = {name: getattr(jax.config, name) for name in settings}
+    env_before = {name.upper(): os.environ.get(name.upper()) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # child processes read the flags from there
+    jax_cache.reset_cache()  # a process that compiled before decided "no cache" then
+    try:
+        yield pathlib.Path(path)
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        for name, value in env_before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        jax_cache.reset_cache()
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+    """`compilation_cache` for one test, in its own directory (no other test writes there)."""
+    with compilation_cache(tmp_path / "xla_cache") as path:
+        yield path
 
 
 # The tiny shapes pipeline of tests/test_shapes_training.py (data.data_dir is added per session).
@@ -55,7 +104,9 @@ def shapes_run(tmp_path_factory):
 
     Returns:
       namespace(overrides: the config overrides, data_dir included; data_dir; run: the
-      workdir (read it, copy it to write); reference: {step: logged metrics} of that run).
+      workdir (read it, copy it to write); reference: {step: logged metrics} of that run;
+      cache: the compilation cache that run filled, for `compilation_cache` in tests that
+      train this model again).
     """
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shapes_run"
@@ -69,11 +120,16 @@ def shapes_run(tmp_path_factory):
             from tfx_jax.config import load_config
             from tfx_jax.train.loop import train
 
-            stages.prepare_all(load_config(REPO / "experiments/demo.py", overrides))
-            cfg = load_config(REPO / "experiments/demo.py", [*overrides, "train.steps=6"])
-            history = train(cfg, root / "run")
+            with compilation_cache(root / "xla_cache"):
+                stages.prepare_all(load_config(REPO / "experiments/demo.py", overrides))
+                cfg = load_config(REPO / "experiments/demo.py", [*overrides, "train.steps=6"])
+                history = train(cfg, root / "run")
             done.write_text(json.dumps({h["step"]: h for h in history}))
     reference = {int(k): v for k, v in json.loads(done.read_text()).items()}
     return types.SimpleNamespace(
-        overrides=overrides, data_dir=root / "data", run=root / "run", reference=reference
+        overrides=overrides,
+        data_dir=root / "data",
+        run=root / "run",
+        reference=reference,
+        cache=root / "xla_cache",
     )

@@ -104,7 +104,8 @@ def assert_bitwise_equal(a, b):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path):
+def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path, compile_cache):
+    # Five processes train the same model: the compilation cache compiles it once.
     ref = run_cli(tmp_path / "ref")
     assert ref.returncode == 0, ref.stdout + ref.stderr
     _, want = final_params(tiny_config, tmp_path / "ref")
@@ -140,7 +141,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     ckpt.close()
 
 
-def test_restore_onto_other_meshes_and_continue(tiny_config, tmp_path):
+def test_restore_onto_other_meshes_and_continue(tiny_config, tmp_path, compile_cache):
     cfg = tiny_config(overrides=["mesh.data=2", "mesh.fsdp=4", "train.steps=4"])
     history = train(cfg, tmp_path)
     assert history[-1]["step"] == 4
@@ -162,7 +163,7 @@ def test_restore_onto_other_meshes_and_continue(tiny_config, tmp_path):
         assert np.isfinite(float(m["loss"])) and int(trainer.state.step) == 5
 
 
-def test_half_written_step_is_ignored(tiny_config, tmp_path):
+def test_half_written_step_is_ignored(tiny_config, tmp_path, compile_cache):
     cfg = tiny_config(overrides=["train.steps=2", "checkpoint.every_steps=1"])
     train(cfg, tmp_path)
     ckpts = tmp_path / "checkpoints"
@@ -199,7 +200,7 @@ def _nan_batches(cfg):
         yield b
 
 
-def test_nan_loss_is_skipped_or_stops(tiny_config, tmp_path):
+def test_nan_loss_is_skipped_or_stops(tiny_config, tmp_path, compile_cache):
     cfg = tiny_config(overrides=["train.steps=3", "train.log_every=1", "checkpoint.every_steps=1"])
     history = train(cfg, tmp_path / "skip", batches=_nan_batches(cfg))
     assert [h["finite"] for h in history] == [1.0, 0.0, 1.0]

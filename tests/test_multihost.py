@@ -98,7 +98,7 @@ def common(steps):
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_resume_in_one(tiny_config, tmp_path):
+def test_two_processes_train_and_resume_in_one(tiny_config, tmp_path, compile_cache):
     port = free_port()
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"

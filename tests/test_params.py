@@ -115,7 +115,7 @@ def test_bad_options_name_the_option(tiny_config, bad, name):
         SampleOptions(**bad).resolved(tiny_config())
 
 
-def test_init_from_may_change_the_optimizer_recipe(tiny_config, tmp_path, caplog):
+def test_init_from_may_change_the_optimizer_recipe(tiny_config, tmp_path, caplog, compile_cache):
     """--init-from takes the params alone: fine-tuning with another learning rate and schedule
     works (resuming with them would be refused); a changed model is still refused."""
     base = ["train.steps=2", "train.log_every=1", "checkpoint.every_steps=2"]

@@ -42,7 +42,7 @@ def _cfg(tiny_config, tmp_path, *overrides):
             f"data.data_dir={tmp_path / 'data'}",
             "vae.steps=2",
             "vae.batch_size=8",
-            "vae.channels=8,16",
+            "vae.channels=8",  # every level 8 wide: half the compile time of 8,16
             *overrides,
         ]
     )

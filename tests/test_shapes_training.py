@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, compilation_cache
 from test_multihost import run_processes
 
 from tfx_jax import artifacts
@@ -15,8 +15,16 @@ from tfx_jax.config import load_config
 from tfx_jax.train.loop import train
 
 
+@pytest.fixture
+def shapes_cache(shapes_run):
+    """The compilation cache the session's reference run filled: the 1-process resume below
+    reuses its compiles, and the second 2-process job the first one's."""
+    with compilation_cache(shapes_run.cache):
+        yield
+
+
 @pytest.mark.slow
-def test_shapes_pipeline_trains_and_evaluates(tmp_path, shapes_run):
+def test_shapes_pipeline_trains_and_evaluates(tmp_path, shapes_run, shapes_cache):
     # The data stages and the one-process reference run (to step 6) are the session's
     # `shapes_run` (conftest.py), shared with tests/test_evaluation.py.
     overrides = shapes_run.overrides
