@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 14 item 5: the multi-object shapes config on one GPU, with the captioning lever.
 #
-#   source benchmarks/gpu_env.sh && VARIANTS="base cfp02" bash benchmarks/shapes_gpu.sh OUT [--set k=v ...]
+#   source benchmarks/gpu_env.sh && VARIANTS="base nolmb" bash benchmarks/shapes_gpu.sh OUT [--set k=v ...]
 #
 # Builds the data stages of experiments/shapes_gpu.py once, then trains its variants one after
 # the other — the default recipe ("base", caption first 80%), "cfp05" and "cfp02" (caption first
-# 50% / 20%) — and scores each with benchmarks/shapes_eval.py on NUM prompts per split (seed 0) at
-# guidance 3 and 7, one variant after the other (each gets the whole GPU and its own TRAIN_LIMIT).
+# 50% / 20%), "nolmb" (no LM loss on captions before their image) — and scores each with
+# benchmarks/shapes_eval.py on NUM prompts per split (seed 0) at guidance 3 and 7, one variant
+# after the other (each gets the whole GPU and its own TRAIN_LIMIT).
 # Logs stream to stdout; the eval JSON goes to OUT/shapes_gpu.tgz.
 # Extra `--set k=v` arguments go to every stage and training (the CPU smoke test uses them).
 set -euo pipefail
@@ -14,7 +15,7 @@ OUT=${1:?usage: shapes_gpu.sh OUT [--set k=v ...]}
 shift
 NUM=${NUM:-128}
 WORK=${WORK:-runs/shapes_gpu_bench}
-VARIANTS=${VARIANTS:-"base cfp02"}
+VARIANTS=${VARIANTS:-"base nolmb"}
 LOGS=$(mktemp -d)
 mkdir -p "$WORK" "$OUT"
 cfg() { if [ "$1" = base ]; then echo experiments/shapes_gpu.py; else echo "experiments/shapes_gpu.py:$1"; fi; }

@@ -79,5 +79,15 @@ def get_config(arg: str | None = None) -> Config:
         ),
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=30, weight_decay=0.1),
         mesh=MeshConfig(data=-1),
-        train=TrainConfig(steps=300, log_every=25, eval_every=150, eval_batches=2, eval_samples=8),
+        train=TrainConfig(
+            steps=300,
+            log_every=25,
+            eval_every=150,
+            eval_batches=2,
+            eval_samples=8,
+            # Captions are learned only after their image: the caption-first ones (80%) taught
+            # a caption prior that named seen shape/colour pairs for held-out images. Held-out
+            # caption attributes 75% -> 87.5% on two seeds (benchmarks/RESULTS.md).
+            lm_loss_before_images=False,
+        ),
     )

@@ -66,3 +66,15 @@ def test_text_target_mask():
     # t0->t1 yes; t1->BOI yes (the model learns to emit BOI); BOI->patch no; patches no;
     # EOI->text yes; last text of doc1 -> doc2 BOS no; doc2 BOS->BOI yes; padding no.
     np.testing.assert_array_equal(m, [1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_text_before_image_marks_captions_that_precede_their_image():
+    """Doc 1 is caption-first (BOS c c BOI p p EOI EOS), doc 2 image-first (BOS BOI p p EOI c
+    EOS), then padding: doc 1's BOS and caption and doc 2's BOS are text before an image (BOI
+    is not; a BOS is never a target, so only the caption leaves the LM loss)."""
+    seg = np.array([[1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0]])
+    img = np.array([[0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]])
+    want = np.zeros_like(seg, bool)
+    want[0, [0, 1, 2, 8]] = True
+    got = np.asarray(layout.text_before_image(jnp.asarray(seg), jnp.asarray(img)))
+    np.testing.assert_array_equal(got, want)

@@ -135,6 +135,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     z_loss: float = 0.0  # PaLM z-loss coefficient on log Z of the LM softmax (0 = off)
+    # False: no LM loss for predicting text that precedes an image in its document (a caption
+    # before its image); captions are then learned only after their images. BOI keeps its loss.
+    lm_loss_before_images: bool = True
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device kind
     eval_every: int = 0  # evaluate on the held-out split every N steps (0 = never)
     eval_batches: int = 4

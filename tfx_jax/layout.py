@@ -217,6 +217,22 @@ def text_target_mask(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.
     )
 
 
+def text_before_image(segment_ids_BT: jax.Array, image_ids_BT: jax.Array) -> jax.Array:
+    """Text positions with an image later in their document (a caption that precedes its image),
+    BOI itself excluded: bool [B, T]. `train.lm_loss_before_images=False` takes them out of the
+    LM loss, so the caption-only prior is not learned from them."""
+    T = segment_ids_BT.shape[1]
+    t_T = jnp.arange(T)
+    image_at_BT = jnp.where(image_ids_BT > 0, t_T, -1)
+    last_image_BS = jax.vmap(lambda v, s: jax.ops.segment_max(v, s, num_segments=T + 1))(
+        image_at_BT, segment_ids_BT
+    )
+    last_image_BT = jnp.take_along_axis(last_image_BS, segment_ids_BT, axis=1)
+    text = (image_ids_BT == 0) & (segment_ids_BT > 0)
+    boi = text & jnp.pad(image_ids_BT[:, 1:] > 0, ((0, 0), (0, 1)))
+    return text & (t_T < last_image_BT) & ~boi
+
+
 def patchify(lat_BMhwC: jax.Array, patch_size: int) -> jax.Array:
     """[..., h, w, C] -> [..., (h/p)*(w/p), p*p*C], rows of patches in raster order."""
     *lead, h, w, C = lat_BMhwC.shape

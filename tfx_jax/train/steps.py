@@ -98,6 +98,9 @@ def forward_losses(
     out = model.apply({"params": params}, inputs)
     logits_BTV, eps_hat_BMhwC = out.logits, out.eps
     text_mask_BT = layout.text_target_mask(seg, img)
+    if not cfg.train.lm_loss_before_images:  # no loss for predicting a caption before its image
+        before_BT = layout.text_before_image(seg, img)
+        text_mask_BT &= ~jnp.pad(before_BT[:, 1:], ((0, 0), (0, 1)))
     lm, ce, n_text = losses.lm_loss(logits_BTV, batch["tokens"], text_mask_BT, cfg.train.z_loss)
     if dc.mode == "rolling":
         ddpm_loss, per_image_BM, n_img = rolling.windowed_diffusion_loss(
