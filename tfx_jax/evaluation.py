@@ -522,7 +522,8 @@ def config_brief(cfg: Config, num_params: int | None = None) -> dict[str, str]:
         f"weight {df.loss_weight}, p_uncond {df.p_uncond}",
         "data": f"{d.source}{tier}, seq_len {d.seq_len} x batch {d.global_batch_size}",
         "training": f"{tr.steps} steps, AdamW lr {op.learning_rate} (warmup "
-        f"{op.warmup_steps}), eval every {tr.eval_every}",
+        f"{op.warmup_steps}), eval every {tr.eval_every}"
+        + ("" if tr.lm_loss_before_images else ", no LM loss on captions before their image"),
     }
     if num_params is not None:
         out["parameters"] = f"{num_params:,}"
