@@ -7,8 +7,10 @@ Sized for one call of a lent GPU (`--deadline` seconds in all); one parent proce
   3. starts the variants AT THE SAME TIME, one subprocess each (this script with `--child`, its
      own workdir and a 0.85/n share of the GPU memory): the 15M model leaves an H200 mostly idle,
      so n concurrent trainings cost far less than n in a row. Priority order, `--variants` picks:
-     standard; rolling window 4 with the init share W/(W+g-1) (`rolling_init_prob=-1`); rolling
-     with the old 0.1; rolling with window 2. Default: the first three;
+     standard; rolling window 4 with the init share W/(W+g-1) (`rolling_init_prob=-1`); the same
+     with context noise τ_ctx = 0.1 (`rolling_context_noise`, against exposure bias); rolling
+     with the old 0.1; rolling with window 2. Default (`DEFAULT_VARIANTS`): standard, rolling_auto
+     and rolling_p0.1;
   4. gathers what the children write into OUT/results.json every few seconds, stops any child
      still running at the deadline, and prints the rows of the RESULTS.md table.
 Each child:
@@ -57,6 +59,11 @@ SPLITS = ("train", "heldout")
 VARIANTS = (
     ("standard", "", ()),
     ("rolling_auto", "rolling", ("diffusion.rolling_init_prob=-1",)),
+    (
+        "rolling_ctx",
+        "rolling",
+        ("diffusion.rolling_init_prob=-1", "diffusion.rolling_context_noise=0.1"),
+    ),
     ("rolling_p0.1", "rolling", ("diffusion.rolling_init_prob=0.1",)),
     (
         "rolling_auto_w2",

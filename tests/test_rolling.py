@@ -263,3 +263,109 @@ def test_rolling_generation_streams_rows_top_to_bottom(tiny_config, tmp_path):
         assert im.n_frames == 4 and im.size == (32, 32)  # an animated PNG, a frame per row
     with Image.open(tmp_path / "stream_0_0_strip.png") as im:
         assert im.size == (4 * 32 + 3 * sample.RowStream.GAP, 32)
+
+
+def test_context_noise_training_inputs(tiny_config):
+    """`context_tau` (issue 15, exposure bias) puts the rows above the window at level
+    round(τ_ctx·T), noised by q, still with weight 0; the window and the rows after it are the
+    same as with clean context."""
+    m = tiny_config(None, ["diffusion.mode=rolling"]).model
+    g, c = 4, 4
+    sched = ddpm.make_schedule("cosine", T)
+    seg = np.zeros((16, 24), np.int32)
+    img = np.zeros((16, 24), np.int32)
+    seg[:, :19] = 1
+    img[:, 2:18] = 1
+    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 1)
+    x0 = jax.random.normal(jax.random.key(1), (16, 1, 8, 8, m.latent_channels))
+    eps = jax.random.normal(jax.random.key(2), x0.shape)
+    args = (jax.random.key(5), sched, x0, eps, jnp.asarray(img), slot, start, m.patch_size, 2, 0.3)
+    clean = jax.tree.map(np.asarray, rolling.training_inputs(*args))
+    noisy = jax.tree.map(np.asarray, rolling.training_inputs(*args, context_tau=0.1))
+    ctx_t = round(0.1 * T) - 1  # level 100 -> schedule index 99
+    np.testing.assert_array_equal(noisy["weight_BMI"], clean["weight_BMI"])
+    np.testing.assert_array_equal(noisy["attn_image_ids_BT"], clean["attn_image_ids_BT"])
+    seen_context = 0
+    for b in range(16):
+        t_c, t_n = clean["t_BMI"][b, 0].reshape(g, c), noisy["t_BMI"][b, 0].reshape(g, c)
+        r0 = int(np.flatnonzero(clean["weight_BMI"][b, 0].reshape(g, c)[:, 0])[0])
+        seen_context += r0
+        assert (t_c[:r0] == 0).all() and (t_n[:r0] == ctx_t).all()
+        np.testing.assert_array_equal(t_n[r0:], t_c[r0:])  # window and after: unchanged
+        np.testing.assert_array_equal(
+            noisy["xt_BMhwC"][b, 0, 2 * r0 :], clean["xt_BMhwC"][b, 0, 2 * r0 :]
+        )
+        abar = sched.alphas_cumprod[ctx_t]
+        want = np.sqrt(abar) * np.asarray(x0)[b, 0, : 2 * r0]
+        want = want + np.sqrt(1 - abar) * np.asarray(eps)[b, 0, : 2 * r0]
+        np.testing.assert_allclose(noisy["xt_BMhwC"][b, 0, : 2 * r0], want, rtol=1e-4, atol=1e-4)
+    assert seen_context > 0  # some images were drawn with rows above the window
+
+
+def test_context_noise_config_range(tiny_config):
+    from tfx_jax.config import ConfigError, validate
+
+    for bad in ("0.7", "-0.1"):
+        cfg = tiny_config(
+            None, ["diffusion.mode=rolling", f"diffusion.rolling_context_noise={bad}"]
+        )
+        with pytest.raises(ConfigError, match=rf"diffusion.rolling_context_noise={bad} must be"):
+            validate(cfg)
+    validate(tiny_config(None, ["diffusion.mode=rolling", "diffusion.rolling_context_noise=0.5"]))
+
+
+def test_rolling_generation_with_context_noise(tiny_config, monkeypatch):
+    """With `rolling_context_noise` the sampler writes each finished row into the cache noised
+    to the context level (a different cache than the clean commit), while the rows it returns
+    and streams stay the clean x0: finite, row 0 (before any context exists) as without
+    context noise, the rows below it conditioned on the noisier context."""
+    from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
+    from tfx_jax.generate import sample
+
+    cfg0, _, params = tiny_model(tiny_config)
+    cfg = tiny_config(
+        None,
+        [
+            "diffusion.mode=rolling",
+            "diffusion.rolling_window=2",
+            "diffusion.rolling_context_noise=0.1",
+        ],
+    )
+    tok = Tokenizer(train_tokenizer([f"shape number {i} is red" for i in range(50)], 300))
+    opts = sample.SampleOptions(
+        max_new_tokens=2, diffusion_steps=4, sampler="ddpm", guidance_scale=None, seed=1
+    )
+    prompts = [sample.Prompt("a red", force_image=True)]
+    commits = []
+
+    class SpyDecoder(sample.Decoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.commit_context = self._spy(self.commit_context)
+
+        def _spy(self, commit_context):
+            def call(params, cache, index, chunk, row, key):
+                out = commit_context(params, cache, index, chunk, row, key)
+                clean = self.commit(params, cache, index, chunk, row)
+                commits.append((np.asarray(out.k), np.asarray(clean.k)))
+                return out
+
+            return call
+
+    def latents(c, decoder):
+        monkeypatch.setattr(sample, "Decoder", decoder)
+        seen = []
+        res = sample.generate(c, params, tok, prompts, opts, on_row=lambda b, r, x: seen.append(x))
+        image = res[0].pieces[0]
+        assert image.kind == "image"
+        np.testing.assert_array_equal(np.concatenate(seen), image.latents)  # streamed = returned
+        return image.latents
+
+    base = latents(cfg0, sample.Decoder)
+    ctx = latents(cfg, SpyDecoder)
+    assert len(commits) == 4  # one per row of the 4-row image
+    for noisy_k, clean_k in commits:
+        assert not np.array_equal(noisy_k, clean_k)
+    assert np.isfinite(ctx).all()
+    np.testing.assert_array_equal(ctx[:2], base[:2])  # row 0: the init pass, no context yet
+    assert not np.array_equal(ctx[2:], base[2:])

@@ -49,6 +49,10 @@ class DiffusionConfig:
     # init pass's share of the sampler's model calls (tfx_jax.diffusion.rolling; issue 15: 0.1
     # left the top rows of rolling samples wrong).
     rolling_init_prob: float = -1.0
+    # Local time τ_ctx in [0, 0.5] of the finished rows above the window, in training and in the
+    # sampler's KV cache (noise augmentation against exposure bias, issue 15: trained on true
+    # clean rows, sampled on its own, the model drew the bottom of 8-row images worst). 0 = off.
+    rolling_context_noise: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +414,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             f"diffusion.rolling_init_prob={dc.rolling_init_prob} must be in [0, 1], or -1 for "
             "W / (W + rows - 1), the init pass's share of the sampler's model calls.",
         )
+    need(
+        0.0 <= dc.rolling_context_noise <= 0.5,
+        f"diffusion.rolling_context_noise={dc.rolling_context_noise} must be in [0, 0.5] "
+        "(the local time of the rolling window's context rows; 0 = clean context).",
+    )
     try:
         validate_data(cfg)  # the data section, and the source's own checks
     except DataConfigError as e:

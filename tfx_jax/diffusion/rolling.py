@@ -38,6 +38,15 @@ every rolling start gets 1 / (W + g − 1) — the training distribution over (p
 sampler's. That is 4/7 for 4 rows and W = 4 (the issue measured 0.5 as fixing the top row) and
 4/11 for 8 rows.
 
+Context noise. Training sees the true clean rows above the window; the sampler sees its own
+finished rows, so its errors feed the rows below and compound down the image (exposure bias;
+issue 15: the bottom third of 8-row images was drawn worst). `context_tau` (config
+`rolling_context_noise`) gives the rows above the window the local time τ_ctx instead of 0, in
+training (noised by q like every row, still weight 0) and in the sampler (each finished row is
+written into the KV cache noised to the same level, with fresh noise): the model learns not to
+rely on pixel-exact context (noise conditioning augmentation, Ho et al. 2021, cascaded
+diffusion). The rows the sampler emits stay clean.
+
 Attention. The sampler keeps finished rows in the KV cache, written one row at a time once clean,
 and runs the model over the window only. For training to see exactly that, the training forward
 pass gives each clean row and the window their own attention image ids (the Transfusion mask rule
@@ -202,6 +211,7 @@ def training_inputs(
     patch_size: int,
     window: int,
     init_prob: float,
+    context_tau: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Noised latents, per-patch timesteps, attention ids and loss weights of rolling training.
 
@@ -214,6 +224,8 @@ def training_inputs(
       window: W rows.
       init_prob: probability of training on the init schedule (§3.3) instead of a rolling one;
         negative: `init_share(g, W)`.
+      context_tau: local time of the rows above the window (0 = clean; "Context noise" in the
+        module doc).
 
     Returns:
       dict with xt_BMhwC (the noised latents), t_BMI (model timesteps), attn_image_ids_BT
@@ -232,6 +244,8 @@ def training_inputs(
         init_BM, r0_BM = jnp.ones((B, M), bool), jnp.zeros((B, M), jnp.int32)
     rows_g = jnp.arange(g)
     tau_BMg = local_times(t_BM[..., None], rows_g, r0_BM[..., None], W, init_BM[..., None])
+    if context_tau:  # the rows above the window at the sampler's context level (module doc)
+        tau_BMg = jnp.where(rows_g < r0_BM[..., None], context_tau, tau_BMg)
     idx_BMg = model_timesteps(levels(tau_BMg, T))
     # Noise every latent pixel row at its patch row's level (Ruhe et al. §3.1, per-frame q).
     idx_BMhw = jnp.broadcast_to(jnp.repeat(idx_BMg, patch_size, axis=-1)[..., None], (B, M, h, w))

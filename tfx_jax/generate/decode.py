@@ -10,6 +10,8 @@ Every function here is pure (params, cache, chunk, ...) -> arrays, jitted once p
                block only, attending to the cached prefix (the cache is read, never kept)
   rolling_pass one sweep of a rolling window of patch rows (tfx_jax.diffusion.rolling)
   commit       write clean latents (t = 0) into the cache: a finished image or image row
+  commit_context  write a finished rolling row noised to the context level (training's view of
+               the rows above the window, `diffusion.rolling_context_noise`)
 
 Classifier-free guidance (Ho & Salimans 2022) doubles the batch: rows [0, B) are the prompts and
 rows [B, 2B) their unconditional twins, whose cache holds only BOS, BOI and the image being
@@ -124,6 +126,11 @@ class Decoder:
         self.image_full = self._jit(self._image_full)
         self.rolling_pass = self._jit(self._rolling_pass)
         self.commit = self._jit(self._commit)
+        # Level of the rows above the rolling window, read from the checkpoint's config: the
+        # sampler must show the model the context it was trained on (rolling module doc).
+        T = self.schedule.num_timesteps
+        self.context_level = int(rolling.levels(np.float64(cfg.diffusion.rolling_context_noise), T))
+        self.commit_context = self._jit(self._commit_context)
 
     # -------------------------------------------------------------- placement
 
@@ -287,11 +294,21 @@ class Decoder:
         x_BMhwC, _ = jax.lax.scan(body, x_BMhwC, jnp.arange(lev_NW.shape[0] - 1))
         return x_BMhwC
 
-    def _commit(self, params, cache, index_R, chunk, x0_BMhwC):
-        """Writes clean latents (t = 0) into the cache: what later positions attend to."""
+    def _commit(self, params, cache, index_R, chunk, x0_BMhwC, t=0):
+        """Writes latents at model timestep `t` (default 0: clean) into the cache: what later
+        positions attend to."""
         R = chunk["tokens"].shape[0]
-        t_RMI = jnp.zeros((R, 1, self._patches(x0_BMhwC)), jnp.int32)
+        t_RMI = jnp.full((R, 1, self._patches(x0_BMhwC)), t, jnp.int32)
         _, _, cache = self._forward(
             params, cache, index_R, chunk, self._twin(x0_BMhwC), t_RMI, False
         )
         return cache
+
+    def _commit_context(self, params, cache, index_R, chunk, x0_BMhwC, rng):
+        """Writes a finished rolling row as training shows the rows above the window: q-sampled
+        to level L = `context_level` with fresh noise from `rng`, at model timestep max(L − 1, 0)
+        (rolling module doc, "Context noise"). Both halves of a guided batch get the same row."""
+        t = int(rolling.model_timesteps(self.context_level))
+        eps = jax.random.normal(rng, x0_BMhwC.shape, jnp.float32)
+        x_t = ddpm.q_sample(self.schedule, x0_BMhwC.astype(jnp.float32), jnp.int32(t), eps)
+        return self._commit(params, cache, index_R, chunk, x_t, t)

@@ -423,8 +423,9 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
     Full mode: the whole block is denoised with the prefix cached (each step runs the block
     only; the cache is read, never kept), then written back clean (t = 0).
     Rolling mode: passes of the window over patch rows (`rolling.sampling_plan`); each finished
-    row is written into the cache at t = 0 (the rows below attend to it), handed to `on_row`,
-    and the window shifts by one row of fresh noise. Only the window is held.
+    row is written into the cache at t = 0 (the rows below attend to it) — or, with
+    `diffusion.rolling_context_noise`, noised to that level as in training — handed clean to
+    `on_row`, and the window shifts by one row of fresh noise. Only the window is held.
     """
     m = dec.cfg.model
     B, I, g, p = len(phase), m.num_patches, dec.rows, m.patch_size
@@ -451,7 +452,11 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
         row = np.ascontiguousarray(x_win[:, :, :p])  # row r0 is clean (τ = 0)
         row_id = lambda k, off: np.full(off.shape, rolling.block_id(k, r0, g))  # noqa: B023
         row_chunk, row_index = _block_chunk(dec, st, phase, R, r0 * g, g, row_id)
-        cache = dec.commit(params, cache, row_index, row_chunk, dec.put(row))
+        if dec.context_level:  # context noise: the cache holds the row as training showed it
+            ctx_key = jax.random.fold_in(key, 1 << 30)  # the pass's steps fold in 0 .. n-1
+            cache = dec.commit_context(params, cache, row_index, row_chunk, dec.put(row), ctx_key)
+        else:
+            cache = dec.commit(params, cache, row_index, row_chunk, dec.put(row))
         finished.append(row)
         if on_row is not None:
             for b in np.flatnonzero(phase):

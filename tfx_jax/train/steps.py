@@ -78,6 +78,7 @@ def forward_losses(
             m.patch_size,
             dc.rolling_window,
             dc.rolling_init_prob,
+            dc.rolling_context_noise,
         )
         xt_BMhwC, t_BMI, t_BM = roll["xt_BMhwC"], roll["t_BMI"], roll["t_BM"]
         attn_img = roll["attn_image_ids_BT"]
