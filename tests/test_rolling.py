@@ -99,19 +99,25 @@ def tiny_model(tiny_config):
     return cfg, model, params
 
 
+def _one_image_rows(m, rows: int, slots: int):
+    """`rows` batch rows of BOS, BOI, 16 patches (8x8 latents, 2x2 patches), EOI, padding: the
+    image arrays, slots and random latents/noise that `rolling.training_inputs` takes."""
+    seg = np.zeros((rows, 24), np.int32)
+    img = np.zeros((rows, 24), np.int32)
+    seg[:, :19] = 1
+    img[:, 2:18] = 1
+    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), slots)
+    x0 = jax.random.normal(jax.random.key(1), (rows, slots, 8, 8, m.latent_channels))
+    eps = jax.random.normal(jax.random.key(2), x0.shape)
+    return jnp.asarray(img), slot, start, x0, eps
+
+
 def test_training_inputs(tiny_config):
     cfg = tiny_config(None, ["diffusion.mode=rolling"])
     m = cfg.model
     g, c = 4, 4
     sched = ddpm.make_schedule("cosine", T)
-    # One row: BOS, BOI, 16 patches, EOI, then padding; two images per row in slot terms.
-    seg = np.zeros((6, 24), np.int32)
-    img = np.zeros((6, 24), np.int32)
-    seg[:, :19] = 1
-    img[:, 2:18] = 1
-    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 2)
-    x0 = jax.random.normal(jax.random.key(1), (6, 2, 8, 8, m.latent_channels))
-    eps = jax.random.normal(jax.random.key(2), x0.shape)
+    img, slot, start, x0, eps = _one_image_rows(m, rows=6, slots=2)
     out = rolling.training_inputs(
         jax.random.key(5), sched, x0, eps, jnp.asarray(img), slot, start, m.patch_size, 2, 0.3
     )
@@ -272,13 +278,7 @@ def test_context_noise_training_inputs(tiny_config):
     m = tiny_config(None, ["diffusion.mode=rolling"]).model
     g, c = 4, 4
     sched = ddpm.make_schedule("cosine", T)
-    seg = np.zeros((16, 24), np.int32)
-    img = np.zeros((16, 24), np.int32)
-    seg[:, :19] = 1
-    img[:, 2:18] = 1
-    slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 1)
-    x0 = jax.random.normal(jax.random.key(1), (16, 1, 8, 8, m.latent_channels))
-    eps = jax.random.normal(jax.random.key(2), x0.shape)
+    img, slot, start, x0, eps = _one_image_rows(m, rows=16, slots=1)
     args = (jax.random.key(5), sched, x0, eps, jnp.asarray(img), slot, start, m.patch_size, 2, 0.3)
     clean = jax.tree.map(np.asarray, rolling.training_inputs(*args))
     noisy = jax.tree.map(np.asarray, rolling.training_inputs(*args, context_tau=0.1))
