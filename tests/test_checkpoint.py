@@ -221,6 +221,29 @@ def test_nan_loss_is_skipped_or_stops(tiny_config, tmp_path, compile_cache):
     ckpt.close()
 
 
+def _dying_batches(cfg, after: int):
+    """`after` batches, then what Grain raises when a worker process is killed."""
+    from tfx_jax.train.loop import make_batches
+
+    for i, b in enumerate(make_batches(cfg)):
+        if i == after:
+            raise RuntimeError("Worker process was terminated unexpectedly with exit code -9.")
+        yield b
+
+
+def test_input_pipeline_failure_saves_the_steps_done(tiny_config, tmp_path, compile_cache):
+    """A data worker killed mid-run (e.g. for memory) stops the run with one clear error, after
+    the steps already trained are committed — no checkpoint was due before the failure."""
+    from tfx_jax.train.loop import InputPipelineError
+
+    cfg = tiny_config(overrides=["train.steps=5", "checkpoint.every_steps=100"])
+    with pytest.raises(InputPipelineError, match="before step 3: Worker process.*step 2 is saved"):
+        train(cfg, tmp_path / "run", batches=_dying_batches(cfg, after=2))
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False, create=False)
+    assert ckpt.latest_step() == 2
+    ckpt.close()
+
+
 def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
     """`make demo` passes a relative --workdir; Orbax needs absolute paths internally."""
     monkeypatch.chdir(tmp_path)

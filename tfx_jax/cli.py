@@ -432,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     except loop.NonFiniteLossError as e:  # train.nan_policy=stop
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except loop.InputPipelineError as e:  # e.g. a Grain worker killed; the steps done are saved
+        print(f"data error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first)
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)

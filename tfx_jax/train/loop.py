@@ -42,7 +42,7 @@ from tfx_jax.checkpoint import (
 )
 from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.data import sources
-from tfx_jax.data.sources import mixture
+from tfx_jax.data.sources import RecordError, mixture
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.observability import flops, metric_writers
@@ -58,6 +58,11 @@ log = logging.getLogger("tfx_jax")
 
 class NonFiniteLossError(RuntimeError):
     """Raised with train.nan_policy=stop; the last good checkpoint is kept."""
+
+
+class InputPipelineError(RuntimeError):
+    """The input pipeline failed mid-run (e.g. a Grain worker process was killed); the steps
+    trained so far were saved first where one process could do it alone."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -426,7 +431,17 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
             step += 1
             if profiler:
                 profiler.on_step(step)
-            batch = next(data_iter)
+            try:
+                batch = next(data_iter)
+            except Exception as e:  # the steps done so far are saved before the run stops
+                saved = _save_before_data_failure(cfg, ckpt, trainer, data_iter, step - 1)
+                if isinstance(e, RecordError):  # names the record (data.on_error=raise)
+                    log.warning("input pipeline stopped the run: %s", saved)
+                    raise
+                raise InputPipelineError(
+                    f"the input pipeline failed before step {step}: {e} — {saved} If a data "
+                    "worker was killed for memory, lower data.worker_count."
+                ) from e
             for key in batch:
                 if key.startswith("stats/"):  # a mixture's counts: data/<part>/... below
                     data_stats[key] = data_stats.get(key, 0) + int(batch[key])
@@ -482,6 +497,27 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
             if after_step is not None:
                 after_step(step)
     return history
+
+
+def _save_before_data_failure(cfg: Config, ckpt, trainer, data_iter, step: int) -> str:
+    """Commits `step` (the last one trained) when the data fails mid-run; says what was kept.
+
+    Only a single-process run saves here: a checkpoint is collective, and the other processes
+    are still in their train step, so one process saving alone would hang them all.
+    """
+    latest = ckpt.latest_step()
+    kept = "no checkpoint yet" if latest is None else f"the last checkpoint is step {latest}"
+    if jax.process_count() > 1:
+        return f"{kept} (the processes of a multi-process run save only together)."
+    if step <= 0 or step == latest:
+        return f"nothing new to save ({kept}); resume with the same command."
+    try:
+        ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
+        ckpt.wait()
+    except Exception as e:  # the data iterator may be too broken to save its position
+        log.warning("could not save step %d after the input pipeline failed: %s", step, e)
+        return f"step {step} could not be saved ({e}); {kept}."
+    return f"step {step} is saved; resume with the same command."
 
 
 def _mixture_metrics(stats: dict[str, int]) -> dict[str, float]:
