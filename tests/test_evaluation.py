@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfx_jax import cli, evaluation
+from tfx_jax import cli, evaluation, prompt_eval
 from tfx_jax.data.embedded import judge, shapes
 from tfx_jax.data.sources import synthetic
 from tfx_jax.layout import ModelInputs
@@ -104,7 +104,7 @@ def test_judged_metrics_break_down_by_split_objects_pair_and_row():
         ("train", judge.compare(one, one)),  # exact
         ("heldout", judge.compare(two, wrong_colour)),  # the held-out pair drawn red
     ]
-    m = evaluation.judged_metrics("x", items)
+    m = prompt_eval.judged_metrics("x", items)
     assert m["x/train/exact"] == 1.0 and m["x/train/attributes"] == 1.0
     assert m["x/heldout/color"] == 0.5 and m["x/heldout/shape"] == 1.0
     assert m["x/heldout/attributes"] == pytest.approx(7 / 8) and m["x/heldout/objects"] == 0.5
@@ -117,12 +117,12 @@ def test_judged_metrics_break_down_by_split_objects_pair_and_row():
 
 def test_captions_are_read_back_with_the_grammar():
     red = _scene("a large red circle at the top left")
-    assert evaluation.read_caption("a large red circle at the top left") == (red, True)
-    assert evaluation.read_caption("A large red circle at the top left. More text") == (red, True)
-    assert evaluation.read_caption("a large red blob somewhere") == ((), False)
+    assert prompt_eval.read_caption("a large red circle at the top left") == (red, True)
+    assert prompt_eval.read_caption("A large red circle at the top left. More text") == (red, True)
+    assert prompt_eval.read_caption("a large red blob somewhere") == ((), False)
     # Outside the grammar, the well-formed phrases still count (the first per cell).
     text = "xx a large red circle at the top left a small blue square at the top left, a"
-    assert evaluation.read_caption(text) == (red, False)
+    assert prompt_eval.read_caption(text) == (red, False)
     missed = judge.compare(_scene("a small green square on the left"), ())
     assert missed["fraction"] == 0.0 and not missed["count"] and missed["num_detected"] == 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 from etils import epath
 
-from tfx_jax import artifacts, demo, dryrun, evaluation, export, report, stages
+from tfx_jax import artifacts, demo, dryrun, evaluation, export, prompt_eval, report, stages
 from tfx_jax import params as params_lib
 from tfx_jax.checkpoint import CheckpointWriteError
 from tfx_jax.config import Config, ConfigError, load_config, validate
@@ -159,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     options = sample_options.from_args(args)
-    for part in evaluation.split_options(options):  # images' and captions' own
+    for part in prompt_eval.split_options(options):  # images' and captions' own
         part.validate()  # a bad option fails before the model is loaded
     if args.num_prompts < 1:
         raise ConfigError(f"--num-prompts {args.num_prompts}: give at least 1 per split.")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override the saved config, e.g. --set data.data_dir=DIR when the data moved",
     )
-    sample_options.add_arguments(p, evaluation.IMAGE_OPTIONS)
+    sample_options.add_arguments(p, prompt_eval.IMAGE_OPTIONS)
     _add_distributed(p)
     p.set_defaults(fn=cmd_eval)
 

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 from etils import epath
 
-from tfx_jax import evaluation, report, stages
+from tfx_jax import evaluation, prompt_eval, report, stages
 from tfx_jax.config import Config
 from tfx_jax.data import sources
 from tfx_jax.train import loop
@@ -50,7 +50,7 @@ def run(cfg: Config, workdir: str) -> None:
             f"split, guidance {GUIDANCE:g}; python -m tfx_jax eval --guidance {GUIDANCE:g} does "
             "the same)."
         )
-    options = dataclasses.replace(evaluation.IMAGE_OPTIONS, guidance_scale=GUIDANCE)
+    options = dataclasses.replace(prompt_eval.IMAGE_OPTIONS, guidance_scale=GUIDANCE)
     result = evaluation.evaluate_run(workdir, num_prompts=PROMPTS_PER_SPLIT, options=options)
     if not is_main:
         return

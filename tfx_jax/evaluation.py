@@ -21,7 +21,8 @@ position; "objects" the share of objects with all four right. Sources without a 
 losses, images and captions without scores.
 
     loss_metrics(eval_step, batches, num, cfg)   any eval step: the trainer's or `LossEval`'s
-    Prompting(cfg, num, seed)(cfg, params, mesh) images + captions for any params, judged
+    prompt_eval.Prompting(cfg, num, seed)        images + captions for any params, judged
+                                                 (`tfx_jax.prompt_eval`)
     evaluate_run(workdir, ...)                   `python -m tfx_jax eval`: params only, every
                                                  process generates in lockstep, process 0 writes
                                                  RUN/eval.json and RUN/eval/step_N/
@@ -36,8 +37,6 @@ import io
 import json
 import logging
 import math
-import re
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -50,38 +49,27 @@ from tfx_jax import artifacts, layout, sharding
 from tfx_jax import params as params_lib
 from tfx_jax.config import Config, ConfigError, apply_overrides
 from tfx_jax.data import sources
-from tfx_jax.data.embedded import judge, shapes
+from tfx_jax.data.embedded import judge
 from tfx_jax.data.sources import RecordError
 from tfx_jax.generate import sample
 from tfx_jax.generate.documents import write_documents
 from tfx_jax.generate.options import SampleOptions
 from tfx_jax.models.transformer import Transfusion
-from tfx_jax.observability.metric_writers import image_grid
+from tfx_jax.prompt_eval import (
+    ATTRIBUTES,
+    IMAGE_OPTIONS,
+    Captioned,
+    Drawn,
+    Prompting,
+    sample_grid,
+    split_options,
+)
 from tfx_jax.sharding import mesh_context
 from tfx_jax.train.steps import make_eval_step
 
 log = logging.getLogger("tfx_jax")
 
 LOSS_SPLIT = "validation"
-ATTRIBUTES = ("shape", "color", "size", "position")
-# Images for prompts: DDIM with guidance 3, the image as the whole answer (BOI forced).
-IMAGE_OPTIONS = SampleOptions(
-    max_new_tokens=2, sampler="ddim", diffusion_steps=50, guidance_scale=3.0
-)
-# Captions: greedy text after the image, no image allowed, no image guidance; text guidance by
-# the image only when asked (`eval --text-guidance S`: on the demo it did not help, RESULTS.md).
-CAPTION_OPTIONS = SampleOptions(
-    max_new_tokens=64, max_images=0, temperature=0.0, guidance_scale=None
-)
-
-
-def split_options(options: SampleOptions) -> tuple[SampleOptions, SampleOptions]:
-    """(image options, caption options) of the `eval` command's one set of sampling flags:
-    `text_guidance` is for the captions, every other flag for the images."""
-    captions = dataclasses.replace(CAPTION_OPTIONS, text_guidance=options.text_guidance)
-    return dataclasses.replace(options, text_guidance=1.0), captions
-
-
 DOCUMENT_TOKENS = 128  # text budget of the interleaved document (its images come on top)
 
 
@@ -212,259 +200,6 @@ class LossEval:
             arrays = sharding.put_global_batch(arrays, self.mesh, self.cfg.mesh.rules)
         with mesh_context(self.mesh, self.cfg):
             return self._step(params, arrays, rng)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """A caption example of a split: the prompt for an image, and the image to caption."""
-
-    split: str
-    text: str
-    image: np.ndarray  # its true image, uint8 [S, S, 3]
-
-
-@dataclasses.dataclass
-class Drawn:
-    """The image drawn for an example's caption, and the judge's reading of it (None: no
-    judge, or a caption outside the judge's grammar)."""
-
-    example: Example
-    image: np.ndarray | None
-    judged: dict | None
-
-
-@dataclasses.dataclass
-class Captioned:
-    """The caption generated for an example's true image, and its comparison with the true
-    scene (None: no judge). `read` is False when its first sentence is outside the caption
-    grammar (its object phrases are still scored, `read_caption`)."""
-
-    example: Example
-    text: str
-    read: bool
-    judged: dict | None
-
-
-def prompt_splits(cfg: Config, source: sources.Source) -> tuple[str, ...]:
-    """Where prompts come from: a judged source's train (seen combinations) and heldout
-    splits; otherwise its validation split (else train)."""
-    have = source.splits(cfg)
-    if source.has_judge:
-        judged = tuple(s for s in ("train", "heldout") if s in have)
-        if judged:
-            return judged
-    return ("validation",) if "validation" in have else ("train",)
-
-
-def caption_examples(
-    cfg: Config, source: sources.Source, split: str, num: int, seed: int = 0
-) -> list[Example]:
-    """`num` caption examples (one image, a non-empty text) of `split`, in an order drawn from
-    (seed, split); the first k of `num` are the examples `num=k` gives."""
-    data = source.open_split(cfg, split)
-    order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(data))
-    out: list[Example] = []
-    for index in order:
-        if len(out) == num:
-            break
-        try:
-            ex = data[int(index)]
-        except RecordError:  # an unusable record is no prompt (the stages count it)
-            continue
-        text = ex["text"].strip()
-        if ex.get("kind", "caption") == "caption" and len(ex["images"]) == 1 and text:
-            out.append(Example(split, text, np.asarray(ex["images"][0], np.uint8)))
-    return out
-
-
-# One object phrase of the caption grammar ("a large red circle at the top left").
-_PHRASE = re.compile(
-    r"a ({}) ({}) ({}) ({})".format(
-        *("|".join(words) for words in (shapes.SIZES, shapes.COLORS, shapes.SHAPES)),
-        "|".join(shapes.POSITION_PHRASES.values()),
-    )
-)
-_PLACE = {phrase: position for position, phrase in shapes.POSITION_PHRASES.items()}
-
-
-def read_caption(text: str) -> tuple[shapes.Scene, bool]:
-    """The scene a generated caption names, and whether it is a caption of the grammar.
-
-    The first sentence is parsed with the grammar (`shapes.parse_caption`); text outside it
-    names the well-formed object phrases found in it (the first per grid cell), as
-    benchmarks/shapes_eval.py reads captions, so a caption followed by stray words still
-    names its objects.
-    """
-    try:
-        return shapes.parse_caption(text.strip().split(".")[0]), True
-    except ValueError:
-        pass
-    found, cells = [], set()
-    for size, color, shape, where in _PHRASE.findall(text):
-        if _PLACE[where] not in cells:
-            cells.add(_PLACE[where])
-            found.append(shapes.SceneObject(shape, color, size, _PLACE[where]))
-    return tuple(found), False
-
-
-class Prompting:
-    """Images for the captions of each prompt split and captions for their true images, drawn
-    with any params and scored by the source's judge. The examples are fixed at construction
-    (the same at every eval of a run)."""
-
-    def __init__(
-        self,
-        cfg: Config,
-        num: int,
-        seed: int = 0,
-        splits: Sequence[str] | None = None,
-    ):
-        self.source = sources.of(cfg)
-        self.splits = tuple(splits or prompt_splits(cfg, self.source))
-        self.examples = [
-            ex for s in self.splits for ex in caption_examples(cfg, self.source, s, num, seed)
-        ]
-        self.tokenizer = artifacts.load_tokenizer(cfg)
-        self.vae = artifacts.load_vae(cfg)
-
-    def draw(
-        self,
-        cfg: Config,
-        params: Any,
-        mesh: Mesh,
-        options: SampleOptions = IMAGE_OPTIONS,
-        on_row: Callable | None = None,
-    ) -> list[Drawn]:
-        """An image per example's caption (BOI forced), judged against the caption (`on_row`:
-        rolling mode's row callback, `sample.generate`)."""
-        prompts = [sample.Prompt(ex.text, (), True) for ex in self.examples]
-        results = sample.generate(
-            cfg, params, self.tokenizer, prompts, options, vae=self.vae, mesh=mesh, on_row=on_row
-        )
-        drawn = []
-        for ex, res in zip(self.examples, results, strict=True):
-            image = res.images[0].image if res.images else None
-            scene = self._scene(ex)
-            judged = judge.score(image, scene) if scene and image is not None else None
-            drawn.append(Drawn(ex, image, judged))
-        return drawn
-
-    def _scene(self, ex: Example) -> shapes.Scene | None:
-        """The scene a prompt asks for, when the source has a judge and the caption is in its
-        grammar (a mixture's other captions are not)."""
-        if not self.source.has_judge:
-            return None
-        try:
-            return shapes.parse_caption(ex.text)
-        except ValueError:
-            return None
-
-    def caption(
-        self, cfg: Config, params: Any, mesh: Mesh, options: SampleOptions = CAPTION_OPTIONS
-    ) -> list[Captioned]:
-        """A greedy caption after each example's true image, compared with its true scene."""
-        if not self.examples:
-            return []
-        images = np.stack([ex.image for ex in self.examples])
-        results = sample.caption_images(
-            cfg, params, self.tokenizer, images, self.vae, options, mesh=mesh
-        )
-        out = []
-        for ex, res in zip(self.examples, results, strict=True):
-            text = res.text.strip()
-            found, in_grammar = read_caption(text)
-            truth = self._scene(ex)
-            judged = judge.compare(truth, found) if truth else None
-            out.append(Captioned(ex, text, in_grammar, judged))
-        return out
-
-    def __call__(
-        self,
-        cfg: Config,
-        params: Any,
-        mesh: Mesh,
-        options: SampleOptions = IMAGE_OPTIONS,
-        on_row: Callable | None = None,
-        captions: bool = True,
-        caption_options: SampleOptions = CAPTION_OPTIONS,
-    ) -> tuple[list[Drawn], list[Captioned], dict[str, float]]:
-        """Draws, captions (unless not asked) and scores: (drawn, captioned, metrics)."""
-        drawn = self.draw(cfg, params, mesh, options, on_row)
-        captioned = []
-        if captions:
-            log.info("eval: %d captions, one after each true image", len(self.examples))
-            captioned = self.caption(cfg, params, mesh, caption_options)
-        return drawn, captioned, prompt_metrics(drawn, captioned)
-
-
-def sample_grid(drawn: Sequence[Drawn], cols: int = 8) -> np.ndarray:
-    """The drawn images tiled in example order (a white pixel when none was drawn)."""
-    images = [d.image for d in drawn if d.image is not None]
-    if not images:
-        return np.full((1, 1, 3), 255, np.uint8)
-    return image_grid(np.stack(images), cols=min(cols, len(images)))
-
-
-def _tally(objects: list[dict], results: list[dict] | None) -> dict[str, float]:
-    """ "attributes" (the share of object attributes right), "objects" (all four right), and,
-    for groups of whole results, the accuracy per attribute, "count", "exact" and the number
-    of "prompts"."""
-    per = {a: float(np.mean([o[a] for o in objects])) for a in ATTRIBUTES}
-    out = {"attributes": float(np.mean(list(per.values())))}
-    out["objects"] = float(np.mean([o["present"] for o in objects]))
-    if results:
-        out.update(per)
-        out["count"] = float(np.mean([r["count"] for r in results]))
-        out["exact"] = float(np.mean([r["exact"] for r in results]))
-        out["prompts"] = float(len(results))
-    return out
-
-
-def judged_metrics(prefix: str, items: Sequence[tuple[str, dict]]) -> dict[str, float]:
-    """Metrics of judge results (`judge.score` / `judge.compare`) tagged with their split:
-    `prefix/<split>/...`, `prefix/<split>/{one,multi}_object/...`, and per object across
-    splits `prefix/pair_{seen,heldout}/...` and `prefix/row_{top,middle,bottom}/...`."""
-    out: dict[str, float] = {}
-
-    def put(name: str, objects: list[dict], results: list[dict] | None) -> None:
-        if objects:
-            out.update({f"{prefix}/{name}/{k}": v for k, v in _tally(objects, results).items()})
-
-    for split in dict.fromkeys(s for s, _ in items):
-        results = [r for s, r in items if s == split]
-        groups = (
-            (split, results),
-            (f"{split}/one_object", [r for r in results if r["num_prompted"] == 1]),
-            (f"{split}/multi_object", [r for r in results if r["num_prompted"] > 1]),
-        )
-        for name, rs in groups:
-            put(name, [o for r in rs for o in r["objects"]], rs)
-    objects = [o for _, r in items for o in r["objects"]]
-    pair = lambda o: (o["prompt"].shape, o["prompt"].color)
-    put("pair_seen", [o for o in objects if pair(o) not in shapes.HELDOUT_PAIRS], None)
-    put("pair_heldout", [o for o in objects if pair(o) in shapes.HELDOUT_PAIRS], None)
-    for row in judge.ROWS:
-        put(f"row_{row}", [o for o in objects if judge.row_of(o["prompt"].position) == row], None)
-    return out
-
-
-def prompt_metrics(drawn: Sequence[Drawn], captioned: Sequence[Captioned]) -> dict[str, float]:
-    """eval/judge/..., eval/judge_fraction and eval/caption/... of one evaluation."""
-    out = judged_metrics("eval/judge", [(d.example.split, d.judged) for d in drawn if d.judged])
-    held = "eval/judge/heldout/objects"
-    first = next((k for k in out if k.endswith("/objects")), None)
-    if held in out or first:
-        out["eval/judge_fraction"] = out[held] if held in out else out[first]
-    judged = [(c.example.split, c.judged) for c in captioned if c.judged]
-    out.update(judged_metrics("eval/caption", judged))
-    for split in dict.fromkeys(c.example.split for c in captioned):
-        mine = [c for c in captioned if c.example.split == split]
-        if any(c.judged for c in mine):
-            out[f"eval/caption/{split}/parsed"] = float(np.mean([c.read for c in mine]))
-    return out
 
 
 def summary(result: dict) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tfx_jax import evaluation
+from tfx_jax import evaluation, prompt_eval
 from tfx_jax.config import Config
 
 if TYPE_CHECKING:  # the loop imports this module; the trainer is only a parameter here
@@ -41,10 +41,10 @@ class SampleGrid:
     eval, and captions for their true images: a picture of progress (TensorBoard `samples`)
     and the judge's scores (`eval/judge/...`, `eval/judge_fraction`, `eval/caption/...`; for
     sources without a judge, the grid alone). The examples are chosen once
-    (`evaluation.Prompting`)."""
+    (`prompt_eval.Prompting`)."""
 
     def __init__(self, cfg: Config, num: int):
-        self.prompting = evaluation.Prompting(cfg, num)
+        self.prompting = prompt_eval.Prompting(cfg, num)
 
     def __call__(self, trainer: Trainer) -> tuple[np.ndarray, dict[str, float]]:
         # Captions are only worth their decoding time where they are scored.
@@ -54,7 +54,7 @@ class SampleGrid:
             trainer.mesh,
             captions=self.prompting.source.has_judge,
         )
-        return evaluation.sample_grid(drawn), metrics
+        return prompt_eval.sample_grid(drawn), metrics
 
 
 def run_evaluators(
