@@ -29,7 +29,7 @@ from tfx_jax.config import ConfigError, validate
 from tfx_jax.data import encoded, pipeline, sources
 from tfx_jax.data.sources import images
 from tfx_jax.data.sources.folder import FolderExamples
-from tfx_jax.generate import sample
+from tfx_jax.generate import command
 
 SPEC = pipeline.SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
 
@@ -227,23 +227,23 @@ class FakeCodec:
 
 
 def test_generate_prepares_images_as_training_does(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(sample, "Codec", FakeCodec)
+    monkeypatch.setattr(command, "Codec", FakeCodec)
     cfg = tiny_config()  # image_size 32, min_image_size 0 -> 8
     rgba = np.zeros((40, 60, 4), np.uint8)
     rgba[:, 25:35] = (10, 200, 10, 255)  # a green stripe in the middle, transparent around it
     path = tmp_path / "logo.png"
     Image.fromarray(rgba).save(path)
-    (got,) = sample._encode_files(cfg, (None, None, 1.0), [str(path)])
+    (got,) = command.encode_image_files(cfg, (None, None, 1.0), [str(path)])
     np.testing.assert_array_equal(got, images.read_image(path, 32, cfg.data.min_image_side))
     assert (got[:, 0] == 255).all()  # transparent: white; cropped, not squashed
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(ConfigError, match=rf"--image {bad}: cannot decode the image"):
-        sample._encode_files(cfg, (None, None, 1.0), [str(path), str(bad)])
+        command.encode_image_files(cfg, (None, None, 1.0), [str(path), str(bad)])
     dot = tmp_path / "dot.png"
     Image.new("RGB", (2, 2)).save(dot)
     with pytest.raises(ConfigError, match=r"dot\.png: 2x2 pixels is smaller than data.min_image"):
-        sample._encode_files(cfg, (None, None, 1.0), [str(dot)])
+        command.encode_image_files(cfg, (None, None, 1.0), [str(dot)])
 
 
 # ----------------------------------------------------------------------------- stages

@@ -16,8 +16,9 @@ from tfx_jax.config import ConfigError, load_config
 from tfx_jax.data import encoded, pipeline
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, Tokenizer, train_tokenizer
 from tfx_jax.diffusion import ddpm, samplers
-from tfx_jax.generate import sample
+from tfx_jax.generate import command, sample
 from tfx_jax.generate.decode import TEXT_GUIDANCE_ALPHA, Decoder
+from tfx_jax.generate.documents import write_documents
 from tfx_jax.generate.options import SampleOptions
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models import kv_cache
@@ -298,7 +299,7 @@ def test_generate_writes_markdown_and_html_with_pngs(tiny, tokenizer, tiny_vae, 
     assert results[1].prompt_pieces[0].kind == "image"
     assert results[1].prompt_pieces[0].image.shape == (32, 32, 3)
 
-    paths = sample.write_documents(results, tmp_path)
+    paths = write_documents(results, tmp_path)
     md, page = paths["markdown"].read_text(), paths["html"].read_text()
     assert md.count("## Sample") == 3 and "<img" in page and "](images/" in md
     assert len(paths["images"]) >= 2
@@ -452,7 +453,7 @@ def test_generate_cli(tiny, tokenizer, tmp_path):
     cfg, params = tiny
     cfg = load_config(str(REPO / "experiments" / "tiny.py"), [f"data.data_dir={tmp_path}"])
     tokenizer.save(tmp_path / "tokenizer.model")
-    paths = sample.generate_cli(
+    paths = command.generate_cli(
         cfg,
         params,
         ["red", "blue circle"],
@@ -464,4 +465,4 @@ def test_generate_cli(tiny, tokenizer, tmp_path):
     assert md.count("## Sample") == 2 and md.count("](images/") == 2
     assert paths["html"].exists() and len(paths["images"]) == 2
     with pytest.raises(ConfigError, match="generate option top_p=1.5"):
-        sample.generate_cli(cfg, params, ["red"], tmp_path / "out", SampleOptions(top_p=1.5))
+        command.generate_cli(cfg, params, ["red"], tmp_path / "out", SampleOptions(top_p=1.5))

@@ -22,8 +22,8 @@ from tfx_jax import params as params_lib
 from tfx_jax.checkpoint import CheckpointWriteError
 from tfx_jax.config import Config, ConfigError, load_config, validate
 from tfx_jax.data.sources import RecordError
+from tfx_jax.generate import command as generate_command
 from tfx_jax.generate import options as sample_options
-from tfx_jax.generate import sample
 from tfx_jax.train import loop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for image in args.image:
         if not epath.Path(image).is_file():  # may be gs://
             raise ConfigError(f"--image {image}: no such file (give an image file).")
-    sample.plan_prompt_images(args.prompt, len(args.image))
+    generate_command.plan_prompt_images(args.prompt, len(args.image))
     if args.export:
         cfg, params = export.load_export(args.export)
         out = args.out or f"{args.export}/samples"
@@ -146,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         out = args.out or f"{args.workdir}/samples/step_{step}"
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=args.data_dir))
-    sample.generate_cli(
+    generate_command.generate_cli(
         cfg,
         params,
         args.prompt,
