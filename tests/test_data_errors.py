@@ -26,12 +26,12 @@ from PIL import Image
 
 from tfx_jax import artifacts, cli, stages
 from tfx_jax.config import ConfigError, validate
-from tfx_jax.data import encoded, pipeline, sources
+from tfx_jax.data import encoded, pipeline, sequence, sources
 from tfx_jax.data.sources import images
 from tfx_jax.data.sources.folder import FolderExamples
 from tfx_jax.generate import command
 
-SPEC = pipeline.SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
+SPEC = sequence.SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
 
 
 def words(n: int) -> str:
@@ -65,7 +65,7 @@ def first_batch_error(source, spec, **kw) -> tuple[Exception, float]:
 
 
 def test_only_dropped_examples_raise_within_seconds_instead_of_hanging():
-    spec = pipeline.SequenceSpec(24, 2, 2, overlong="drop")
+    spec = sequence.SequenceSpec(24, 2, 2, overlong="drop")
     error, seconds = first_batch_error([text_record(40) for _ in range(30)], spec)
     assert seconds < 20
     message = str(error)
@@ -79,7 +79,7 @@ def test_only_dropped_examples_raise_within_seconds_instead_of_hanging():
 
 def test_unfittable_images_raise_under_every_policy():
     for policy in ("split", "truncate", "drop"):
-        spec = pipeline.SequenceSpec(6, 2, 2, overlong=policy)  # an image block needs 6 + 2
+        spec = sequence.SequenceSpec(6, 2, 2, overlong=policy)  # an image block needs 6 + 2
         error, _ = first_batch_error([caption_record(3) for _ in range(10)], spec)
         assert "cannot fit" in str(error) and "model.patch_size" in str(error)
 
@@ -114,7 +114,7 @@ def test_an_empty_source_or_an_uneven_batch_raises_at_once():
 
 def test_losing_more_than_max_lost_fraction_stops_after_a_pass():
     source = [text_record(40 if i % 10 == 0 else 5) for i in range(50)]  # 10% over-long
-    spec = pipeline.SequenceSpec(24, 2, 2, overlong="drop", max_lost_fraction=0.01)
+    spec = sequence.SequenceSpec(24, 2, 2, overlong="drop", max_lost_fraction=0.01)
     with pytest.raises(sources.DataLossError) as error:
         it = iter(pipeline.packed_dataset(source, spec, batch_size=2))
         for _ in range(100):
@@ -125,8 +125,8 @@ def test_losing_more_than_max_lost_fraction_stops_after_a_pass():
     assert "longer than data.seq_len=24 and dropped by data.overlong=drop" in message
     assert "raise data.max_lost_fraction (now 0.01)" in message
     # Allowed to lose 20%: it trains on, and the counters say what happened.
-    counters = pipeline.Counters()
-    lenient = pipeline.SequenceSpec(24, 2, 2, overlong="drop", max_lost_fraction=0.2)
+    counters = sequence.Counters()
+    lenient = sequence.SequenceSpec(24, 2, 2, overlong="drop", max_lost_fraction=0.2)
     it = iter(pipeline.packed_dataset(source, lenient, batch_size=2, counters=counters))
     for _ in range(30):
         next(it)
@@ -136,8 +136,8 @@ def test_losing_more_than_max_lost_fraction_stops_after_a_pass():
 def test_large_losses_stop_early_on_a_large_shard(monkeypatch):
     monkeypatch.setattr(pipeline._PlanBlock, "EARLY", 128)
     source = [text_record(40 if i % 2 else 5) for i in range(5000)]
-    spec = pipeline.SequenceSpec(24, 2, 2, overlong="drop")
-    counters = pipeline.Counters()
+    spec = sequence.SequenceSpec(24, 2, 2, overlong="drop")
+    counters = sequence.Counters()
     with pytest.raises(sources.DataLossError, match="of the first examples read of"):
         it = iter(pipeline.packed_dataset(source, spec, batch_size=2, counters=counters))
         for _ in range(1000):

@@ -11,11 +11,11 @@ from conftest import REPO
 
 from tfx_jax import stages
 from tfx_jax.config import ConfigError, load_config, validate
-from tfx_jax.data import encoded, pipeline
+from tfx_jax.data import encoded, pipeline, sequence
 from tfx_jax.data.sources import mixture
 from tfx_jax.train.loop import train
 
-SPEC = pipeline.SequenceSpec(seq_len=32, patch_size=2, latent_channels=2)
+SPEC = sequence.SequenceSpec(seq_len=32, patch_size=2, latent_channels=2)
 
 
 def text(n_words: int, i: int) -> encoded.Record:

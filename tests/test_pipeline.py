@@ -6,11 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tfx_jax.data import encoded, pipeline, sources
+from tfx_jax.data import encoded, pipeline, sequence, sources
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
 from tfx_jax.models.mask import attention_mask
 
-SequenceSpec = pipeline.SequenceSpec
+SequenceSpec = sequence.SequenceSpec
 SPEC = SequenceSpec(seq_len=24, patch_size=2, latent_channels=2)
 
 
@@ -28,15 +28,15 @@ def enc(example, text_encoder=encode):
 
 def test_to_sequence_hand_example():
     ex = {"kind": "caption", "text": "a red dot", "latents": np.stack([lat(1.0)])}
-    always_first = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=1.0)
-    (seq,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), always_first)
+    always_first = sequence.SequenceSpec(24, 2, 2, caption_first_prob=1.0)
+    (seq,) = sequence.to_sequence(enc(ex), np.random.default_rng(0), always_first)
     assert seq["tokens"].tolist() == [BOS_ID, 11, 13, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID]
     assert seq["image_ids"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
     assert seq["patches"].shape == (11, 8)
     np.testing.assert_array_equal(seq["patches"][5:9], 1.0)
     assert (seq["patches"][:5] == 0).all() and (seq["patches"][9:] == 0).all()
-    never_first = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=0.0)
-    (seq,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), never_first)
+    never_first = sequence.SequenceSpec(24, 2, 2, caption_first_prob=0.0)
+    (seq,) = sequence.to_sequence(enc(ex), np.random.default_rng(0), never_first)
     assert seq["tokens"].tolist() == [BOS_ID, BOI_ID, 0, 0, 0, 0, EOI_ID, 11, 13, 13, EOS_ID]
 
 
@@ -46,19 +46,19 @@ def test_interleaved_and_truncation():
         "text": "first one <image> then two <image> end",
         "latents": np.stack([lat(1.0), lat(2.0)]),
     }
-    (seq,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), SPEC)
+    (seq,) = sequence.to_sequence(enc(ex), np.random.default_rng(0), SPEC)
     # BOS 2 words [BOI 4 EOI] 2 words [BOI 4 EOI] 1 word EOS = 1+2+6+2+6+1+1 = 19
     assert len(seq["tokens"]) == 19 and seq["image_ids"].max() == 2
-    counters = pipeline.Counters()
+    counters = sequence.Counters()
     for policy in ("split", "truncate"):  # An interleaved document is cut under both.
-        short = pipeline.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong=policy)
-        (cut,) = pipeline.to_sequence(enc(ex), np.random.default_rng(0), short, counters)
+        short = sequence.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong=policy)
+        (cut,) = sequence.to_sequence(enc(ex), np.random.default_rng(0), short, counters)
         # The second image would be split: the cut falls before its BOI.
         assert cut["tokens"].tolist() == [BOS_ID, 15, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, 14, 13]
         assert cut["image_ids"].max() == 1 and cut["patches"].shape == (11, 8)
     assert (counters.overlong, counters.truncated) == (2, 2)
-    drop = pipeline.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong="drop")
-    assert pipeline.to_sequence(enc(ex), np.random.default_rng(0), drop, counters) == []
+    drop = sequence.SequenceSpec(seq_len=12, patch_size=2, latent_channels=2, overlong="drop")
+    assert sequence.to_sequence(enc(ex), np.random.default_rng(0), drop, counters) == []
     assert (counters.overlong, counters.overlong_dropped, counters.lost) == (3, 1, 1)
 
 
@@ -68,9 +68,9 @@ def numbered(text):  # a "tokenizer" giving word "w<i>" the id 100 + i
 
 def test_overlong_text_continues_across_rows_or_is_cut():
     ex = enc({"kind": "text", "text": " ".join(f"w{i}" for i in range(30))}, numbered)
-    counters = pipeline.Counters()
+    counters = sequence.Counters()
     # BOS, 30 words, EOS = 32 positions at seq_len 12: pieces of 12, 12 and 8.
-    seqs = pipeline.to_sequence(ex, np.random.default_rng(0), SequenceSpec(12, 2, 2), counters)
+    seqs = sequence.to_sequence(ex, np.random.default_rng(0), SequenceSpec(12, 2, 2), counters)
     assert [len(s["tokens"]) for s in seqs] == [12, 12, 8]
     joined = np.concatenate([s["tokens"] for s in seqs]).tolist()
     assert joined == [BOS_ID, *range(100, 130), EOS_ID]  # No token is lost.
@@ -80,7 +80,7 @@ def test_overlong_text_continues_across_rows_or_is_cut():
         assert (s["image_ids"] == 0).all() and s["patches"].shape == (len(s["tokens"]), 8)
     assert (counters.overlong, counters.split, counters.truncated, counters.lost) == (1, 1, 0, 0)
     cut = SequenceSpec(12, 2, 2, overlong="truncate")
-    (seq,) = pipeline.to_sequence(ex, np.random.default_rng(0), cut, counters)
+    (seq,) = sequence.to_sequence(ex, np.random.default_rng(0), cut, counters)
     assert seq["tokens"].tolist() == [BOS_ID, *range(100, 111)]
     assert (counters.overlong, counters.truncated) == (2, 1)
     counters.examples = 5
@@ -92,20 +92,20 @@ def test_overlong_text_continues_across_rows_or_is_cut():
 
 def test_overlong_caption_keeps_its_image():
     ex = enc({"kind": "caption", "text": " ".join(["word"] * 10), "latents": np.stack([lat(2.0)])})
-    counters = pipeline.Counters()
+    counters = sequence.Counters()
     # BOS, 10 words, BOI, 4 patches, EOI, EOS = 18 positions at seq_len 12.
     first = SequenceSpec(12, 2, 2, caption_first_prob=1.0)
-    (seq,) = pipeline.to_sequence(ex, np.random.default_rng(0), first, counters)
+    (seq,) = sequence.to_sequence(ex, np.random.default_rng(0), first, counters)
     assert seq["tokens"].tolist() == [BOS_ID, 14, 14, 14, 14, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID]
     np.testing.assert_array_equal(seq["patches"][6:10], 2.0)
     for policy in ("split", "truncate"):
         after = SequenceSpec(12, 2, 2, caption_first_prob=0.0, overlong=policy)
-        (seq,) = pipeline.to_sequence(ex, np.random.default_rng(0), after, counters)
+        (seq,) = sequence.to_sequence(ex, np.random.default_rng(0), after, counters)
         assert seq["tokens"].tolist() == [BOS_ID, BOI_ID, 0, 0, 0, 0, EOI_ID] + [14] * 5
         np.testing.assert_array_equal(seq["patches"][2:6], 2.0)
     assert (counters.overlong, counters.truncated, counters.lost) == (3, 3, 0)
     # An image that cannot fit at all is lost under every policy, and counted as such.
-    assert pipeline.to_sequence(ex, np.random.default_rng(0), SequenceSpec(6, 2, 2), counters) == []
+    assert sequence.to_sequence(ex, np.random.default_rng(0), SequenceSpec(6, 2, 2), counters) == []
     assert (counters.unfittable, counters.lost) == (1, 1)
 
 
@@ -123,12 +123,12 @@ def test_survey_counts_what_the_pipeline_does():
             }
         ),
     ]
-    surveyed, sequenced = pipeline.Counters(), pipeline.Counters()
+    surveyed, sequenced = sequence.Counters(), sequence.Counters()
     first = dataclasses.replace(spec, caption_first_prob=1.0)
     for record in records:
-        pipeline.survey(record, spec, surveyed)
+        sequence.survey(record, spec, surveyed)
         sequenced.examples += 1
-        pipeline.to_sequence(record, np.random.default_rng(0), first, sequenced)
+        sequence.to_sequence(record, np.random.default_rng(0), first, sequenced)
     assert surveyed == sequenced
     assert (surveyed.examples, surveyed.overlong, surveyed.split, surveyed.truncated) == (
         4,
@@ -143,7 +143,7 @@ def test_packed_rows_keep_every_token_of_a_long_document():
         enc({"kind": "text", "text": " ".join(f"w{i}" for i in range(50))}, numbered),
         enc({"kind": "text", "text": "w60 w61"}, numbered),
     ]
-    counters = pipeline.Counters()
+    counters = sequence.Counters()
     ds = pipeline.packed_dataset(
         src, SPEC, batch_size=1, num_epochs=1, shuffle=False, counters=counters
     )
@@ -292,13 +292,13 @@ class Flaky:
 
 def test_unreadable_records_are_skipped_or_raise():
     src = Flaky(make_source(30))
-    counters = pipeline.Counters()
+    counters = sequence.Counters()
     ds = pipeline.packed_dataset(
         src, SPEC, batch_size=1, num_epochs=1, shuffle=False, counters=counters
     )
     list(ds)
     assert counters.decode_errors == 1
-    strict = pipeline.SequenceSpec(24, 2, 2, on_error="raise")
+    strict = sequence.SequenceSpec(24, 2, 2, on_error="raise")
     with pytest.raises(ValueError, match="record 4 .* cannot be read: corrupt block"):
         list(pipeline.packed_dataset(src, strict, batch_size=1, num_epochs=1, shuffle=False))
 
@@ -382,7 +382,7 @@ def test_packed_batch_of_a_hand_made_source_is_exact():
         enc({"kind": "text", "text": "hi there"}),  # 4: fits after the first
         enc({"kind": "text", "text": " ".join(["word"] * 10)}),  # 12: opens row 2
     ]
-    spec = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=1.0)
+    spec = sequence.SequenceSpec(24, 2, 2, caption_first_prob=1.0)
     ds = pipeline.packed_dataset(
         src, spec, batch_size=2, num_epochs=1, shuffle=False, num_packing_bins=2
     )

@@ -13,7 +13,7 @@ from model_helpers import forward
 
 from tfx_jax import layout, sharding
 from tfx_jax.config import ConfigError, load_config
-from tfx_jax.data import encoded, pipeline
+from tfx_jax.data import encoded, sequence
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, Tokenizer, train_tokenizer
 from tfx_jax.diffusion import ddpm, samplers
 from tfx_jax.generate import command, sample
@@ -372,32 +372,32 @@ def encode(text):
 
 
 def to_seq(example, rng, spec):
-    """The one sequence `pipeline.to_sequence` makes of a short raw example (tokenized as
+    """The one sequence `sequence.to_sequence` makes of a short raw example (tokenized as
     `data encode` would)."""
-    (seq,) = pipeline.to_sequence(encoded.encode_example(example, encode, (4, 4, 2)), rng, spec)
+    (seq,) = sequence.to_sequence(encoded.encode_example(example, encode, (4, 4, 2)), rng, spec)
     return seq
 
 
 def test_caption_dropping():
     ex = {"kind": "caption", "text": "a red dot", "latents": np.ones((1, 4, 4, 2), np.float32)}
-    drop = pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=1.0)
+    drop = sequence.SequenceSpec(24, 2, 2, caption_drop_prob=1.0)
     seq = to_seq(ex, np.random.default_rng(0), drop)
     assert seq["tokens"].tolist() == [BOS_ID, BOI_ID, 0, 0, 0, 0, EOI_ID, EOS_ID]
     assert seq["image_ids"].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
     # p = 0 draws nothing extra: the same sequence as a spec without the field.
     rngs = [np.random.default_rng(s) for s in range(2)]
-    a = to_seq(ex, rngs[0], pipeline.SequenceSpec(24, 2, 2))
-    b = to_seq(ex, rngs[1], pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=0.0))
-    c = to_seq(ex, np.random.default_rng(0), pipeline.SequenceSpec(24, 2, 2))
+    a = to_seq(ex, rngs[0], sequence.SequenceSpec(24, 2, 2))
+    b = to_seq(ex, rngs[1], sequence.SequenceSpec(24, 2, 2, caption_drop_prob=0.0))
+    c = to_seq(ex, np.random.default_rng(0), sequence.SequenceSpec(24, 2, 2))
     assert a["tokens"].tolist() == c["tokens"].tolist()
     assert b is not None
     # p = 0.3: about 30% of caption examples lose their caption; other kinds never do.
-    spec = pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=0.3)
+    spec = sequence.SequenceSpec(24, 2, 2, caption_drop_prob=0.3)
     rng = np.random.default_rng(1)
     dropped = [len(to_seq(ex, rng, spec)["tokens"]) == 8 for _ in range(2000)]
     assert 0.27 < np.mean(dropped) < 0.33
     inter = {"kind": "interleaved", "text": "one <image> two", "latents": np.ones((1, 4, 4, 2))}
-    always = pipeline.SequenceSpec(24, 2, 2, caption_drop_prob=1.0)
+    always = sequence.SequenceSpec(24, 2, 2, caption_drop_prob=1.0)
     seq = to_seq(inter, rng, always)
     assert seq["tokens"].tolist() == [BOS_ID, 13, BOI_ID, 0, 0, 0, 0, EOI_ID, 13, EOS_ID]
 
@@ -405,7 +405,7 @@ def test_caption_dropping():
 def test_image_first_flag():
     ex = {"kind": "caption", "text": "a red dot", "latents": np.ones((1, 4, 4, 2), np.float32)}
     for first_prob, mark, want in [(0.0, True, 1), (1.0, True, 0), (0.0, False, 0)]:
-        spec = pipeline.SequenceSpec(24, 2, 2, caption_first_prob=first_prob, mark_image_first=mark)
+        spec = sequence.SequenceSpec(24, 2, 2, caption_first_prob=first_prob, mark_image_first=mark)
         seq = to_seq(ex, np.random.default_rng(0), spec)
         img = seq["image_ids"]
         assert (seq["tokens"][img > 0] == want).all() and (seq["tokens"][img == 0] != 1).sum() >= 0

@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from tfx_jax.config import Config
-from tfx_jax.data import encoded, pipeline, sources
+from tfx_jax.data import encoded, pipeline, sequence, sources
 from tfx_jax.data.encoded import EncodedSource, OnTheFlySource
 from tfx_jax.data.sources import mixture
 from tfx_jax.data.tokenizer import Tokenizer
@@ -231,10 +231,10 @@ class CpuImageEncoder:
 # ----------------------------------------------------------------------------- batches
 
 
-def sequence_spec(cfg: Config) -> pipeline.SequenceSpec:
+def sequence_spec(cfg: Config) -> sequence.SequenceSpec:
     """How the config lays out and packs examples (also what `data encode` reports against)."""
     d, m = cfg.data, cfg.model
-    return pipeline.SequenceSpec(
+    return sequence.SequenceSpec(
         seq_len=d.seq_len,
         patch_size=m.patch_size,
         latent_channels=m.latent_channels,

@@ -443,7 +443,7 @@ def hf_llama_config(cfg: Config, dtype: str = "float32") -> dict[str, Any]:
 def hf_tokenizer_config(cfg: Config) -> dict[str, Any]:
     """A minimal `tokenizer_config.json` for HF's SentencePiece `LlamaTokenizer`.
 
-    `add_bos_token` because every training document starts with BOS (tfx_jax.data.pipeline);
+    `add_bos_token` because every training document starts with BOS (tfx_jax.data.sequence);
     `legacy=True` makes `LlamaTokenizer` call SentencePiece's plain `encode`, which is what
     `tfx_jax.data.tokenizer.Tokenizer.encode` does.
     """

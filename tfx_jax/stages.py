@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from tfx_jax import artifacts
 from tfx_jax.config import Config, ConfigError
-from tfx_jax.data import encoded, pipeline, sources
+from tfx_jax.data import encoded, sequence, sources
 from tfx_jax.data.embedded import text_corpus
 from tfx_jax.data.encoded import IMAGE_PLACEHOLDER, write_encoded
 from tfx_jax.data.sources import mixture
@@ -325,10 +325,10 @@ def _encode_shard(
     encode_text: Callable[[str], list[int]],
     encode_images: Callable[[np.ndarray], np.ndarray] | None,
     settings: dict,
-    spec: pipeline.SequenceSpec,
+    spec: sequence.SequenceSpec,
 ) -> None:
     """Writes the shard's records and index, then (last) its completion marker with its counts."""
-    counters = pipeline.Counters()
+    counters = sequence.Counters()
     stats = write_encoded(
         shard.path,
         examples,
@@ -337,7 +337,7 @@ def _encode_shard(
         artifacts.latent_shape(cfg),
         on_error=cfg.data.on_error,
         batch_size=ENCODE_FLUSH,
-        observe=lambda record: pipeline.survey(record, spec, counters),
+        observe=lambda record: sequence.survey(record, spec, counters),
         start=shard.start,
         stop=shard.stop,
     )
@@ -352,12 +352,12 @@ def _encode_shard(
     encoded.write_text_atomic(encoded.marker_path(shard.path), json.dumps(marker, indent=2))
 
 
-def _survey_key(spec: pipeline.SequenceSpec) -> list:
+def _survey_key(spec: sequence.SequenceSpec) -> list:
     """What the over-long counts depend on: counts made under another key are counted again."""
     return [spec.seq_len, spec.patch_size, spec.overlong]
 
 
-def _report(cfg: Config, shards: Sequence[_Shard], spec: pipeline.SequenceSpec) -> dict:
+def _report(cfg: Config, shards: Sequence[_Shard], spec: sequence.SequenceSpec) -> dict:
     """Per split: the shards' counts added up (from their markers), over-long counts included;
     printed by process 0."""
     by_split: dict[str, list[_Shard]] = collections.defaultdict(list)
@@ -366,7 +366,7 @@ def _report(cfg: Config, shards: Sequence[_Shard], spec: pipeline.SequenceSpec) 
     markers = dict(zip(shards, _read_markers(shards), strict=True))
     report = {}
     for split, parts in by_split.items():
-        stats, counters = encoded.EncodeStats(), pipeline.Counters()
+        stats, counters = encoded.EncodeStats(), sequence.Counters()
         for shard in parts:
             info = markers[shard]
             if info is None:
@@ -388,7 +388,7 @@ def _report(cfg: Config, shards: Sequence[_Shard], spec: pipeline.SequenceSpec) 
     return report
 
 
-def _current_report(cfg: Config, spec: pipeline.SequenceSpec) -> dict:
+def _current_report(cfg: Config, spec: sequence.SequenceSpec) -> dict:
     """made_by.json's counts of current records; the over-long ones counted again (from the
     records' indexes: no tokens or latents read) where a setting they depend on has changed."""
     made_by = json.loads(artifacts.made_by_path(cfg).read_text())
@@ -398,11 +398,11 @@ def _current_report(cfg: Config, spec: pipeline.SequenceSpec) -> dict:
         if stats.get("survey") == _survey_key(spec):
             continue
         records = encoded.EncodedSource(artifacts.encoded_path(cfg, split))
-        counters = pipeline.Counters()
+        counters = sequence.Counters()
         block = 4096
         for start in tqdm(range(0, len(records), block), desc=f"over-long ({split})", delay=2):
             for shell in records.read_shells(range(start, min(start + block, len(records)))):
-                pipeline.survey(shell, spec, counters)
+                sequence.survey(shell, spec, counters)
         stats["overlong"], stats["survey"], changed = vars(counters), _survey_key(spec), True
         _say(
             f"encoded/{split}: {counters.overlong_summary(spec.seq_len)} "
@@ -414,10 +414,10 @@ def _current_report(cfg: Config, spec: pipeline.SequenceSpec) -> dict:
     return report
 
 
-def _check_losses(cfg: Config, report: dict, spec: pipeline.SequenceSpec) -> None:
+def _check_losses(cfg: Config, report: dict, spec: sequence.SequenceSpec) -> None:
     """DataLossError for the first split that is empty or would lose too much to its length."""
     for split, stats in report.items():
-        counters = pipeline.Counters(**stats["overlong"])
+        counters = sequence.Counters(**stats["overlong"])
         if not stats["examples"]:
             why = "the split is empty"
             if stats["skipped"]:
@@ -430,7 +430,7 @@ def _check_losses(cfg: Config, report: dict, spec: pipeline.SequenceSpec) -> Non
                 )
             raise sources.DataLossError(f"encoded/{split} has no examples: {why}.")
         if counters.lost > spec.max_lost_fraction * counters.examples:
-            raise sources.DataLossError(pipeline.lost_message(counters, spec, f"encoded/{split}"))
+            raise sources.DataLossError(sequence.lost_message(counters, spec, f"encoded/{split}"))
 
 
 def _image_encoder(cfg: Config) -> Callable[[np.ndarray], np.ndarray]:

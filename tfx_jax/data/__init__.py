@@ -5,6 +5,7 @@
     embedded/     the embedded shapes world: renderer, captions, judge, TFDS builder, text corpus
     tokenizer.py  SentencePiece with the reserved ids (BOS, EOS, BOI, EOI, ...)
     encoded.py    examples tokenized and VAE-encoded once, as ArrayRecord records
+    sequence.py   one encoded example -> one laid-out sequence; loss counters and messages
     pipeline.py   the Grain pipeline: records -> sequences -> packed, sharded batches
 
 What is made from a source under `data.data_dir` (tokenizer, VAE, records) and the batches of a

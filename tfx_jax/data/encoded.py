@@ -3,7 +3,7 @@
 The tokenizer and the VAE are frozen while the transformer trains, so their work is done once
 by `python -m tfx_jax data encode`, not every epoch in the input pipeline. What stays random per
 epoch (caption before or after its image, caption dropout for guidance) is decided at read time
-from these records (`pipeline.to_sequence`), so nothing the paper samples is fixed here.
+from these records (`sequence.to_sequence`), so nothing the paper samples is fixed here.
 
 One record per example, in a flat binary layout that reads back with `np.frombuffer` views
 (no pickling, no copies until the sequence is assembled):
@@ -140,7 +140,7 @@ def deserialize(data: bytes) -> Record:
 def shell(kind: int, lengths: Sequence[int], latent_shape: Sequence[int]) -> Record:
     """A `Record` with the layout of a stored one but no content: text pieces of the right
     lengths (token 0 = PAD, never special) and latents that are a zero-size broadcast. All the
-    input pipeline's plan needs (`pipeline.to_sequence(..., with_patches=False)` gives exact
+    input pipeline's plan needs (`sequence.to_sequence(..., with_patches=False)` gives exact
     lengths from it), at none of the cost of reading tokens or latents."""
     pieces: list[np.ndarray | int] = [
         -n - 1 if n < 0 else np.zeros(n, np.int32) for n in (int(x) for x in lengths)
