@@ -6,11 +6,14 @@ Sized for one call of a lent GPU (`--deadline` seconds in all); one parent proce
   2. judges the VAE round trip of the true images (the ceiling);
   3. starts the variants AT THE SAME TIME, one subprocess each (this script with `--child`, its
      own workdir and a 0.85/n share of the GPU memory): the 15M model leaves an H200 mostly idle,
-     so n concurrent trainings cost far less than n in a row. Priority order, `--variants` picks:
-     standard; rolling window 4 with the init share W/(W+g-1) (`rolling_init_prob=-1`); the same
-     with context noise τ_ctx = 0.1 (`rolling_context_noise`, against exposure bias); rolling
-     with the old 0.1; rolling with window 2. Default (`DEFAULT_VARIANTS`): standard, rolling_auto
-     and rolling_p0.1;
+     so n concurrent trainings cost far less than n in a row. `--variants` picks (`VARIANTS`;
+     each names every rolling setting it changes from the shipped defaults): standard; rolling
+     window 4 with the init share W/(W+g-1) (`rolling_init_prob=-1`) and clean context
+     (`rolling_context_noise=0`, the default before 0.1); the same with context noise 0.1
+     (against exposure bias; the default now); rolling with the old init share 0.1; window 2;
+     window 6; the joint init schedule (`rolling_init_schedule`); the "full" window-loss
+     divisor (`rolling_loss_norm`); context noise 0.2; the shipped defaults. Default
+     (`DEFAULT_VARIANTS`): standard, rolling_auto and rolling_p0.1;
   4. gathers what the children write into OUT/results.json every few seconds, stops any child
      still running at the deadline, and prints the rows of the RESULTS.md table.
 Each child:
@@ -33,6 +36,10 @@ log.txt (every process's log).
     python benchmarks/rolling_quality.py --out /tmp/rq --deadline 520          # one GPU
     python benchmarks/rolling_quality.py --out /tmp/rq --smoke --deadline 900  # CPU, minutes
     python benchmarks/rolling_quality.py --out /tmp/rq --cost-only 8           # cost only
+    # equal compute over several calls: the first exports its data stages, the next carry them
+    python benchmarks/rolling_quality.py --out $OUT --steps 3600 --probe-steps 0 --quick \
+        --variants standard,rolling_auto --extra-evals ddpm,g5 --export-data $OUT/data.tgz.
+    cat data.tgz.* | tar xz -C data_cache   # here; then carry data_cache/shapes_rolling
 """
 
 from __future__ import annotations
@@ -54,22 +61,31 @@ from tfx_jax.data.embedded import judge, shapes
 
 CONFIG = "experiments/shapes_rolling.py"
 ROW_NAMES = ("top", "middle", "bottom")
+# Why a prompted object is not right: nothing matched to it, or the matched one's wrong attribute
+# (an object can be wrong in several).
+ERRORS = ("missing", "shape", "color", "size", "position")
 SPLITS = ("train", "heldout")
 # (name, config arg, overrides), in priority order.
+CLEAN = "diffusion.rolling_context_noise=0"  # clean context rows (the default before 0.1)
 VARIANTS = (
     ("standard", "", ()),
-    ("rolling_auto", "rolling", ("diffusion.rolling_init_prob=-1",)),
+    ("rolling_auto", "rolling", ("diffusion.rolling_init_prob=-1", CLEAN)),
     (
         "rolling_ctx",
         "rolling",
         ("diffusion.rolling_init_prob=-1", "diffusion.rolling_context_noise=0.1"),
     ),
-    ("rolling_p0.1", "rolling", ("diffusion.rolling_init_prob=0.1",)),
+    ("rolling_p0.1", "rolling", ("diffusion.rolling_init_prob=0.1", CLEAN)),
     (
         "rolling_auto_w2",
         "rolling",
-        ("diffusion.rolling_init_prob=-1", "diffusion.rolling_window=2"),
+        ("diffusion.rolling_init_prob=-1", "diffusion.rolling_window=2", CLEAN),
     ),
+    ("rolling_w6", "rolling", ("diffusion.rolling_window=6", CLEAN)),
+    ("rolling_joint", "rolling", ("diffusion.rolling_init_schedule=joint",)),
+    ("rolling_full", "rolling", ("diffusion.rolling_loss_norm=full", CLEAN)),
+    ("rolling_ctx02", "rolling", ("diffusion.rolling_context_noise=0.2",)),
+    ("rolling_default", "rolling", ()),
 )
 DEFAULT_VARIANTS = "standard,rolling_auto,rolling_p0.1"
 # Every training: no evaluation during it (the judge comes after), a log line per 100 steps.
@@ -114,6 +130,7 @@ def summarise(scores: list[dict]) -> dict:
     """Mean share of prompted objects fully right, exact images, and by grid row: accuracy of
     the prompted objects there and detections no prompted object was matched to."""
     right, asked, extra = np.zeros(3), np.zeros(3), np.zeros(3)
+    errors = [dict.fromkeys(ERRORS, 0) for _ in ROW_NAMES]
     for s in scores:
         for o in s["objects"]:
             r = row_of(o["prompt"].position)
@@ -121,6 +138,10 @@ def summarise(scores: list[dict]) -> dict:
             right[r] += o["present"]
             if o["found"] is not None:
                 extra[row_of(o["found"].position)] -= 1
+                for a in ERRORS[1:]:
+                    errors[r][a] += not o.get(a, True)
+            else:
+                errors[r]["missing"] += 1
         for r in s["detected_rows"]:
             extra[r] += 1
     return {
@@ -130,6 +151,7 @@ def summarise(scores: list[dict]) -> dict:
         "row_accuracy": {n: float(right[r] / max(asked[r], 1)) for r, n in enumerate(ROW_NAMES)},
         "row_objects": {n: int(asked[r]) for r, n in enumerate(ROW_NAMES)},
         "row_extra": {n: int(extra[r]) for r, n in enumerate(ROW_NAMES)},
+        "row_errors": {n: errors[r] for r, n in enumerate(ROW_NAMES)},
         "judge_errors": [s["judge_error"] for s in scores if "judge_error" in s],
     }
 
@@ -152,21 +174,38 @@ def by_split(prompts, images) -> dict:
     return res
 
 
-def generate_images(cfg, params, tok, vae, prompts, mode, steps, on_row=None, seed=0):
+def generate_images(
+    cfg, params, tok, vae, prompts, mode, steps, on_row=None, seed=0, sampler="ddim", guidance=3.0
+):
     from tfx_jax.generate import sample
     from tfx_jax.generate.options import SampleOptions
 
     opts = SampleOptions(
         max_new_tokens=1,
-        sampler="ddim",
+        sampler=sampler,
         diffusion_steps=steps,
-        guidance_scale=3.0,
+        guidance_scale=guidance,
         image_mode=mode,
         seed=seed,
     )
     reqs = [sample.Prompt(p[2], (), True) for p in prompts]
     res = sample.generate(cfg, params, tok, reqs, opts, vae=vae, on_row=on_row)
     return [r.images[0].image for r in res]
+
+
+def parse_eval(key: str) -> dict:
+    """An evaluation's name -> `generate_images` arguments: MODE_STEPS, then optional parts
+    `ddpm` (the ancestral sampler instead of DDIM) and `gS` (guidance S instead of 3)."""
+    mode, steps, *rest = key.split("_")
+    out = {"mode": mode, "steps": int(steps)}
+    for part in rest:
+        if part in ("ddpm", "ddim"):
+            out["sampler"] = part
+        elif part.startswith("g"):
+            out["guidance"] = float(part[1:])
+        else:
+            raise ValueError(f"evaluation {key!r}: unknown part {part!r} (ddpm, ddim or gS)")
+    return out
 
 
 def reuse_decoders() -> None:
@@ -455,13 +494,12 @@ def child(args) -> None:
     prompts = prompts_for(args.per_split)
     end_margin = 8.0  # the parent's gathering after the deadline's last child
 
-    def evaluate(mode: str, steps: int, stream=None) -> None:
+    def evaluate(key: str, stream=None) -> None:
         ts = time.time()
-        images = generate_images(cfg, params, tok, vae, prompts, mode, steps, on_row=stream)
+        images = generate_images(cfg, params, tok, vae, prompts, on_row=stream, **parse_eval(key))
         gen_s = time.time() - ts
         scores = by_split(prompts, images)
         scores["generate_s"] = round(gen_s, 1)
-        key = f"{mode}_{steps}"
         rec["samplers"][key] = scores
         grid = np.stack(images[:12] + images[-12:])
         np.save(workdir / f"grid_{key}.npy", grid)
@@ -474,12 +512,14 @@ def child(args) -> None:
         save()
 
     # (what, its cost estimate in units of the first evaluation's time)
-    if cfg.diffusion.mode == "standard":
-        plan = [("full_50", 1.0)]
+    own = "full_50" if cfg.diffusion.mode == "standard" else "rolling_50"
+    plan = [(own, 1.0)] + [(f"{own}_{x}", 1.0) for x in args.extra_evals.split(",") if x]
+    if args.quick or cfg.diffusion.mode == "standard":
+        pass
     elif name == "rolling_auto":
-        plan = [("rolling_50", 1.0), ("full_50", 1.0), ("cost", 2.5), ("rolling_100", 1.5)]
+        plan += [("full_50", 1.0), ("cost", 2.5), ("rolling_100", 1.5)]
     else:
-        plan = [("rolling_50", 1.0), ("full_50", 1.0)]
+        plan += [("full_50", 1.0)]
     unit = 0.0
     for what, cost in plan:
         need = unit * cost + end_margin if unit else end_margin + 10
@@ -495,11 +535,10 @@ def child(args) -> None:
             clock.log(f"sampler cost: {json.dumps(rec['sampler_cost'])}")
             save()
             continue
-        mode, steps = what.split("_")
         stream = None
         if name == "rolling_auto" and what == "rolling_50":
             stream = sample.RowStream()
-        evaluate(mode, int(steps), stream)
+        evaluate(what, stream)
         if stream is not None:
             stream.rows = {key: v for key, v in stream.rows.items() if key == (0, 0)}
             stream.write(workdir / "stream", vae)
@@ -600,7 +639,22 @@ def table(results: dict) -> str:
                 f"| {name} | not judged ({rec.get('status')}) | | | | | | {steps} | {train} |"
             )
         for key, s in rec.get("samplers", {}).items():
-            lines.append(row(f"{name}, {key.replace('_', ' sampler, ')} steps", s, steps, train))
+            e = parse_eval(key)
+            how = f"{e['mode']} sampler, {e['steps']} steps"
+            how += f", {e['sampler']}" if "sampler" in e else ""
+            how += f", guidance {e['guidance']:g}" if "guidance" in e else ""
+            lines.append(row(f"{name}, {how}", s, steps, train))
+    lines += [
+        "",
+        "| model / sampler | " + " | ".join(f"{r}: {'/'.join(ERRORS)}" for r in ROW_NAMES) + " |",
+        "|---|---|---|---|",
+    ]
+    for name, rec in results["variants"].items():
+        for key, s in rec.get("samplers", {}).items():
+            errs = s["all"].get("row_errors")
+            if errs:
+                cells = [" / ".join(str(errs[r][e]) for e in ERRORS) for r in ROW_NAMES]
+                lines.append(f"| {name}, {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -624,6 +678,12 @@ def parent(args) -> None:
     stages.prepare_all(base)
     g.results["timings"]["data_s"] = round(clock.now(), 1)
     clock.log(f"data ready in {g.results['timings']['data_s']}s")
+    if args.export_data:  # the data stages as files OUT brings back, for later calls to carry
+        src = Path(base.data.data_dir)
+        subprocess.Popen(
+            f"tar czf - -C {src.parent} {src.name} | split -b 15m - {args.export_data}",
+            shell=True,
+        )
 
     # The children first (the ceiling is judged while they start up).
     n = len(names)
@@ -638,6 +698,7 @@ def parent(args) -> None:
             "--train-end", str(train_end), "--out", args.out, "--workroot", args.workroot,
             "--steps", str(args.steps), "--probe-steps", str(args.probe_steps),
             "--per-split", str(args.per_split), "--deadline", str(args.deadline),
+            "--extra-evals", args.extra_evals, *(["--quick"] if args.quick else []),
             "--set", f"data.worker_count={workers}",
         ]  # fmt: skip
         cmd += [x for s in args.set for x in ("--set", s)] + (["--smoke"] if args.smoke else [])
@@ -685,9 +746,29 @@ def main() -> None:
         "--judge-s", type=float, default=150.0, help="seconds kept after training for judging"
     )
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument(
+        "--extra-evals",
+        default="",
+        help="comma-separated sampling variants judged after each model's own sampler, e.g. "
+        "'ddpm,g5' (ancestral sampler; guidance 5)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="judge each model with its own sampler (and --extra-evals) only: no full sampler "
+        "for rolling models, no sampler cost, no 100-step run",
+    )
     ap.add_argument("--workers", type=int, default=-1, help="data.worker_count (-1: by cores)")
     ap.add_argument("--set", action="append", default=[], help="config override for all")
     ap.add_argument("--smoke", action="store_true", help="tiny everything (a CPU check)")
+    ap.add_argument(
+        "--export-data",
+        default="",
+        help="also write the data stages (tokenizer, VAE, encoded records) as a tar.gz split in "
+        "15 MiB parts with this path prefix (e.g. $OUT/data.tgz.): another call that unpacks "
+        "them under data_cache/ trains on the same VAE and records (GPU VAE training is not "
+        "bit-reproducible, so models from calls that each built their own are not comparable)",
+    )
     ap.add_argument(
         "--cost-only",
         type=int,

@@ -23,6 +23,16 @@ def test_local_time_formulas():
     np.testing.assert_allclose(
         rolling.local_times(0.5, w, 0, 4, init=True), [0, 0.5, 0.75, 1, 1, 1]
     )
+    # The "joint" init schedule: τ = t + (1 - t) w / W, every row leaves pure noise at once.
+    joint = rolling.local_times(0.5, w, 0, 4, init=True, init_schedule="joint")
+    np.testing.assert_allclose(joint, [0, 0.5, 0.625, 0.75, 0.875, 1])
+    for t in (0.0, 1.0):  # both init schedules run from all-noise to the staircase w / W
+        np.testing.assert_allclose(
+            rolling.local_times(t, w, 0, 4, init=True, init_schedule="joint"),
+            rolling.local_times(t, w, 0, 4, init=True),
+        )
+    with pytest.raises(ValueError, match="init_schedule='stair'"):
+        rolling.local_times(0.5, w, 0, 4, init=True, init_schedule="stair")
     np.testing.assert_allclose(
         rolling.local_times(0.0, w + 2, 2, 4), rolling.local_times(0.0, w, 0, 4)
     )
@@ -35,9 +45,10 @@ def test_local_time_formulas():
     assert abar[0] == 1.0 and abar[1] == sched.alphas_cumprod[0] and abar[T] < 1e-6
 
 
+@pytest.mark.parametrize("init_schedule", rolling.INIT_SCHEDULES)
 @pytest.mark.parametrize("rows,window,steps", [(4, 2, 3), (16, 4, 5), (5, 5, 2), (6, 1, 4)])
-def test_sampling_schedule_properties(rows, window, steps):
-    plan = rolling.sampling_plan(rows, window, steps)
+def test_sampling_schedule_properties(rows, window, steps, init_schedule):
+    plan = rolling.sampling_plan(rows, window, steps, init_schedule=init_schedule)
     tau = rolling.row_times(plan, rows)  # [steps + 1, rows]
     assert len(plan) == rows and plan[0].init and not any(p.init for p in plan[1:])
     # Local times stay in [0, 1].
@@ -156,6 +167,21 @@ def test_training_inputs(tiny_config):
     for b in range(6):
         win = np.flatnonzero(w_BMI[b].reshape(g, c)[:, 0])
         np.testing.assert_allclose(float(per_image[b, 0]), rows_sq[win].mean(), rtol=1e-6)
+    # loss_norm="full": the same sums over a full window's patches (W·c = 8), so a window that
+    # hangs past the last row (one row here) weighs that row as a full window would.
+    full = rolling.training_inputs(
+        jax.random.key(5), sched, x0, eps, img, slot, start, m.patch_size, 2, 0.3,
+        loss_norm="full",
+    )  # fmt: skip
+    np.testing.assert_array_equal(full["weight_BMI"], out["weight_BMI"])
+    np.testing.assert_array_equal(full["norm_BM"], np.full((6, 2), 2 * c))
+    _, per_image_full, _ = rolling.windowed_diffusion_loss(
+        eps_hat, eps, full["weight_BMI"], jnp.ones((6, 2), bool), m.patch_size, full["norm_BM"]
+    )
+    for b in range(6):
+        win = np.flatnonzero(w_BMI[b].reshape(g, c)[:, 0])
+        np.testing.assert_allclose(float(per_image_full[b, 0]), rows_sq[win].sum() / 2, rtol=1e-6)
+    assert {len(np.flatnonzero(w_BMI[b].reshape(g, c)[:, 0])) for b in range(6)} == {1, 2}
 
 
 def test_cached_window_equals_training_forward(tiny_config):
@@ -230,16 +256,27 @@ def test_cached_window_equals_training_forward(tiny_config):
         np.testing.assert_allclose(np.asarray(eps_win), want, rtol=1e-4, atol=1e-5)
 
 
-def test_rolling_generation_streams_rows_top_to_bottom(tiny_config, tmp_path):
+def test_rolling_generation_streams_rows_top_to_bottom(tiny_config, tmp_path, monkeypatch):
     """Rows reach `on_row` top to bottom, each once; `sample.RowStream` (the streaming API)
     records them, builds one frame per row (that row's pixels shown, grey below) and writes an
-    animated PNG and a strip per image."""
+    animated PNG and a strip per image. The sampler runs the init pass with the schedule the
+    checkpoint's config names (here "joint")."""
+    import dataclasses
+
     from PIL import Image
 
     from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
     from tfx_jax.generate import sample
 
     cfg, _, params = tiny_model(tiny_config)
+    cfg = dataclasses.replace(
+        cfg, diffusion=dataclasses.replace(cfg.diffusion, rolling_init_schedule="joint")
+    )
+    plans = []
+    plan_fn = rolling.sampling_plan
+    monkeypatch.setattr(
+        rolling, "sampling_plan", lambda *a, **k: plans.append(plan_fn(*a, **k)) or plans[-1]
+    )
     tok = Tokenizer(train_tokenizer([f"shape number {i} is red" for i in range(50)], 300))
     seen = []
     stream = sample.RowStream(on_row=lambda b, r, x: seen.append((b, r, np.array(x))))
@@ -257,6 +294,8 @@ def test_rolling_generation_streams_rows_top_to_bottom(tiny_config, tmp_path):
         np.testing.assert_array_equal(np.concatenate(stream.rows[(b, 0)]), image.latents)
         assert np.isfinite(image.latents).all()
     assert [(b, r) for b, _, r in stream.arrivals] == [(b, r) for b, r, _ in seen]
+    joint = rolling.local_times(np.linspace(1, 0, 5)[:, None], np.arange(2), 0, 2, True, "joint")
+    np.testing.assert_allclose(plans[0][0].taus, joint)  # 4 steps: W = 2 rows x 2 a row
 
     frames = stream.frames((0, 0))  # no VAE: latent previews, 4x the latent
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
@@ -312,6 +351,18 @@ def test_context_noise_config_range(tiny_config):
         with pytest.raises(ConfigError, match=rf"diffusion.rolling_context_noise={bad} must be"):
             validate(cfg)
     validate(tiny_config(None, ["diffusion.mode=rolling", "diffusion.rolling_context_noise=0.5"]))
+    # The sampler shows a model the context it was trained on: the checkpoint's level in rolling
+    # mode (0.1 by default), clean for a model trained with standard diffusion.
+    from tfx_jax.generate.decode import Decoder
+    from tfx_jax.sharding import make_mesh
+
+    for sets, level in ((["diffusion.mode=rolling"], 100), ([], 0)):
+        cfg = tiny_config(None, sets)
+        assert Decoder(cfg, make_mesh(cfg.mesh)).context_level == level
+    for key, bad in (("rolling_init_schedule", "stairs"), ("rolling_loss_norm", "mean")):
+        cfg = tiny_config(None, ["diffusion.mode=rolling", f"diffusion.{key}={bad}"])
+        with pytest.raises(ConfigError, match=rf"diffusion.{key}='{bad}': "):
+            validate(cfg)
 
 
 def test_rolling_generation_with_context_noise(tiny_config, monkeypatch):
@@ -322,15 +373,10 @@ def test_rolling_generation_with_context_noise(tiny_config, monkeypatch):
     from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
     from tfx_jax.generate import sample
 
-    cfg0, _, params = tiny_model(tiny_config)
-    cfg = tiny_config(
-        None,
-        [
-            "diffusion.mode=rolling",
-            "diffusion.rolling_window=2",
-            "diffusion.rolling_context_noise=0.1",
-        ],
-    )
+    _, _, params = tiny_model(tiny_config)
+    sets = ["diffusion.mode=rolling", "diffusion.rolling_window=2"]
+    cfg0 = tiny_config(None, [*sets, "diffusion.rolling_context_noise=0"])
+    cfg = tiny_config(None, [*sets, "diffusion.rolling_context_noise=0.1"])
     tok = Tokenizer(train_tokenizer([f"shape number {i} is red" for i in range(50)], 300))
     opts = sample.SampleOptions(
         max_new_tokens=2, diffusion_steps=4, sampler="ddpm", guidance_scale=None, seed=1
@@ -369,3 +415,36 @@ def test_rolling_generation_with_context_noise(tiny_config, monkeypatch):
     assert np.isfinite(ctx).all()
     np.testing.assert_array_equal(ctx[:2], base[:2])  # row 0: the init pass, no context yet
     assert not np.array_equal(ctx[2:], base[2:])
+
+
+def test_training_step_reads_the_rolling_options(tiny_config):
+    """`forward_losses` passes `rolling_loss_norm` and `rolling_init_schedule` through. With the
+    same key (same noise, starts and times), "full" divides each image's summed window loss by
+    W·c: on rolling-pass images it is "window"'s loss scaled by the share of the window inside
+    the image; on init-pass images (row 0 in the window) the joint schedule changes the levels."""
+    from test_sample import init_params
+
+    from tfx_jax.data.sources import synthetic
+    from tfx_jax.train.steps import forward_losses
+
+    sets = ["diffusion.mode=rolling", "diffusion.rolling_window=2", "data.global_batch_size=16"]
+    new = ["diffusion.rolling_loss_norm=full", "diffusion.rolling_init_schedule=joint"]
+    cfg = tiny_config(None, sets)
+    batch = synthetic.config_batch(cfg, np.random.default_rng(0))
+    params, sched = init_params(cfg), ddpm.make_schedule("cosine", cfg.diffusion.num_timesteps)
+    model = Transfusion(cfg.model)
+    out = []
+    for c in (cfg, tiny_config(None, [*sets, *new])):
+        fn = jax.jit(
+            lambda p, c=c: forward_losses(p, model, c, sched, batch, jax.random.key(3), True)
+        )
+        out.append(jax.tree.map(np.asarray, fn(params)[1]))
+    old, new = out
+    valid, rows_in = old["valid_BM"], old["row_weight_BMR"]
+    share = rows_in.sum(-1) / 2  # window rows inside the image / W
+    init = valid & (rows_in[..., 0] > 0)
+    roll = valid & ~init
+    # (1e-3: an init-pass image earlier in the same row is attended to, and it changed)
+    np.testing.assert_allclose(new["per_image_BM"][roll], (old["per_image_BM"] * share)[roll], 1e-3)
+    assert (share[roll] < 1).any() and (share[roll] == 1).any() and init.any()
+    assert not np.allclose(new["per_image_BM"][init], old["per_image_BM"][init])

@@ -67,8 +67,13 @@ def test_table_has_a_row_per_sampler_and_says_what_was_not_judged(rq):
             "rolling_p0.1": {"status": "training", "planned_steps": 6500, "samplers": {}},
         },
     }
+    errs = {r: dict(zip(rq.ERRORS, (0, 2, 1, 0, 0), strict=True)) for r in rq.ROW_NAMES}
+    results["variants"]["rolling_auto"]["samplers"]["rolling_50"]["all"]["row_errors"] = errs
     lines = rq.table(results).splitlines()
-    assert len(lines) == 2 + 1 + 2 + 1
+    assert len(lines) == 2 + 1 + 2 + 1 + 3 + 1  # then the errors table: one judged sampler
+    assert (
+        lines[-1] == "| rolling_auto, rolling_50 | " + " | ".join(["0 / 2 / 1 / 0 / 0"] * 3) + " |"
+    )
     assert lines[2].startswith("| VAE round trip") and "| 99.0% |" in lines[2]
     assert lines[3] == (
         "| rolling_auto, rolling sampler, 50 steps | 90.0% | 85.0% | 80.0% | 90.0% | 95.0% "
@@ -76,3 +81,34 @@ def test_table_has_a_row_per_sampler_and_says_what_was_not_judged(rq):
     )
     assert lines[4].startswith("| rolling_auto, full sampler, 50 steps | 70.0% |")
     assert "not judged (training)" in lines[5] and "not finished" in lines[5]
+
+
+def test_evaluation_names_and_error_counts(rq):
+    assert rq.parse_eval("rolling_50") == {"mode": "rolling", "steps": 50}
+    assert rq.parse_eval("full_50_ddpm_g5") == {
+        "mode": "full", "steps": 50, "sampler": "ddpm", "guidance": 5.0
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown part 'x'"):
+        rq.parse_eval("rolling_50_x")
+    from tfx_jax.data.embedded.shapes import SceneObject
+
+    top = SceneObject("circle", "red", "small", "top left")
+    bottom = SceneObject("square", "blue", "large", "bottom")
+    wrong = SceneObject("circle", "green", "large", "bottom")  # shape and colour wrong
+    objects = [
+        {"prompt": top, "found": None, "present": False},
+        {"prompt": bottom, "found": wrong, "present": False, "shape": False, "color": False,
+         "size": True, "position": True},
+    ]  # fmt: skip
+    s = rq.summarise([{"fraction": 0.0, "exact": False, "objects": objects, "detected_rows": [2]}])
+    assert s["row_errors"]["top"] == {
+        "missing": 1,
+        "shape": 0,
+        "color": 0,
+        "size": 0,
+        "position": 0,
+    }
+    assert s["row_errors"]["bottom"] == {
+        "missing": 0, "shape": 1, "color": 1, "size": 0, "position": 0
+    }  # fmt: skip
+    assert s["row_accuracy"] == {"top": 0.0, "middle": 0.0, "bottom": 0.0}

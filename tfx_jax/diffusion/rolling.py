@@ -9,13 +9,18 @@ and of finished rows).
 Times. A global time t ∈ [0, 1] maps to a local time τ_r ∈ [0, 1] per row r (0 = clean, 1 = pure
 noise), with the window starting at row r0 and w = r − r0 (§3):
   rolling (§3.2, the linear reparameterization):  τ_r(t) = clip((w + t) / W)
-  init    (§3.3, the first window, from noise):   τ_r(t) = clip(w / W + t)
+  init    (§3.3, the first window, from noise):   τ_r(t) = clip(w / W + t)        "staircase"
+          (the paper leaves this schedule open):  τ_r(t) = t + (1 − t) · w / W    "joint"
 The clip is the boundary condition of §3.3: rows before the window are clean context (τ = 0),
 rows after it are pure noise (τ = 1) and carry no information. One rolling pass takes t from 1
 to 0: every window row's τ falls by 1/W, the front row reaches 0 and is emitted, the window shifts
 by one row and a pure-noise row enters at the back (τ = (W−1+1)/W = 1): the end state of one pass
 is the start state of the next. The init pass takes the first W rows from all-noise (t = 1) to the
-staircase w/W (t = 0), which is the rolling state after one shift.
+staircase w/W (t = 0), which is the rolling state after one shift. The two init schedules
+(`init_schedule`) share both ends: "staircase" holds row w at pure noise until t = 1 − w/W and
+then moves it at the rolling speed (the window fills from the top, row by row); "joint" moves
+every row from t = 1 on, row w at speed 1 − w/W (all rows leave pure noise together, as in
+full-image diffusion, and part at the end).
 
 Continuous to discrete. The model embeds integer timesteps: index i of the schedule is the
 continuous time (i + 1)/T (the cosine schedule's ᾱ_i = f((i+1)/T) / f(0) exactly). A local time τ
@@ -37,6 +42,12 @@ W·n model calls and each of the g − 1 rolling passes n, so the init share is 
 every rolling start gets 1 / (W + g − 1) — the training distribution over (pass, t) is the
 sampler's. That is 4/7 for 4 rows and W = 4 (the issue measured 0.5 as fixing the top row) and
 4/11 for 8 rows.
+
+Loss weights. An image's loss is its window's summed ε-MSE divided by the number of window
+patches ("window", the mean, §3.4). Near the bottom the window hangs past the last row (start
+r0 > g − W) and holds fewer rows, so the mean gives each of them more weight: the last start
+trains one row, at τ ≤ 1/W, with a whole image's weight. `loss_norm` "full" divides by a full
+window's patches (W·c) instead, so every row weighs the same at every start.
 
 Context noise. Training sees the true clean rows above the window; the sampler sees its own
 finished rows, so its errors feed the rows below and compound down the image (exposure bias;
@@ -73,7 +84,10 @@ from tfx_jax.diffusion.ddpm import Schedule
 # ----------------------------------------------------------------------------- schedule
 
 
-def local_times(t, rows, start_row, window: int, init=False):
+INIT_SCHEDULES = ("staircase", "joint")
+
+
+def local_times(t, rows, start_row, window: int, init=False, init_schedule: str = "staircase"):
     """τ of each patch row (Ruhe et al. §3.2 rolling, §3.3 init), for numpy or jax arrays.
 
     Args:
@@ -82,14 +96,20 @@ def local_times(t, rows, start_row, window: int, init=False):
       start_row: r0, the window's first row.
       window: W rows.
       init: use the init schedule (bool, broadcasts).
+      init_schedule: which one (`INIT_SCHEDULES`, module doc).
 
     Returns:
       τ_r in [0, 1]: 0 before the window, 1 after it, the linear ramp inside.
     """
+    if init_schedule not in INIT_SCHEDULES:
+        raise ValueError(f"init_schedule={init_schedule!r}: use one of {INIT_SCHEDULES}")
     xp = jnp if isinstance(t, jax.Array) or isinstance(rows, jax.Array) else np
     w = xp.asarray(rows) - start_row
     rolling = (w + t) / window
-    first = w / window + t
+    if init_schedule == "joint":
+        first = xp.where(w < window, t + (1 - t) * w / window, 1.0)
+    else:
+        first = w / window + t
     return xp.where(w < 0, 0.0, xp.clip(xp.where(init, first, rolling), 0.0, 1.0))
 
 
@@ -125,7 +145,9 @@ class Pass:
     init: bool
 
 
-def sampling_plan(rows: int, window: int, steps_per_row: int, init_steps: int = 0) -> list[Pass]:
+def sampling_plan(
+    rows: int, window: int, steps_per_row: int, init_steps: int = 0, init_schedule="staircase"
+) -> list[Pass]:
     """The passes that generate `rows` rows: one init pass, then one rolling pass per row.
 
     Args:
@@ -134,6 +156,7 @@ def sampling_plan(rows: int, window: int, steps_per_row: int, init_steps: int = 
       steps_per_row: n, steps of one rolling pass (global t from 1 to 0); a row spends W·n
         steps in the window, so W·n plays the role of the step count of full-image sampling.
       init_steps: steps of the init pass (0 = W·n, so the first row gets as many as the others).
+      init_schedule: the init pass's local times (`INIT_SCHEDULES`), as trained.
 
     Returns:
       Passes in order; after pass k, row k is clean and is emitted.
@@ -143,7 +166,7 @@ def sampling_plan(rows: int, window: int, steps_per_row: int, init_steps: int = 
     n_init = init_steps or W * steps_per_row
     ts_init = np.linspace(1.0, 0.0, n_init + 1)[:, None]
     ts_roll = np.linspace(1.0, 0.0, steps_per_row + 1)[:, None]
-    plan = [Pass(0, local_times(ts_init, w, 0, W, init=True), True)]
+    plan = [Pass(0, local_times(ts_init, w, 0, W, init=True, init_schedule=init_schedule), True)]
     for r0 in range(1, rows):
         taus = local_times(ts_roll, w, 0, W)
         taus = np.where(r0 + w < rows, taus, 0.0)  # rows past the image end do not exist
@@ -186,6 +209,7 @@ def attention_image_ids(
 # ----------------------------------------------------------------------------- training
 
 AUTO_INIT = -1.0  # `init_prob` that means `init_share(rows, window)`
+LOSS_NORMS = ("window", "full")  # training_inputs' loss_norm (module doc, "Loss weights")
 
 
 def init_share(rows: int, window: int) -> float:
@@ -212,6 +236,8 @@ def training_inputs(
     window: int,
     init_prob: float,
     context_tau: float = 0.0,
+    init_schedule: str = "staircase",
+    loss_norm: str = "window",
 ) -> dict[str, jax.Array]:
     """Noised latents, per-patch timesteps, attention ids and loss weights of rolling training.
 
@@ -226,11 +252,16 @@ def training_inputs(
         negative: `init_share(g, W)`.
       context_tau: local time of the rows above the window (0 = clean; "Context noise" in the
         module doc).
+      init_schedule: the init pass's local times (`INIT_SCHEDULES`).
+      loss_norm: what an image's window loss is divided by (`LOSS_NORMS`, "Loss weights").
 
     Returns:
       dict with xt_BMhwC (the noised latents), t_BMI (model timesteps), attn_image_ids_BT
-      (for the mask), weight_BMI (1 on window patches), t_BM (global time scaled to 0..T-1).
+      (for the mask), weight_BMI (1 on window patches), norm_BM (the divisor of each image's
+      summed window loss), t_BM (global time scaled to 0..T-1).
     """
+    if loss_norm not in LOSS_NORMS:
+        raise ValueError(f"loss_norm={loss_norm!r}: use one of {LOSS_NORMS}")
     B, M, h, w, _ = x0_BMhwC.shape
     g, c, T = h // patch_size, w // patch_size, schedule.num_timesteps
     W = min(window, g)
@@ -243,7 +274,9 @@ def training_inputs(
     else:
         init_BM, r0_BM = jnp.ones((B, M), bool), jnp.zeros((B, M), jnp.int32)
     rows_g = jnp.arange(g)
-    tau_BMg = local_times(t_BM[..., None], rows_g, r0_BM[..., None], W, init_BM[..., None])
+    tau_BMg = local_times(
+        t_BM[..., None], rows_g, r0_BM[..., None], W, init_BM[..., None], init_schedule
+    )
     if context_tau:  # the rows above the window at the sampler's context level (module doc)
         tau_BMg = jnp.where(rows_g < r0_BM[..., None], context_tau, tau_BMg)
     idx_BMg = model_timesteps(levels(tau_BMg, T))
@@ -253,6 +286,10 @@ def training_inputs(
     t_BMI = jnp.repeat(idx_BMg, c, axis=-1)  # raster order: patch i is in row i // c
     in_window_BMg = (rows_g >= r0_BM[..., None]) & (rows_g < r0_BM[..., None] + W)
     weight_BMI = jnp.repeat(in_window_BMg, c, axis=-1).astype(jnp.float32)
+    if loss_norm == "full":  # a window hanging past the last row weighs its rows as a full one
+        norm_BM = jnp.full((B, M), float(W * c), jnp.float32)
+    else:
+        norm_BM = jnp.maximum(weight_BMI.sum(-1), 1.0)
 
     Tlen = image_ids_BT.shape[1]
     slot = jnp.maximum(slot_BT, 0)
@@ -268,6 +305,7 @@ def training_inputs(
         "t_BMI": t_BMI,
         "attn_image_ids_BT": attn_BT,
         "weight_BMI": weight_BMI,
+        "norm_BM": norm_BM,
         "t_BM": jnp.minimum((t_BM * T).astype(jnp.int32), T - 1),
     }
 
@@ -278,15 +316,22 @@ def windowed_diffusion_loss(
     weight_BMI: jax.Array,
     valid_BM: jax.Array,
     patch_size: int,
+    norm_BM: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """ε-MSE over each image's window patches (Ruhe et al. §3.4), then over images.
+
+    Args:
+      norm_BM: the divisor of each image's summed window loss (`training_inputs`' norm_BM);
+        None: the number of window patches (the mean over the window).
 
     Returns:
       (mean over valid images, per-image loss [B, M], number of images).
     """
     err = jnp.square(eps_hat_BMhwC.astype(jnp.float32) - eps_BMhwC.astype(jnp.float32))
     err_BMI = layout.patchify(err, patch_size).mean(-1)
-    per_image_BM = (err_BMI * weight_BMI).sum(-1) / jnp.maximum(weight_BMI.sum(-1), 1.0)
+    if norm_BM is None:
+        norm_BM = jnp.maximum(weight_BMI.sum(-1), 1.0)
+    per_image_BM = (err_BMI * weight_BMI).sum(-1) / norm_BM
     valid = valid_BM.astype(jnp.float32)
     count = valid.sum()
     return (per_image_BM * valid).sum() / jnp.maximum(count, 1.0), per_image_BM, count

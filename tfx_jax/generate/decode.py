@@ -127,9 +127,11 @@ class Decoder:
         self.rolling_pass = self._jit(self._rolling_pass)
         self.commit = self._jit(self._commit)
         # Level of the rows above the rolling window, read from the checkpoint's config: the
-        # sampler must show the model the context it was trained on (rolling module doc).
-        T = self.schedule.num_timesteps
-        self.context_level = int(rolling.levels(np.float64(cfg.diffusion.rolling_context_noise), T))
+        # sampler must show the model the context it was trained on (rolling module doc). A
+        # model trained with standard diffusion saw clean context only.
+        T, dc = self.schedule.num_timesteps, cfg.diffusion
+        tau_ctx = dc.rolling_context_noise if dc.mode == "rolling" else 0.0
+        self.context_level = int(rolling.levels(np.float64(tau_ctx), T))
         self.commit_context = self._jit(self._commit_context)
 
     # -------------------------------------------------------------- placement

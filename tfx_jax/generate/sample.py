@@ -435,7 +435,8 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
         return cache, dec.fetch(x0)
 
     W = dec.window
-    plan = rolling.sampling_plan(g, W, max(dec.opts.diffusion_steps // W, 1))
+    init_schedule = dec.cfg.diffusion.rolling_init_schedule  # as the checkpoint was trained
+    plan = rolling.sampling_plan(g, W, max(dec.opts.diffusion_steps // W, 1), 0, init_schedule)
     x_win = np.asarray(jax.random.normal(noise_key, (B, 1, W * p, hw, C), jnp.float32))
     finished = []
     for i, ps in enumerate(plan):

@@ -79,6 +79,8 @@ def forward_losses(
             dc.rolling_window,
             dc.rolling_init_prob,
             dc.rolling_context_noise,
+            dc.rolling_init_schedule,
+            dc.rolling_loss_norm,
         )
         xt_BMhwC, t_BMI, t_BM = roll["xt_BMhwC"], roll["t_BMI"], roll["t_BM"]
         attn_img = roll["attn_image_ids_BT"]
@@ -105,7 +107,7 @@ def forward_losses(
     lm, ce, n_text = losses.lm_loss(logits_BTV, batch["tokens"], text_mask_BT, cfg.train.z_loss)
     if dc.mode == "rolling":
         ddpm_loss, per_image_BM, n_img = rolling.windowed_diffusion_loss(
-            eps_hat_BMhwC, eps_BMhwC, roll["weight_BMI"], valid_BM, m.patch_size
+            eps_hat_BMhwC, eps_BMhwC, roll["weight_BMI"], valid_BM, m.patch_size, roll["norm_BM"]
         )
     else:
         ddpm_loss, per_image_BM, n_img = losses.diffusion_loss(eps_hat_BMhwC, eps_BMhwC, valid_BM)
