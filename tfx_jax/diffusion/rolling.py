@@ -51,7 +51,8 @@ window's patches (W·c) instead, so every row weighs the same at every start.
 
 Context noise. Training sees the true clean rows above the window; the sampler sees its own
 finished rows, so its errors feed the rows below and compound down the image (exposure bias;
-issue 15: the bottom third of 8-row images was drawn worst). `context_tau` (config
+issue 15: with a 2-row window and clean context, the bottom third of 8-row images had 57% of
+objects right, the top 94%; with τ_ctx = 0.1, the default, 92% and 99%). `context_tau` (config
 `rolling_context_noise`) gives the rows above the window the local time τ_ctx instead of 0, in
 training (noised by q like every row, still weight 0) and in the sampler (each finished row is
 written into the KV cache noised to the same level, with fresh noise): the model learns not to
