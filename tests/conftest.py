@@ -68,6 +68,35 @@ def compilation_cache(path):
         jax_cache.reset_cache()
 
 
+# On CPU most of a compile is XLA's optimizing (the tiny U-Net's train-state init: ~14 s, ~2 s
+# without), and most tests run what they compile once or a few times: for them an unoptimized
+# executable is far cheaper, and it computes the same functions (it rounds differently in the
+# last bits only, which assertions that compare within the test or within a tolerance never see).
+@contextlib.contextmanager
+def fast_compiles():
+    """Within: XLA compiles with most optimizations off (`jax_disable_most_optimizations`). For
+    tests whose time is compiling, not running, and whose assertions do not compare bitwise
+    against a process compiled otherwise. After it every in-memory executable is dropped
+    (`jax.clear_caches`), so that no later test runs one of these less-optimized executables."""
+    import jax
+
+    name = "jax_disable_most_optimizations"
+    before = jax.config.read(name)
+    jax.config.update(name, True)
+    try:
+        yield
+    finally:
+        jax.config.update(name, before)
+        jax.clear_caches()
+
+
+@pytest.fixture
+def fast_compile():
+    """`fast_compiles` around one test (for a module: `pytest.mark.usefixtures`)."""
+    with fast_compiles():
+        yield
+
+
 @pytest.fixture
 def compile_cache(tmp_path):
     """`compilation_cache` for one test, in its own directory (no other test writes there)."""

@@ -96,7 +96,7 @@ def test_bad_mixture_entries_say_what_is_wrong(entry, message):
 
 
 @pytest.mark.slow
-def test_a_text_and_image_mixture_trains(tmp_path):
+def test_a_text_and_image_mixture_trains(tmp_path, fast_compile):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(40):  # 5% of the files (by name hash) are the validation split

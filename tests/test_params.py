@@ -22,7 +22,7 @@ def _nbytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
-def test_restore_params_reads_no_optimizer_state(tiny_config, tmp_path):
+def test_restore_params_reads_no_optimizer_state(tiny_config, tmp_path, fast_compile):
     """Loading for generation/export allocates the params and nothing else: the optimizer
     moments (2x the params for AdamW) stay on disk, and the values equal the trained ones."""
     cfg = tiny_config()
@@ -45,7 +45,7 @@ def test_restore_params_reads_no_optimizer_state(tiny_config, tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_restore_params_onto_another_mesh(tiny_config, tmp_path):
+def test_restore_params_onto_another_mesh(tiny_config, tmp_path, fast_compile):
     """The target tree carries the shardings: a checkpoint of an 8-device data-parallel run
     loads onto a 1x2x2 mesh of 4 devices, sharded there by the rules table."""
     cfg = tiny_config()
@@ -115,7 +115,9 @@ def test_bad_options_name_the_option(tiny_config, bad, name):
         SampleOptions(**bad).resolved(tiny_config())
 
 
-def test_init_from_may_change_the_optimizer_recipe(tiny_config, tmp_path, caplog, compile_cache):
+def test_init_from_may_change_the_optimizer_recipe(
+    tiny_config, tmp_path, caplog, compile_cache, fast_compile
+):
     """--init-from takes the params alone: fine-tuning with another learning rate and schedule
     works (resuming with them would be refused); a changed model is still refused."""
     base = ["train.steps=2", "train.log_every=1", "checkpoint.every_steps=2"]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fast_compiles
 from model_helpers import forward
 
 from tfx_jax import layout, sharding
@@ -26,16 +27,27 @@ from tfx_jax.models.transformer import Transfusion
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
+# Every test here compiles many small programs and runs each a few times, and compares results
+# made within the test (or checks them with tolerances).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def make(arg=None, overrides=()):
     return load_config(f"{REPO / 'experiments' / 'tiny.py'}{':' + arg if arg else ''}", overrides)
 
 
+# The weights depend on the model's settings alone (the dummy inputs' shapes are fixed here), and
+# no test writes into them: one init (one compile) per model config and seed serves every test.
+_PARAMS = {}
+
+
 def init_params(cfg, seed=0):
-    model = Transfusion(cfg.model)
-    inputs = ModelInputs.dummy(cfg, length=8, images=1)
-    init = jax.jit(lambda key: nn.meta.unbox(model.init(key, inputs)["params"]))
-    return init(jax.random.key(seed))
+    if (cfg.model, seed) not in _PARAMS:
+        model = Transfusion(cfg.model)
+        inputs = ModelInputs.dummy(cfg, length=8, images=1)
+        init = jax.jit(lambda key: nn.meta.unbox(model.init(key, inputs)["params"]))
+        _PARAMS[cfg.model, seed] = init(jax.random.key(seed))
+    return _PARAMS[cfg.model, seed]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +92,8 @@ def test_cached_decoding_equals_uncached_forward(arg):
     model = Transfusion(m)
     tok, seg, pos, img, lat, t = two_documents(m)
     slot, start, _ = layout.image_slots(jnp.asarray(seg), jnp.asarray(img), 1)
-    logits_full, eps_full = forward(model, params, tok, seg, pos, img, slot, start, lat, t)
+    full_forward = jax.jit(lambda *args: forward(model, params, *args))
+    logits_full, eps_full = full_forward(tok, seg, pos, img, slot, start, lat, t)
 
     # Row 0 caches [0, 5) then its image [5, 21); row 1 caches [0, 9) then its image [9, 25):
     # one call per chunk for both rows, different offsets per row.
@@ -105,7 +118,8 @@ def test_cached_decoding_equals_uncached_forward(arg):
             index_B=index,
         )
 
-    text_apply = jax.jit(apply)  # text chunks repeat their shapes; the image chunk runs once
+    # Jitted: one compile per chunk shape costs less than running the model op by op.
+    jit_apply = jax.jit(apply)
 
     def call(cache, a, n, with_image, active=(True, True)):
         """Writes positions [a_b, a_b + n) of each row at cache slot a_b (inactive rows write
@@ -114,8 +128,9 @@ def test_cached_decoding_equals_uncached_forward(arg):
         seg_c = take(seg) * np.asarray(active)[:, None]
         lat_in = lat if with_image else jnp.zeros((2, 0, 8, 8, m.latent_channels))
         t_in = t if with_image else jnp.zeros((2, 0, I), jnp.int32)
-        fn = apply if with_image else text_apply
-        return fn(cache, jnp.asarray(a), take(tok), seg_c, take(pos), take(img), lat_in, t_in)
+        return jit_apply(
+            cache, jnp.asarray(a), take(tok), seg_c, take(pos), take(img), lat_in, t_in
+        )
 
     full = np.asarray(logits_full)
     l_pre, _, cache = call(cache, np.array([0, 0]), 5, False)
@@ -265,7 +280,9 @@ def tiny_vae():
     from tfx_jax.models.vae import VAE
 
     model = VAE(latent_channels=4, downsample=4, channels=(8, 16))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+    init = jax.jit(lambda key: nn.meta.unbox(model.init(key, jnp.zeros((1, 32, 32, 3)))["params"]))
+    with fast_compiles():  # a module fixture: set up before the tests' `fast_compile`
+        params = init(jax.random.key(0))
     return model, params, 1.0
 
 
