@@ -448,3 +448,15 @@ def test_training_step_reads_the_rolling_options(tiny_config):
     np.testing.assert_allclose(new["per_image_BM"][roll], (old["per_image_BM"] * share)[roll], 1e-3)
     assert (share[roll] < 1).any() and (share[roll] == 1).any() and init.any()
     assert not np.allclose(new["per_image_BM"][init], old["per_image_BM"][init])
+
+
+def test_a_checkpoint_from_before_context_noise_keeps_clean_context(tiny_config):
+    """Checkpoints written before `rolling_context_noise` existed were trained with clean
+    context: their saved config, which lacks the key, reads back as 0, not today's 0.1."""
+    from tfx_jax.checkpoint import saved_config
+
+    d = tiny_config(None, ["diffusion.mode=rolling"]).to_dict()
+    assert saved_config({"config": d}).diffusion.rolling_context_noise == 0.1  # saved: kept
+    del d["diffusion"]["rolling_context_noise"]
+    assert saved_config({"config": d}).diffusion.rolling_context_noise == 0.0
+    assert "rolling_context_noise" not in d["diffusion"]  # the caller's dict is left alone

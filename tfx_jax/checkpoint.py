@@ -277,8 +277,18 @@ def set_aside(directory: epath.Path, stale: epath.Path) -> None:
     multihost_utils.sync_global_devices("tfx_jax.checkpoint.set_aside")
 
 
+# Settings whose default changed after checkpoints had been written without the key: such a
+# checkpoint was made with the old value, and what reads its config (the sampler reads the
+# context level) must see that one, not today's default.
+_OLD_DEFAULTS = {("diffusion", "rolling_context_noise"): 0.0}
+
+
 def saved_config(meta: dict[str, Any]) -> Config:
-    return from_dict(meta["config"])
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in meta["config"].items()}
+    for (section, key), old in _OLD_DEFAULTS.items():
+        if isinstance(d.get(section), dict):
+            d[section].setdefault(key, old)
+    return from_dict(d)
 
 
 @dataclasses.dataclass
