@@ -211,15 +211,14 @@ def parse_eval(key: str) -> dict:
 def reuse_decoders() -> None:
     """Makes `generate` reuse one `Decoder` (and so its compiled functions) per model shape and
     options: each call otherwise builds a new one and compiles everything again. Benchmark only:
-    a Decoder depends on the config only through the model, the schedule, the mesh and the
-    rolling window, which the key holds."""
+    a Decoder depends on the config only through the model, the mesh and the diffusion section
+    (schedule, rolling window, context level, init schedule), which the key holds."""
     from tfx_jax.generate import decode, sample
 
     cache: dict = {}
 
     def make(cfg, mesh, options):
-        d = cfg.diffusion
-        key = (cfg.model, cfg.mesh, d.schedule, d.num_timesteps, d.rolling_window, options)
+        key = (cfg.model, cfg.mesh, cfg.diffusion, options)
         if key not in cache:
             cache[key] = decode.Decoder(cfg, mesh, options)
         return cache[key]
