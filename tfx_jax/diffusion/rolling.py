@@ -18,7 +18,8 @@ by one row and a pure-noise row enters at the back (τ = (W−1+1)/W = 1): the e
 is the start state of the next. The init pass takes the first W rows from all-noise (t = 1) to the
 staircase w/W (t = 0), which is the rolling state after one shift. The two init schedules
 (`init_schedule`) share both ends: "staircase" holds row w at pure noise until t = 1 − w/W and
-then moves it at the rolling speed (the window fills from the top, row by row); "joint" moves
+then moves it as fast per sampling step as a rolling pass does (the window fills from the top,
+row by row; the init pass has W·n steps to a rolling pass's n); "joint" moves
 every row from t = 1 on, row w at speed 1 − w/W (all rows leave pure noise together, as in
 full-image diffusion, and part at the end).
 
