@@ -161,7 +161,7 @@ def test_training_inputs(tiny_config):
     # The windowed loss averages only window patches.
     eps_hat = eps + jnp.asarray(np.repeat(np.arange(4.0), 2)[None, None, :, None, None])
     loss, per_image, n = rolling.windowed_diffusion_loss(
-        eps_hat, eps, out["weight_BMI"], jnp.ones((6, 2), bool), m.patch_size
+        eps_hat, eps, out["weight_BMI"], jnp.ones((6, 2), bool), m.patch_size, out["norm_BM"]
     )
     rows_sq = np.arange(4.0) ** 2
     for b in range(6):

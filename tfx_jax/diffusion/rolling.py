@@ -318,21 +318,18 @@ def windowed_diffusion_loss(
     weight_BMI: jax.Array,
     valid_BM: jax.Array,
     patch_size: int,
-    norm_BM: jax.Array | None = None,
+    norm_BM: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """ε-MSE over each image's window patches (Ruhe et al. §3.4), then over images.
 
     Args:
-      norm_BM: the divisor of each image's summed window loss (`training_inputs`' norm_BM);
-        None: the number of window patches (the mean over the window).
+      norm_BM: the divisor of each image's summed window loss (`training_inputs`' norm_BM).
 
     Returns:
       (mean over valid images, per-image loss [B, M], number of images).
     """
     err = jnp.square(eps_hat_BMhwC.astype(jnp.float32) - eps_BMhwC.astype(jnp.float32))
     err_BMI = layout.patchify(err, patch_size).mean(-1)
-    if norm_BM is None:
-        norm_BM = jnp.maximum(weight_BMI.sum(-1), 1.0)
     per_image_BM = (err_BMI * weight_BMI).sum(-1) / norm_BM
     valid = valid_BM.astype(jnp.float32)
     count = valid.sum()

@@ -436,7 +436,9 @@ def _image_phase(dec: Decoder, params, cache, st: _Rows, phase, R: int, rng, on_
 
     W = dec.window
     init_schedule = dec.cfg.diffusion.rolling_init_schedule  # as the checkpoint was trained
-    plan = rolling.sampling_plan(g, W, max(dec.opts.diffusion_steps // W, 1), 0, init_schedule)
+    plan = rolling.sampling_plan(
+        g, W, max(dec.opts.diffusion_steps // W, 1), init_schedule=init_schedule
+    )
     x_win = np.asarray(jax.random.normal(noise_key, (B, 1, W * p, hw, C), jnp.float32))
     finished = []
     for i, ps in enumerate(plan):
