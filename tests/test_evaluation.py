@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfx_jax import cli, evaluation, prompt_eval
+from tfx_jax import cli, demo
 from tfx_jax.data.embedded import judge, shapes
 from tfx_jax.data.sources import synthetic
+from tfx_jax.eval import losses, prompts
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.train.steps import make_eval_step
@@ -50,7 +51,7 @@ def test_eval_equals_training_and_the_report_says_so(shapes_run, tmp_path, capsy
     assert set(rows) <= set(m) and all(np.isfinite(m[k]) and m[k] > 0 for k in rows)
     assert m["eval/judge_fraction"] == m["eval/judge/heldout/objects"]
     assert len(ev["samples"]) == len(ev["captions"]) == 4
-    assert [t["key"] for t in ev["targets"]] == [t.key for t in evaluation.TARGETS]
+    assert [t["key"] for t in ev["targets"]] == [t.key for t in demo.TARGETS]
 
     # ... and equal to what training's evaluator logged at step 6: losses on the same
     # (rewound) batches, images and captions for the same prompts with the same params.
@@ -104,7 +105,7 @@ def test_judged_metrics_break_down_by_split_objects_pair_and_row():
         ("train", judge.compare(one, one)),  # exact
         ("heldout", judge.compare(two, wrong_colour)),  # the held-out pair drawn red
     ]
-    m = prompt_eval.judged_metrics("x", items)
+    m = prompts.judged_metrics("x", items, judge.JUDGE)
     assert m["x/train/exact"] == 1.0 and m["x/train/attributes"] == 1.0
     assert m["x/heldout/color"] == 0.5 and m["x/heldout/shape"] == 1.0
     assert m["x/heldout/attributes"] == pytest.approx(7 / 8) and m["x/heldout/objects"] == 0.5
@@ -117,12 +118,13 @@ def test_judged_metrics_break_down_by_split_objects_pair_and_row():
 
 def test_captions_are_read_back_with_the_grammar():
     red = _scene("a large red circle at the top left")
-    assert prompt_eval.read_caption("a large red circle at the top left") == (red, True)
-    assert prompt_eval.read_caption("A large red circle at the top left. More text") == (red, True)
-    assert prompt_eval.read_caption("a large red blob somewhere") == ((), False)
+    read = judge.JUDGE.read_caption  # what the eval package asks the shapes source's judge
+    assert read("a large red circle at the top left") == (red, True)
+    assert read("A large red circle at the top left. More text") == (red, True)
+    assert read("a large red blob somewhere") == ((), False)
     # Outside the grammar, the well-formed phrases still count (the first per cell).
     text = "xx a large red circle at the top left a small blue square at the top left, a"
-    assert prompt_eval.read_caption(text) == (red, False)
+    assert read(text) == (red, False)
     missed = judge.compare(_scene("a small green square on the left"), ())
     assert missed["fraction"] == 0.0 and not missed["count"] and missed["num_detected"] == 0
 
@@ -155,8 +157,8 @@ def test_every_evaluation_reads_the_same_batches(tiny_config):
 
     batches = _Batches()
     next(batches)  # an iterator already moved before its first evaluation starts there
-    first = evaluation.loss_metrics(step, batches, 2, cfg)
-    second = evaluation.loss_metrics(step, batches, 2, cfg)
+    first = losses.loss_metrics(step, batches, 2, cfg)
+    second = losses.loss_metrics(step, batches, 2, cfg)
     assert seen == [2, 3, 2, 3] and first == second
     assert first["eval/perplexity"] == pytest.approx(np.e)
 
@@ -179,6 +181,6 @@ def test_diffusion_loss_by_patch_row(tiny_config, mode):
         np.testing.assert_allclose(m["row_loss_sum"].sum() / rows, m["bucket_loss_sum"].sum(), 1e-5)
     else:
         assert (m["row_count"] <= images).all() and m["row_count"].sum() > 0
-    out = evaluation.loss_metrics(lambda b, r: m, iter([batch]), 1, cfg)
+    out = losses.loss_metrics(lambda b, r: m, iter([batch]), 1, cfg)
     keys = [f"eval/diffusion_loss_row{r:02d}" for r in range(rows) if m["row_count"][r] > 0]
     assert keys and all(np.isfinite(out[k]) for k in keys)

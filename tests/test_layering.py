@@ -15,12 +15,23 @@ counts as importing `tfx_jax.a.b`, relative imports are resolved first):
              (inference never needs the trainer).
   diffusion  tfx_jax/diffusion/** imports only tfx_jax.diffusion.* and tfx_jax.layout (pure
              functions of arrays and schedules).
+  eval       tfx_jax/eval/** imports nothing from tfx_jax.train, .cli, .stages, .demo (training's
+             evaluators call the eval package, never the other way; the train step's loss and
+             the demo's targets are given to it as parameters).
+  embedded   nothing outside tfx_jax/data/ imports tfx_jax.data.embedded (the shapes world):
+             code outside data asks the source (`Source.judge`, `Source.describe`), so a new
+             judged dataset is one source module.
   top-level  every project import (`tfx_jax...`, also `importlib.import_module("tfx_jax...")`)
              is at module level, not inside a function or method, so the dependency graph is
              what the module headers say; imports under `if TYPE_CHECKING:` are exempt from this
              rule (not from the layer rules above). Third-party lazy imports are allowed.
 
 A failure lists `file:line: <the import>  [rule]: <what the rule says>` for every violation.
+
+Besides the rules, the modules' import graph (every project import, TYPE_CHECKING ones and
+function-local ones included; an import names the module it reaches, not the packages above it)
+has no cycle: `test_no_import_cycles` names each cycle it finds, module by module, except those
+in `KNOWN_CYCLES_TO_REMOVE`.
 """
 
 from __future__ import annotations
@@ -187,6 +198,19 @@ RULES = [
         lambda i: _under(i.target, *_p("diffusion", "layout")),
     ),
     Rule(
+        "eval",
+        "tfx_jax/eval/** imports nothing from tfx_jax.train, .cli, .stages, .demo",
+        lambda i: _under(i.importer, "tfx_jax.eval"),
+        lambda i: not _under(i.target, *_p("train", "cli", "stages", "demo")),
+    ),
+    Rule(
+        "embedded",
+        "nothing outside tfx_jax/data/ imports tfx_jax.data.embedded (ask the source: "
+        "Source.judge, Source.describe)",
+        lambda i: not _under(i.importer, "tfx_jax.data"),
+        lambda i: not _under(i.target, "tfx_jax.data.embedded"),
+    ),
+    Rule(
         "top-level",
         "project imports are at module level, not inside a function (if TYPE_CHECKING: exempt)",
         lambda i: True,
@@ -251,3 +275,130 @@ def f():
     by_rule = {r.name: violations(r, got) for r in RULES}
     assert len(by_rule["data"]) == 4  # models.attention, ..train, TYPE_CHECKING train, cli
     assert [v.split()[0] for v in by_rule["top-level"]] == ["x.py:11:", "x.py:12:"]
+
+
+# ----------------------------------------------------------------------------- cycles
+
+# Cycles that exist today and are being removed (each: the modules of one strongly connected
+# component). An entry is an exception, not a silence: a cycle that grows past its entry, or a
+# new one, fails, and so does an entry whose cycle is gone (delete it then).
+KNOWN_CYCLES_TO_REMOVE = (
+    # The config circle (issue 24, the lead's part): config.py composes data/config.py, which
+    # checks mixture entries with data/sources/mixture.py, whose sources take the Config
+    # (under TYPE_CHECKING, in sources/base.py and sources/mixture.py).
+    frozenset(
+        {
+            "tfx_jax.config",
+            "tfx_jax.data.config",
+            "tfx_jax.data.sources",
+            "tfx_jax.data.sources.base",
+            "tfx_jax.data.sources.mixture",
+        }
+    ),
+)
+
+
+def module_graph(imports: list[Import], modules: set[str]) -> dict[str, set[str]]:
+    """importer -> the project modules it imports (`tfx_jax.a.b.Name` reaches the longest
+    prefix that is a module; packages above it are not counted, as Python's own import of a
+    package's submodule is no design dependency on the package)."""
+
+    def module_of(target: str) -> str:
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for imp in imports:
+        target = module_of(imp.target)
+        if target and target != imp.importer:
+            graph.setdefault(imp.importer, set()).add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[tuple[frozenset[str], list[str]]]:
+    """The import cycles: per strongly connected component of more than one module, its modules
+    and the shortest cycle through its first module (sorted), as [a, b, ..., a]."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[frozenset[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = {stack.pop()}
+            while v not in component:
+                component.add(stack.pop())
+            if len(component) > 1:
+                components.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [(c, _shortest_cycle(graph, c)) for c in sorted(components, key=min)]
+
+
+def _shortest_cycle(graph: dict[str, set[str]], component: frozenset[str]) -> list[str]:
+    start = min(component)
+    paths, seen = [[start]], {start}
+    while True:  # breadth first inside the component, back to `start` (it always gets there)
+        path = paths.pop(0)
+        following = sorted(graph.get(path[-1], set()) & component)
+        if start in following:
+            return [*path, start]
+        for w in following:
+            if w not in seen:
+                seen.add(w)
+                paths.append([*path, w])
+
+
+def test_no_import_cycles(all_imports):
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    found = cycles(module_graph(all_imports, modules))
+    new = [path for c, path in found if not any(c <= k for k in KNOWN_CYCLES_TO_REMOVE)]
+    gone = [sorted(k) for k in KNOWN_CYCLES_TO_REMOVE if not any(c & k for c, _ in found)]
+    problems = [
+        f"import cycle (break it by moving the shared piece down, or passing it in): "
+        f"{' -> '.join(path)}"
+        for path in new
+    ]
+    problems += [
+        f"KNOWN_CYCLES_TO_REMOVE lists a cycle that is gone (delete it): {k}" for k in gone
+    ]
+    if problems:
+        pytest.fail(
+            "the tfx_jax modules' imports (TYPE_CHECKING ones included):\n  "
+            + "\n  ".join(problems),
+            pytrace=False,
+        )
+
+
+def test_the_cycle_finder_names_each_cycle():
+    graph = {
+        "a": {"b"},
+        "b": {"c"},
+        "c": {"a", "d"},
+        "d": set(),
+        "e": {"e", "d"},
+        "x": {"y"},
+        "y": {"x"},
+    }
+    assert cycles(graph) == [
+        (frozenset("abc"), ["a", "b", "c", "a"]),
+        (frozenset("xy"), ["x", "y", "x"]),
+    ]
+    # An import under TYPE_CHECKING closes a cycle too (the loop <-> evaluators kind).
+    b = "from tfx_jax.a import Thing\n"
+    a = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tfx_jax.b import f\n"
+    got = imports_of(b, "b.py", "tfx_jax.b") + imports_of(a, "a.py", "tfx_jax.a")
+    graph = module_graph(got, {"tfx_jax.a", "tfx_jax.b"})
+    assert graph == {"tfx_jax.a": {"tfx_jax.b"}, "tfx_jax.b": {"tfx_jax.a"}}
+    assert cycles(graph)[0][1] == ["tfx_jax.a", "tfx_jax.b", "tfx_jax.a"]

@@ -17,14 +17,17 @@ from pathlib import Path
 import jax
 from etils import epath
 
-from tfx_jax import artifacts, demo, dryrun, evaluation, export, prompt_eval, report, stages
+from tfx_jax import artifacts, demo, dryrun, export, report, stages
 from tfx_jax import params as params_lib
 from tfx_jax.checkpoint import CheckpointWriteError
 from tfx_jax.config import Config, ConfigError, load_config, validate
 from tfx_jax.data.sources import RecordError
+from tfx_jax.eval import command as eval_command
+from tfx_jax.eval.prompts import IMAGE_OPTIONS, split_options
 from tfx_jax.generate import command as generate_command
 from tfx_jax.generate import options as sample_options
 from tfx_jax.train import loop
+from tfx_jax.train.steps import make_eval_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo.py"
@@ -159,12 +162,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     options = sample_options.from_args(args)
-    for part in prompt_eval.split_options(options):  # images' and captions' own
+    for part in split_options(options):  # images' and captions' own
         part.validate()  # a bad option fails before the model is loaded
     if args.num_prompts < 1:
         raise ConfigError(f"--num-prompts {args.num_prompts}: give at least 1 per split.")
     splits = [s for part in args.split for s in part.split(",") if s]
-    result = evaluation.evaluate_run(
+    result = eval_command.evaluate_run(
         args.workdir,
         args.step,
         splits=splits or None,
@@ -172,10 +175,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         options=options,
         overrides=args.overrides,
         num_batches=args.num_batches,
+        make_eval_step=make_eval_step,
+        targets=demo.check_targets,
     )
     if jax.process_index() != 0:
         return
-    print(evaluation.summary(result))
+    print(eval_command.summary(result))
     print(f"wrote {epath.Path(args.workdir) / 'eval.json'}")
     if not args.no_report:
         print(f"report: {report.write(args.workdir)['html']}")
@@ -352,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override the saved config, e.g. --set data.data_dir=DIR when the data moved",
     )
-    sample_options.add_arguments(p, prompt_eval.IMAGE_OPTIONS)
+    sample_options.add_arguments(p, IMAGE_OPTIONS)
     _add_distributed(p)
     p.set_defaults(fn=cmd_eval)
 

@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 from tfx_jax import artifacts
 from tfx_jax.config import Config, ConfigError
 from tfx_jax.data import encoded, sequence, sources
-from tfx_jax.data.embedded import text_corpus
 from tfx_jax.data.encoded import IMAGE_PLACEHOLDER, write_encoded
 from tfx_jax.data.sources import mixture
 from tfx_jax.data.tokenizer import (
@@ -48,6 +47,7 @@ from tfx_jax.data.tokenizer import (
     NUM_RESERVED,
     Tokenizer,
     VocabularyTooSmallError,
+    general_texts,
     train_tokenizer,
 )
 from tfx_jax.models import vae
@@ -91,7 +91,7 @@ def _build_tokenizer(cfg: Config) -> None:
     for _, _, part in mixture.parts(cfg):  # a mixture's tokenizer reads every component
         texts += [t.replace(IMAGE_PLACEHOLDER, " ") for t in _tokenizer_texts(part)]
     texts = [piece for t in texts if t.strip() for piece in _sentences(t)]
-    texts += list(text_corpus.documents("train"))
+    texts += list(general_texts())
     try:
         proto = train_tokenizer(
             texts,

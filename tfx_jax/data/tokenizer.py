@@ -27,6 +27,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from tfx_jax.data.embedded import text_corpus
+
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -89,6 +91,13 @@ def min_vocab_size(byte_fallback: bool) -> int:
       piece too (character_coverage=1.0), and `train_tokenizer` then says how many are needed.
     """
     return NUM_RESERVED + (NUM_BYTE_PIECES if byte_fallback else 0) + 1
+
+
+def general_texts() -> tuple[str, ...]:
+    """English prose every tokenizer learns besides its source's text: the train slice of the
+    embedded corpus (`data.embedded.text_corpus`, the Python standard library's docstrings), so
+    the vocabulary spells ordinary words whatever the source's text is."""
+    return text_corpus.documents("train")
 
 
 def train_tokenizer(

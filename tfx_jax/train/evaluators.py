@@ -1,6 +1,6 @@
 """Held-out evaluation during training: the evaluators the loop runs at `train.eval_every`.
 
-They call the same code as `python -m tfx_jax eval` (`tfx_jax.evaluation`), so a step's logged
+They call the same code as `python -m tfx_jax eval` (`tfx_jax.eval`), so a step's logged
 eval metrics are what `eval --step N` computes for the same batches and prompts:
 
 evaluate       text perplexity and diffusion loss per timestep bucket and per patch row over
@@ -9,6 +9,9 @@ SampleGrid     `train.eval_samples` images per prompt split drawn with the curre
                (generation on every process), a TensorBoard grid, the judge's scores per
                attribute / split / grid row, and scored captions for the true images
 run_evaluators runs them after the step's checkpoint; a failure is one line and a count
+
+They read the trainer through `Evaluated` (what `train.loop.Trainer` has), so this module never
+imports the loop, which imports it.
 """
 
 from __future__ import annotations
@@ -16,23 +19,35 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from tfx_jax import evaluation, prompt_eval
 from tfx_jax.config import Config
-
-if TYPE_CHECKING:  # the loop imports this module; the trainer is only a parameter here
-    from tfx_jax.train.loop import Trainer
+from tfx_jax.eval.losses import loss_metrics
+from tfx_jax.eval.prompts import Prompting, sample_grid
 
 log = logging.getLogger("tfx_jax")
 
 
-def evaluate(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], num: int) -> dict:
+class Evaluated(Protocol):
+    """What the evaluators read of the model being trained (`train.loop.Trainer` is one)."""
+
+    cfg: Config
+    mesh: Mesh
+    state: Any  # its `.params` are evaluated
+
+    def eval_step(self, batch: dict[str, Any], rng: jax.Array | None = None) -> dict:
+        """`train.steps.make_eval_step`'s metrics for the current params."""
+        ...
+
+
+def evaluate(trainer: Evaluated, batches: Iterator[dict[str, np.ndarray]], num: int) -> dict:
     """Held-out text perplexity and diffusion loss (per timestep bucket and patch row),
-    averaged over `num` batches (`evaluation.loss_metrics` with the trainer's eval step)."""
-    return evaluation.loss_metrics(trainer.eval_step, batches, num, trainer.cfg)
+    averaged over `num` batches (`eval.losses.loss_metrics` with the trainer's eval step)."""
+    return loss_metrics(trainer.eval_step, batches, num, trainer.cfg)
 
 
 class SampleGrid:
@@ -41,24 +56,24 @@ class SampleGrid:
     eval, and captions for their true images: a picture of progress (TensorBoard `samples`)
     and the judge's scores (`eval/judge/...`, `eval/judge_fraction`, `eval/caption/...`; for
     sources without a judge, the grid alone). The examples are chosen once
-    (`prompt_eval.Prompting`)."""
+    (`eval.prompts.Prompting`)."""
 
     def __init__(self, cfg: Config, num: int):
-        self.prompting = prompt_eval.Prompting(cfg, num)
+        self.prompting = Prompting(cfg, num)
 
-    def __call__(self, trainer: Trainer) -> tuple[np.ndarray, dict[str, float]]:
+    def __call__(self, trainer: Evaluated) -> tuple[np.ndarray, dict[str, float]]:
         # Captions are only worth their decoding time where they are scored.
         drawn, _, metrics = self.prompting(
             trainer.cfg,
             trainer.state.params,
             trainer.mesh,
-            captions=self.prompting.source.has_judge,
+            captions=self.prompting.judge is not None,
         )
-        return prompt_eval.sample_grid(drawn), metrics
+        return sample_grid(drawn), metrics
 
 
 def run_evaluators(
-    trainer: Trainer,
+    trainer: Evaluated,
     batches: Iterator[dict[str, np.ndarray]],
     sampler: SampleGrid | None,
     step: int,

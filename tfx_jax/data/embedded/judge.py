@@ -340,3 +340,57 @@ def compare(expected: Sequence[shapes.SceneObject], found: Sequence[shapes.Scene
     if not expected:
         raise ValueError("the expected scene needs at least one object")
     return _scored(expected, found[:_MAX_MATCH_CANDIDATES], len(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes source's judge (`tfx_jax.data.judging.Judge`): what the eval package asks.
+# ---------------------------------------------------------------------------------------------
+
+
+class ShapesJudge:
+    """The shapes world's `Judge`: images read by `score`, captions by the caption grammar
+    (`shapes.parse_caption`, `shapes.read_caption`), objects grouped by whether their (shape,
+    colour) pair is held out (`shapes.HELDOUT_PAIRS`) and by their grid row (`ROWS`)."""
+
+    attributes = _ATTRIBUTES
+    prompt_splits = ("train", "heldout")
+    groups = ("pair_seen", "pair_heldout", *(f"row_{r}" for r in ROWS))
+
+    def parse(self, text: str) -> shapes.Scene | None:
+        try:
+            return shapes.parse_caption(text)
+        except ValueError:
+            return None
+
+    def read_caption(self, text: str) -> tuple[shapes.Scene, bool]:
+        return shapes.read_caption(text)
+
+    def score_image(self, image: np.ndarray, scene: Sequence[shapes.SceneObject]) -> dict:
+        return score(image, scene)
+
+    def compare(
+        self, expected: Sequence[shapes.SceneObject], found: Sequence[shapes.SceneObject]
+    ) -> dict:
+        return compare(expected, found)
+
+    def groups_of(self, obj: shapes.SceneObject) -> tuple[str, ...]:
+        held = (obj.shape, obj.color) in shapes.HELDOUT_PAIRS
+        return ("pair_heldout" if held else "pair_seen", f"row_{row_of(obj.position)}")
+
+    def to_json(self, judged: dict) -> dict:
+        """The numbers, and per object what was asked and what was read (as caption phrases),
+        its grid row and a bool per attribute and "present"."""
+        out = {k: v for k, v in judged.items() if k != "objects"}
+        out["objects"] = [
+            {
+                "prompt": o["prompt"].phrase(),
+                "found": o["found"].phrase() if o["found"] is not None else None,
+                "row": row_of(o["prompt"].position),
+                **{a: bool(o[a]) for a in (*_ATTRIBUTES, "present")},
+            }
+            for o in judged["objects"]
+        ]
+        return out
+
+
+JUDGE = ShapesJudge()

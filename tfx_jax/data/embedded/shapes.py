@@ -363,6 +363,27 @@ def parse_caption(text: str) -> Scene:
     return tuple(scene)
 
 
+def read_caption(text: str) -> tuple[Scene, bool]:
+    """The scene a generated caption names, and whether it is a caption of the grammar.
+
+    The first sentence is parsed with the grammar (`parse_caption`); text outside it names the
+    well-formed object phrases found in it (the first per grid cell), as
+    benchmarks/shapes_eval.py reads captions, so a caption followed by stray words still names
+    its objects.
+    """
+    try:
+        return parse_caption(text.strip().split(".")[0]), True
+    except ValueError:
+        pass
+    found, cells = [], set()
+    for m in _PHRASE_RE.finditer(text):
+        where = _WHERE[m["where"]]
+        if where not in cells:
+            cells.add(where)
+            found.append(SceneObject(m["shape"], m["color"], m["size"], where))
+    return tuple(found), False
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling.
 # ---------------------------------------------------------------------------------------------

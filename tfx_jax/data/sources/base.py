@@ -23,13 +23,14 @@ tokenizer, VAE or encoded records are made for it.
 
 from __future__ import annotations
 
-import math
 import re
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
+
+from tfx_jax.data.judging import Judge
 
 if TYPE_CHECKING:
     from tfx_jax.config import Config
@@ -70,9 +71,8 @@ class DataConfigError(ValueError):
 class Source:
     """A data source: where the examples of `data.source = name` come from.
 
-    Subclasses set `name` (and `has_images`, `makes_batches`, `has_judge` where they differ)
-    and implement what applies to them; the defaults below say what a source without that
-    ability does.
+    Subclasses set `name` (and `has_images`, `makes_batches` where they differ) and implement
+    what applies to them; the defaults below say what a source without that ability does.
     """
 
     name: ClassVar[str] = ""
@@ -80,8 +80,6 @@ class Source:
     has_images: ClassVar[bool] = False
     # The source makes packed batches itself (`batches`): no files, tokenizer, VAE or records.
     makes_batches: ClassVar[bool] = False
-    # `score` reads generated images back against their prompts.
-    has_judge: ClassVar[bool] = False
 
     def bind(self, cfg: Config) -> Source:
         """This source for `cfg` (`of(cfg)`): itself, unless its flags depend on the config."""
@@ -145,10 +143,15 @@ class Source:
         checkpointable iterator (`get_state`/`set_state`, like Grain's)."""
         raise NotImplementedError(f"data.source={self.name} reads files; it makes no batches")
 
-    def score(self, image: np.ndarray, prompt: str) -> float:
-        """The fraction of what `prompt` asks for that a generated `image` shows (NaN: this
-        source has no judge)."""
-        return math.nan
+    def judge(self, cfg: Config) -> Judge | None:
+        """What reads generated images and captions back against this source's captions
+        (`tfx_jax.data.judging.Judge`); None: the source has no judge, so its samples are drawn
+        and captioned but not scored."""
+        return None
+
+    def describe(self, cfg: Config) -> str:
+        """The source in a few words, for a run's header (`eval.json`'s config, the report)."""
+        return self.name
 
 
 _REGISTRY: dict[str, Source] = {}

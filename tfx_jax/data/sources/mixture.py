@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tfx_jax.data.judging import Judge
 from tfx_jax.data.sources.base import SPLITS, DataConfigError, Source, of, register
 
 if TYPE_CHECKING:
@@ -160,9 +161,6 @@ class Mixture(Source):
         self._parts = parts(cfg) if cfg is not None else []
         bound = [(of(p), p) for _, _, p in self._parts]
         self.has_images = any(source.has_images for source, _ in bound)
-        judged = [(source, p) for source, p in bound if source.has_judge]
-        self.has_judge = bool(judged)
-        self._judge = judged[0] if judged else None
 
     def bind(self, cfg: Config) -> Source:
         return Mixture(cfg)
@@ -195,7 +193,8 @@ class Mixture(Source):
         source, p = with_images[0]
         return source.prompts(p, num, seed)
 
-    def score(self, image: np.ndarray, prompt: str) -> float:
-        if self._judge is None:
-            return float("nan")
-        return self._judge[0].score(image, prompt)
+    def judge(self, cfg: Config) -> Judge | None:
+        """The first judged component's judge (the others' captions are outside its grammar:
+        their prompts are drawn, not scored)."""
+        judges = (of(p).judge(p) for _, _, p in parts(cfg))
+        return next((j for j in judges if j is not None), None)

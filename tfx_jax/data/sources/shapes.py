@@ -1,5 +1,6 @@
 """source=shapes: the embedded `tfx_shapes` TFDS dataset (`tfx_jax.data.embedded`), rendered
-locally from a seed into `<data_dir>/tfds` (ArrayRecord); its judge scores generated images."""
+locally from a seed into `<data_dir>/tfds` (ArrayRecord); its judge (`embedded.judge.JUDGE`)
+reads generated images and captions back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from etils import epath
 
-from tfx_jax.data.embedded import builders, judge, shapes
+from tfx_jax.data.embedded import builders, shapes
+from tfx_jax.data.embedded.judge import JUDGE
+from tfx_jax.data.judging import Judge
 from tfx_jax.data.sources.base import SPLITS, Source, register
 
 if TYPE_CHECKING:
@@ -24,7 +27,6 @@ def _tfds_dir(cfg: Config) -> str:
 class Shapes(Source):
     name = "shapes"
     has_images = True
-    has_judge = True
 
     def source_id(self, cfg: Config) -> str:
         return f"shapes_{cfg.data.tfds_config}_{cfg.data.image_size}px"
@@ -47,5 +49,8 @@ class Shapes(Source):
         rng = np.random.default_rng(seed)
         return [shapes.caption(shapes.sample_scene(rng, "heldout", spec)) for _ in range(num)]
 
-    def score(self, image: np.ndarray, prompt: str) -> float:
-        return float(judge.score(image, prompt)["fraction"])
+    def judge(self, cfg: Config) -> Judge:
+        return JUDGE
+
+    def describe(self, cfg: Config) -> str:
+        return f"shapes ({cfg.data.tfds_config})"

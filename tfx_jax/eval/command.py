@@ -1,31 +1,13 @@
-"""Evaluation of a model's parameters: the same numbers during training and after it.
+"""`python -m tfx_jax eval`: a run's checkpoint evaluated (params only) into RUN/eval.json and
+RUN/eval/step_N/, with the same code training's evaluators run (`tfx_jax.eval`).
 
-What it measures (every key of `metrics` is also what training logs at `train.eval_every`):
-  losses    held-out text loss and perplexity, diffusion loss overall, per timestep bucket
-            (eval/diffusion_loss_tNNNN) and per patch row (eval/diffusion_loss_rowRR), over
-            `train.eval_batches` validation batches — always the same batches (`rewind`).
-  prompts   an image drawn for the caption of each prompt example, scored by the source's judge
-            (the shapes world's `data.embedded.judge`): per prompt split (train = seen shape/
-            colour pairs, heldout = unseen ones) eval/judge/<split>/{attributes, objects, shape,
-            color, size, position, count, exact, prompts}, the same for one- and multi-object
-            prompts (<split>/one_object, <split>/multi_object), and per object: pair_seen /
-            pair_heldout, row_top / row_middle / row_bottom (the grid row it sits in, for any
-            image mode). eval/judge_fraction = held-out objects fully right.
-  captions  for the true image of each prompt example, a caption generated after it (image
-            first, greedy), read back with the caption grammar and compared with the true scene:
-            eval/caption/<split>/{attributes, objects (named exactly), ..., parsed}.
-  document  (`evaluate_run` only) one interleaved document continued from a validation one.
+    evaluate_run(workdir, make_eval_step=...)    every process generates in lockstep, process 0
+                                                 writes RUN/eval.json and RUN/eval/step_N/
+    summary(result)                              eval.json's main numbers as text
+    config_brief(cfg)                            the run's config in a few lines (the header)
 
-"attributes" is the share of (object, attribute) pairs right over shape, colour, size and
-position; "objects" the share of objects with all four right. Sources without a judge get the
-losses, images and captions without scores.
-
-    loss_metrics(eval_step, batches, num, cfg)   any eval step: the trainer's or `LossEval`'s
-    prompt_eval.Prompting(cfg, num, seed)        images + captions for any params, judged
-                                                 (`tfx_jax.prompt_eval`)
-    evaluate_run(workdir, ...)                   `python -m tfx_jax eval`: params only, every
-                                                 process generates in lockstep, process 0 writes
-                                                 RUN/eval.json and RUN/eval/step_N/
+The train step's loss (`make_eval_step`) and the targets to check (`targets`) are given by the
+caller (the CLI, the demo), so this package never imports the trainer or the demo.
 """
 
 from __future__ import annotations
@@ -36,8 +18,8 @@ import functools
 import io
 import json
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -45,18 +27,14 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from tfx_jax import artifacts, layout, sharding
+from tfx_jax import artifacts
 from tfx_jax import params as params_lib
 from tfx_jax.config import Config, ConfigError, apply_overrides
 from tfx_jax.data import sources
-from tfx_jax.data.embedded import judge
+from tfx_jax.data.judging import Judge
 from tfx_jax.data.sources import RecordError
-from tfx_jax.generate import sample
-from tfx_jax.generate.documents import write_documents
-from tfx_jax.generate.options import SampleOptions
-from tfx_jax.models.transformer import Transfusion
-from tfx_jax.prompt_eval import (
-    ATTRIBUTES,
+from tfx_jax.eval.losses import LossEval, MakeEvalStep, loss_metrics
+from tfx_jax.eval.prompts import (
     IMAGE_OPTIONS,
     Captioned,
     Drawn,
@@ -64,142 +42,18 @@ from tfx_jax.prompt_eval import (
     sample_grid,
     split_options,
 )
-from tfx_jax.sharding import mesh_context
-from tfx_jax.train.steps import make_eval_step
+from tfx_jax.generate import sample
+from tfx_jax.generate.documents import write_documents
+from tfx_jax.generate.options import SampleOptions
+from tfx_jax.models.transformer import Transfusion
 
 log = logging.getLogger("tfx_jax")
 
 LOSS_SPLIT = "validation"
 DOCUMENT_TOKENS = 128  # text budget of the interleaved document (its images come on top)
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A score the demo promises (issue 14): `key` of the metrics must reach `goal`."""
-
-    name: str
-    key: str
-    goal: float
-
-
-TARGETS = (
-    Target("held-out prompts: attributes drawn right", "eval/judge/heldout/attributes", 0.90),
-    Target("training-split prompts: attributes drawn right", "eval/judge/train/attributes", 0.95),
-    Target("held-out images: caption attributes right", "eval/caption/heldout/attributes", 0.90),
-)
-
-
-def check_targets(metrics: dict[str, float], targets: Sequence[Target] = TARGETS) -> list[dict]:
-    """One row per target whose metric exists: name, key, goal, value, met, short_by."""
-    rows = []
-    for t in targets:
-        if t.key in metrics:
-            value = float(metrics[t.key])
-            rows.append(
-                {
-                    "name": t.name,
-                    "key": t.key,
-                    "goal": t.goal,
-                    "value": value,
-                    "met": value >= t.goal,
-                    "short_by": max(t.goal - value, 0.0),
-                }
-            )
-    return rows
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-_START = "_tfx_eval_start"  # where an eval iterator stood when it was first evaluated
-
-
-def rewind(batches: Iterator) -> None:
-    """Makes every evaluation read the same batches: the first call remembers the iterator's
-    position (Grain's `get_state`), later calls go back to it (`set_state`). So eval losses
-    compare across steps, and equal `python -m tfx_jax eval`'s, which starts a fresh iterator.
-    An iterator without that protocol just continues."""
-    if not (hasattr(batches, "get_state") and hasattr(batches, "set_state")):
-        return
-    start = getattr(batches, _START, None)
-    if start is None:
-        try:
-            setattr(batches, _START, batches.get_state())
-        except AttributeError:  # an iterator that takes no attributes: it continues
-            pass
-    else:
-        batches.set_state(start)
-
-
-def loss_metrics(
-    eval_step: Callable[[dict, jax.Array], dict],
-    batches: Iterator[dict[str, np.ndarray]],
-    num: int,
-    cfg: Config,
-) -> dict[str, float]:
-    """Held-out text perplexity and diffusion loss (overall, per timestep bucket, per patch row),
-    averaged over `num` batches of `batches` (rewound: the same batches every time).
-
-    Args:
-      eval_step: `(batch, rng) -> metrics` of `train.steps.make_eval_step` (`Trainer.eval_step`,
-        or a `LossEval` bound to params).
-      batches: this process's validation batches.
-      num: batches to average over.
-      cfg: the run's config.
-    """
-    rewind(batches)
-    totals: dict[str, Any] = {}
-    for i in range(num):
-        m = jax.device_get(eval_step(next(batches), jax.random.key(10_000 + i)))
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    out = {
-        "eval/lm_loss": float(totals["lm_loss"] / num),
-        "eval/diffusion_loss": float(totals["diffusion_loss"] / num),
-    }
-    out["eval/perplexity"] = float(math.exp(min(out["eval/lm_loss"], 50.0)))
-    n_buckets = len(totals["bucket_count"])
-    T = cfg.diffusion.num_timesteps
-    for b in range(n_buckets):
-        if totals["bucket_count"][b] > 0:
-            lo = b * T // n_buckets
-            out[f"eval/diffusion_loss_t{lo:04d}"] = float(
-                totals["bucket_loss_sum"][b] / totals["bucket_count"][b]
-            )
-    for r, count in enumerate(totals.get("row_count", ())):
-        if count > 0:
-            out[f"eval/diffusion_loss_row{r:02d}"] = float(totals["row_loss_sum"][r] / count)
-    return out
-
-
-class LossEval:
-    """The train step's eval losses (`train.steps.make_eval_step`) for any params, jitted with
-    the trainer's shardings (params by their logical names, batches over data x fsdp), so
-    `eval` computes exactly what training's evaluator computes."""
-
-    def __init__(self, cfg: Config, mesh: Mesh):
-        self.cfg, self.mesh = cfg, mesh
-        rules = cfg.mesh.rules
-        batch_shardings = {
-            k: sharding.batch_sharding(mesh, rules, len(v.shape))
-            for k, v in layout.batch_spec(cfg).items()
-        }
-        self._step = jax.jit(
-            make_eval_step(Transfusion(cfg.model), cfg),
-            in_shardings=(
-                params_lib.param_shardings(cfg, mesh),
-                batch_shardings,
-                sharding.replicated(mesh),
-            ),
-            out_shardings=sharding.replicated(mesh),
-        )
-
-    def __call__(self, params: Any, batch: dict[str, Any], rng: jax.Array) -> dict:
-        arrays = {k: v for k, v in batch.items() if not k.startswith("stats/")}
-        if isinstance(next(iter(arrays.values())), np.ndarray):
-            arrays = sharding.put_global_batch(arrays, self.mesh, self.cfg.mesh.rules)
-        with mesh_context(self.mesh, self.cfg):
-            return self._step(params, arrays, rng)
+# `metrics -> rows` of the targets a run is held to (`demo.check_targets`): name, key, goal,
+# value, met, short_by.
+CheckTargets = Callable[[dict[str, float]], list[dict]]
 
 
 def summary(result: dict) -> str:
@@ -224,7 +78,8 @@ def summary(result: dict) -> str:
                 f"    {s:<14} {pct(k + '/attributes'):>10} {pct(k + '/objects'):>14} "
                 f"{pct(k + '/count'):>6} {pct(k + '/exact'):>6}"
             )
-    rows = [r for r in judge.ROWS if f"eval/judge/row_{r}/objects" in m]
+    # The judge's per-row groups (`Judge.groups` named row_<row>), in its order.
+    rows = [r for k in m for r in re.findall(r"^eval/judge/row_([^/]+)/objects$", k)]
     if rows:
         by_row = ", ".join(f"{r} {pct(f'eval/judge/row_{r}/objects').strip()}" for r in rows)
         lines.append(f"  objects drawn right by grid row: {by_row}")
@@ -245,7 +100,7 @@ def summary(result: dict) -> str:
 def config_brief(cfg: Config, num_params: int | None = None) -> dict[str, str]:
     """The run's config in a few lines (the report's header)."""
     m, d, df, tr, op = cfg.model, cfg.data, cfg.diffusion, cfg.train, cfg.optimizer
-    tier = f" ({d.tfds_config})" if d.source == "shapes" else ""
+    data = sources.of(cfg).describe(cfg)  # e.g. "shapes (single)"
     out = {
         "name": cfg.name,
         "model": f"{m.n_layers} layers x d_model {m.d_model}, {m.n_heads} heads, vocab "
@@ -255,7 +110,7 @@ def config_brief(cfg: Config, num_params: int | None = None) -> dict[str, str]:
         f"{m.patch_encoder} patch encoder",
         "diffusion": f"{df.mode}, {df.schedule} schedule, {df.num_timesteps} steps, loss "
         f"weight {df.loss_weight}, p_uncond {df.p_uncond}",
-        "data": f"{d.source}{tier}, seq_len {d.seq_len} x batch {d.global_batch_size}",
+        "data": f"{data}, seq_len {d.seq_len} x batch {d.global_batch_size}",
         "training": f"{tr.steps} steps, AdamW lr {op.learning_rate} (warmup "
         f"{op.warmup_steps}), eval every {tr.eval_every}"
         + ("" if tr.lm_loss_before_images else ", no LM loss on captions before their image"),
@@ -271,23 +126,6 @@ def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _scores(judged: dict | None) -> dict | None:
-    """A judge result as JSON: the numbers, and per object what was asked and what was read."""
-    if judged is None:
-        return None
-    out = {k: v for k, v in judged.items() if k != "objects"}
-    out["objects"] = [
-        {
-            "prompt": o["prompt"].phrase(),
-            "found": o["found"].phrase() if o["found"] is not None else None,
-            "row": judge.row_of(o["prompt"].position),
-            **{a: bool(o[a]) for a in (*ATTRIBUTES, "present")},
-        }
-        for o in judged["objects"]
-    ]
-    return out
 
 
 def _document_prompt(cfg: Config, source: sources.Source) -> str | None:
@@ -318,19 +156,26 @@ def evaluate_run(
     overrides: Sequence[str] = (),
     num_batches: int = 0,
     document: bool = True,
+    make_eval_step: MakeEvalStep,
+    targets: CheckTargets | None = None,
 ) -> dict:
     """Evaluates a run's checkpoint (params only) and writes RUN/eval.json and RUN/eval/step_N/.
 
     Args:
       workdir: the run's workdir.
       step: default the newest complete checkpoint.
-      splits: prompt splits (default `prompt_splits`: train and heldout for the shapes data).
+      splits: prompt splits (default `prompt_splits`: the judge's, train and heldout for the
+        shapes data).
       num_prompts: prompts per split.
       options: how images are drawn (`IMAGE_OPTIONS`, as training's evaluator draws them);
         `options.seed` also picks the prompt examples (training's evaluator: 0).
       overrides: `--set key=value` on the saved config (e.g. data.data_dir when moved).
       num_batches: validation batches for the losses (0: train.eval_batches, as training).
       document: also continue one interleaved validation document.
+      make_eval_step: `(model, cfg) -> (params, batch, rng) -> metrics`, the train step's
+        eval losses (`train.steps.make_eval_step`), jitted here as `LossEval`.
+      targets: the scores the run is held to (`demo.check_targets`), checked when the source
+        has a judge: eval.json's "targets" (else empty).
 
     Returns:
       The eval.json content (identical on every process; process 0 writes it).
@@ -376,7 +221,8 @@ def evaluate_run(
     if LOSS_SPLIT in source.splits(cfg):
         log.info("eval: losses over %d %s batches", num_batches, LOSS_SPLIT)
         batches = artifacts.batches(cfg, LOSS_SPLIT, shuffle=False, num_epochs=None)
-        step_fn = functools.partial(LossEval(cfg, mesh), params)
+        pure_step = make_eval_step(Transfusion(cfg.model), cfg)
+        step_fn = functools.partial(LossEval(cfg, mesh, pure_step), params)
         metrics.update(loss_metrics(step_fn, batches, num_batches, cfg))
         report["loss_batches"] = num_batches
 
@@ -395,7 +241,9 @@ def evaluate_run(
         if stream is not None:
             report["streams"] = _strips(stream, drawn, prompting.vae, out_dir, step, is_main)
         rel = f"eval/step_{step}"
-        report["samples"], report["captions"] = _records(drawn, captioned, out_dir, rel, is_main)
+        report["samples"], report["captions"] = _records(
+            drawn, captioned, prompting.judge, out_dir, rel, is_main
+        )
         if is_main and drawn:
             (out_dir / "grid.png").write_bytes(_png(sample_grid(drawn)))
         if document:
@@ -403,7 +251,8 @@ def evaluate_run(
                 cfg, params, mesh, prompting, options, out_dir, f"{rel}/document"
             )
 
-    report["targets"] = check_targets(metrics) if source.has_judge else []
+    judged = targets is not None and source.judge(cfg) is not None
+    report["targets"] = targets(metrics) if judged else []
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(report, indent=1, sort_keys=False)
@@ -415,12 +264,15 @@ def evaluate_run(
 def _records(
     drawn: Sequence[Drawn],
     captioned: Sequence[Captioned],
+    judge: Judge | None,
     out_dir: epath.Path,
     rel: str,
     is_main: bool,
 ) -> tuple[list[dict], list[dict]]:
-    """eval.json's per-example records (samples, captions); process 0 writes their images as
-    samples/<split>_<i>.png (drawn) and truth/<split>_<i>.png (the true image)."""
+    """eval.json's per-example records (samples, captions) with the judge's results as JSON
+    (`Judge.to_json`); process 0 writes their images as samples/<split>_<i>.png (drawn) and
+    truth/<split>_<i>.png (the true image)."""
+    scores = lambda judged: None if judged is None or judge is None else judge.to_json(judged)
     samples, captions, count = [], [], {}
     for d, c in zip(drawn, captioned, strict=True):
         split = d.example.split
@@ -436,7 +288,7 @@ def _records(
                 "split": split,
                 "prompt": d.example.text,
                 "image": f"{rel}/samples/{name}" if d.image is not None else None,
-                "judge": _scores(d.judged),
+                "judge": scores(d.judged),
             }
         )
         captions.append(
@@ -446,7 +298,7 @@ def _records(
                 "image": f"{rel}/truth/{name}",
                 "generated": c.text,
                 "read": c.read,
-                "judge": _scores(c.judged),
+                "judge": scores(c.judged),
             }
         )
     return samples, captions

@@ -1,23 +1,23 @@
 """Evaluation by prompts: images drawn for captions, captions written for images, both judged.
 
-For each prompt split of a source (a judged source's train = seen shape/colour pairs and heldout =
-unseen ones; otherwise validation), a fixed set of caption examples (`caption_examples`): the
-model draws an image for each caption (`IMAGE_OPTIONS`) and writes a caption after each true
-image (`CAPTION_OPTIONS`, greedy); the source's judge (`data.embedded.judge`) reads the drawn
-images and the caption grammar (`read_caption`) reads the captions, and `prompt_metrics` turns
-both into the eval/judge/... and eval/caption/... keys (`tfx_jax.evaluation` lists them). The
-same `Prompting` object serves training's evaluators (every `train.eval_every` steps, the same
-examples each time) and the `eval` command, so the numbers match.
+For each prompt split of a source (a judged source's `Judge.prompt_splits`, e.g. the shapes
+world's train = seen shape/colour pairs and heldout = unseen ones; otherwise validation), a
+fixed set of caption examples (`caption_examples`): the model draws an image for each caption
+(`IMAGE_OPTIONS`) and writes a caption after each true image (`CAPTION_OPTIONS`, greedy); the
+source's judge (`Source.judge`, `tfx_jax.data.judging.Judge`) reads the drawn images and the
+generated captions back, and `prompt_metrics` turns both into the eval/judge/... and
+eval/caption/... keys (`tfx_jax.eval` lists them). The same `Prompting` object serves training's
+evaluators (every `train.eval_every` steps, the same examples each time) and the `eval`
+command, so the numbers match.
 
-    Prompting(cfg, num, seed)(cfg, params, mesh)  -> (drawn, captioned), any params
-    prompt_metrics(drawn, captioned)              -> the judged metrics
+    Prompting(cfg, num, seed)(cfg, params, mesh)  -> (drawn, captioned, metrics), any params
+    prompt_metrics(drawn, captioned, judge)       -> the judged metrics
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from tfx_jax import artifacts
 from tfx_jax.config import Config
 from tfx_jax.data import sources
-from tfx_jax.data.embedded import judge, shapes
+from tfx_jax.data.judging import Judge
 from tfx_jax.data.sources import RecordError
 from tfx_jax.generate import sample
 from tfx_jax.generate.options import SampleOptions
@@ -36,7 +36,6 @@ from tfx_jax.observability.metric_writers import image_grid
 
 log = logging.getLogger("tfx_jax")
 
-ATTRIBUTES = ("shape", "color", "size", "position")
 # Images for prompts: DDIM with guidance 3, the image as the whole answer (BOI forced).
 IMAGE_OPTIONS = SampleOptions(
     max_new_tokens=2, sampler="ddim", diffusion_steps=50, guidance_scale=3.0
@@ -67,7 +66,7 @@ class Example:
 @dataclasses.dataclass
 class Drawn:
     """The image drawn for an example's caption, and the judge's reading of it (None: no
-    judge, or a caption outside the judge's grammar)."""
+    judge, or a caption outside the judge's grammar; `Judge.score_image`)."""
 
     example: Example
     image: np.ndarray | None
@@ -77,8 +76,8 @@ class Drawn:
 @dataclasses.dataclass
 class Captioned:
     """The caption generated for an example's true image, and its comparison with the true
-    scene (None: no judge). `read` is False when its first sentence is outside the caption
-    grammar (its object phrases are still scored, `read_caption`)."""
+    scene (None: no judge; `Judge.compare`). `read` is False when the caption is outside the
+    judge's grammar (what could be read of it is still scored, `Judge.read_caption`)."""
 
     example: Example
     text: str
@@ -87,11 +86,13 @@ class Captioned:
 
 
 def prompt_splits(cfg: Config, source: sources.Source) -> tuple[str, ...]:
-    """Where prompts come from: a judged source's train (seen combinations) and heldout
-    splits; otherwise its validation split (else train)."""
+    """Where prompts come from: a judged source's prompt splits (`Judge.prompt_splits`: the
+    shapes world's train and heldout combinations) that it has; otherwise its validation split
+    (else train)."""
     have = source.splits(cfg)
-    if source.has_judge:
-        judged = tuple(s for s in ("train", "heldout") if s in have)
+    judge = source.judge(cfg)
+    if judge is not None:
+        judged = tuple(s for s in judge.prompt_splits if s in have)
         if judged:
             return judged
     return ("validation",) if "validation" in have else ("train",)
@@ -118,40 +119,10 @@ def caption_examples(
     return out
 
 
-# One object phrase of the caption grammar ("a large red circle at the top left").
-_PHRASE = re.compile(
-    r"a ({}) ({}) ({}) ({})".format(
-        *("|".join(words) for words in (shapes.SIZES, shapes.COLORS, shapes.SHAPES)),
-        "|".join(shapes.POSITION_PHRASES.values()),
-    )
-)
-_PLACE = {phrase: position for position, phrase in shapes.POSITION_PHRASES.items()}
-
-
-def read_caption(text: str) -> tuple[shapes.Scene, bool]:
-    """The scene a generated caption names, and whether it is a caption of the grammar.
-
-    The first sentence is parsed with the grammar (`shapes.parse_caption`); text outside it
-    names the well-formed object phrases found in it (the first per grid cell), as
-    benchmarks/shapes_eval.py reads captions, so a caption followed by stray words still
-    names its objects.
-    """
-    try:
-        return shapes.parse_caption(text.strip().split(".")[0]), True
-    except ValueError:
-        pass
-    found, cells = [], set()
-    for size, color, shape, where in _PHRASE.findall(text):
-        if _PLACE[where] not in cells:
-            cells.add(_PLACE[where])
-            found.append(shapes.SceneObject(shape, color, size, _PLACE[where]))
-    return tuple(found), False
-
-
 class Prompting:
     """Images for the captions of each prompt split and captions for their true images, drawn
-    with any params and scored by the source's judge. The examples are fixed at construction
-    (the same at every eval of a run)."""
+    with any params and scored by the source's judge (`judge`: None when it has none). The
+    examples are fixed at construction (the same at every eval of a run)."""
 
     def __init__(
         self,
@@ -161,6 +132,7 @@ class Prompting:
         splits: Sequence[str] | None = None,
     ):
         self.source = sources.of(cfg)
+        self.judge: Judge | None = self.source.judge(cfg)
         self.splits = tuple(splits or prompt_splits(cfg, self.source))
         self.examples = [
             ex for s in self.splits for ex in caption_examples(cfg, self.source, s, num, seed)
@@ -186,19 +158,14 @@ class Prompting:
         for ex, res in zip(self.examples, results, strict=True):
             image = res.images[0].image if res.images else None
             scene = self._scene(ex)
-            judged = judge.score(image, scene) if scene and image is not None else None
+            judged = self.judge.score_image(image, scene) if scene and image is not None else None
             drawn.append(Drawn(ex, image, judged))
         return drawn
 
-    def _scene(self, ex: Example) -> shapes.Scene | None:
+    def _scene(self, ex: Example) -> Sequence[Any] | None:
         """The scene a prompt asks for, when the source has a judge and the caption is in its
         grammar (a mixture's other captions are not)."""
-        if not self.source.has_judge:
-            return None
-        try:
-            return shapes.parse_caption(ex.text)
-        except ValueError:
-            return None
+        return None if self.judge is None else self.judge.parse(ex.text)
 
     def caption(
         self, cfg: Config, params: Any, mesh: Mesh, options: SampleOptions = CAPTION_OPTIONS
@@ -213,9 +180,12 @@ class Prompting:
         out = []
         for ex, res in zip(self.examples, results, strict=True):
             text = res.text.strip()
-            found, in_grammar = read_caption(text)
             truth = self._scene(ex)
-            judged = judge.compare(truth, found) if truth else None
+            if self.judge is None:
+                out.append(Captioned(ex, text, False, None))
+                continue
+            found, in_grammar = self.judge.read_caption(text)
+            judged = self.judge.compare(truth, found) if truth else None
             out.append(Captioned(ex, text, in_grammar, judged))
         return out
 
@@ -235,7 +205,7 @@ class Prompting:
         if captions:
             log.info("eval: %d captions, one after each true image", len(self.examples))
             captioned = self.caption(cfg, params, mesh, caption_options)
-        return drawn, captioned, prompt_metrics(drawn, captioned)
+        return drawn, captioned, prompt_metrics(drawn, captioned, self.judge)
 
 
 def sample_grid(drawn: Sequence[Drawn], cols: int = 8) -> np.ndarray:
@@ -246,11 +216,13 @@ def sample_grid(drawn: Sequence[Drawn], cols: int = 8) -> np.ndarray:
     return image_grid(np.stack(images), cols=min(cols, len(images)))
 
 
-def _tally(objects: list[dict], results: list[dict] | None) -> dict[str, float]:
-    """ "attributes" (the share of object attributes right), "objects" (all four right), and,
-    for groups of whole results, the accuracy per attribute, "count", "exact" and the number
-    of "prompts"."""
-    per = {a: float(np.mean([o[a] for o in objects])) for a in ATTRIBUTES}
+def _tally(
+    objects: list[dict], results: list[dict] | None, attributes: Sequence[str]
+) -> dict[str, float]:
+    """ "attributes" (the share of object attributes right), "objects" (all of them right),
+    and, for groups of whole results, the accuracy per attribute, "count", "exact" and the
+    number of "prompts"."""
+    per = {a: float(np.mean([o[a] for o in objects])) for a in attributes}
     out = {"attributes": float(np.mean(list(per.values())))}
     out["objects"] = float(np.mean([o["present"] for o in objects]))
     if results:
@@ -261,15 +233,19 @@ def _tally(objects: list[dict], results: list[dict] | None) -> dict[str, float]:
     return out
 
 
-def judged_metrics(prefix: str, items: Sequence[tuple[str, dict]]) -> dict[str, float]:
-    """Metrics of judge results (`judge.score` / `judge.compare`) tagged with their split:
-    `prefix/<split>/...`, `prefix/<split>/{one,multi}_object/...`, and per object across
-    splits `prefix/pair_{seen,heldout}/...` and `prefix/row_{top,middle,bottom}/...`."""
+def judged_metrics(
+    prefix: str, items: Sequence[tuple[str, dict]], judge: Judge
+) -> dict[str, float]:
+    """Metrics of judge results (`Judge.score_image` / `Judge.compare`) tagged with their
+    split: `prefix/<split>/...`, `prefix/<split>/{one,multi}_object/...`, and per object across
+    splits `prefix/<group>/...` for each of the judge's `groups` (the shapes world's
+    pair_{seen,heldout} and row_{top,middle,bottom})."""
     out: dict[str, float] = {}
 
     def put(name: str, objects: list[dict], results: list[dict] | None) -> None:
         if objects:
-            out.update({f"{prefix}/{name}/{k}": v for k, v in _tally(objects, results).items()})
+            tally = _tally(objects, results, judge.attributes)
+            out.update({f"{prefix}/{name}/{k}": v for k, v in tally.items()})
 
     for split in dict.fromkeys(s for s, _ in items):
         results = [r for s, r in items if s == split]
@@ -280,24 +256,27 @@ def judged_metrics(prefix: str, items: Sequence[tuple[str, dict]]) -> dict[str, 
         )
         for name, rs in groups:
             put(name, [o for r in rs for o in r["objects"]], rs)
-    objects = [o for _, r in items for o in r["objects"]]
-    pair = lambda o: (o["prompt"].shape, o["prompt"].color)
-    put("pair_seen", [o for o in objects if pair(o) not in shapes.HELDOUT_PAIRS], None)
-    put("pair_heldout", [o for o in objects if pair(o) in shapes.HELDOUT_PAIRS], None)
-    for row in judge.ROWS:
-        put(f"row_{row}", [o for o in objects if judge.row_of(o["prompt"].position) == row], None)
+    tagged = [(o, set(judge.groups_of(o["prompt"]))) for _, r in items for o in r["objects"]]
+    for group in judge.groups:
+        put(group, [o for o, in_groups in tagged if group in in_groups], None)
     return out
 
 
-def prompt_metrics(drawn: Sequence[Drawn], captioned: Sequence[Captioned]) -> dict[str, float]:
-    """eval/judge/..., eval/judge_fraction and eval/caption/... of one evaluation."""
-    out = judged_metrics("eval/judge", [(d.example.split, d.judged) for d in drawn if d.judged])
+def prompt_metrics(
+    drawn: Sequence[Drawn], captioned: Sequence[Captioned], judge: Judge | None
+) -> dict[str, float]:
+    """eval/judge/..., eval/judge_fraction and eval/caption/... of one evaluation (none
+    without a judge)."""
+    if judge is None:
+        return {}
+    items = [(d.example.split, d.judged) for d in drawn if d.judged]
+    out = judged_metrics("eval/judge", items, judge)
     held = "eval/judge/heldout/objects"
     first = next((k for k in out if k.endswith("/objects")), None)
     if held in out or first:
         out["eval/judge_fraction"] = out[held] if held in out else out[first]
     judged = [(c.example.split, c.judged) for c in captioned if c.judged]
-    out.update(judged_metrics("eval/caption", judged))
+    out.update(judged_metrics("eval/caption", judged, judge))
     for split in dict.fromkeys(c.example.split for c in captioned):
         mine = [c for c in captioned if c.example.split == split]
         if any(c.judged for c in mine):
