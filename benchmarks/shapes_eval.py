@@ -13,7 +13,7 @@ command for users, this script is the tuning tool that produced benchmarks/RESUL
   VAE read-back  the same scenes rendered, through the VAE and back, judged: the ceiling for
                  text → image (with --config alone, only this is measured: tuning the VAE).
   image → text   `num` rendered images per split, VAE-encoded, captioned greedily; the caption
-                 is parsed with the grammar (`shapes.parse_caption`; phrases are picked out of
+                 is read with the grammar (`shapes.read_caption`; phrases are picked out of
                  text that does not parse) and its objects matched to the scene's: attribute
                  accuracy over the scene's objects, and exact (the whole scene named right).
 Prints one summary line per measurement and writes all of it as JSON.
@@ -38,23 +38,6 @@ from tfx_jax.generate import sample
 from tfx_jax.generate.options import SampleOptions
 
 ATTRIBUTES = ("shape", "color", "size", "position")
-
-
-def read_caption(text: str) -> tuple[shapes.SceneObject, ...]:
-    """The objects a generated caption names: the whole grammar if it parses, else every
-    well-formed phrase found in it (first phrase per cell)."""
-    first = text.strip().split(".")[0]
-    try:
-        return shapes.parse_caption(first)
-    except ValueError:
-        pass
-    found, cells = [], set()
-    for m in shapes._PHRASE_RE.finditer(text):
-        position = shapes._WHERE[m["where"]]
-        if position not in cells:
-            cells.add(position)
-            found.append(shapes.SceneObject(m["shape"], m["color"], m["size"], position))
-    return tuple(found)
 
 
 def caption_score(truth: shapes.Scene, named: tuple[shapes.SceneObject, ...]) -> dict:
@@ -205,7 +188,7 @@ def evaluate(args: argparse.Namespace, step: int | None) -> dict:
         rendered = np.stack([shapes.render(s, cfg.data.image_size) for s in scenes[split]])
         caps = sample.caption_images(cfg, params, tokenizer, rendered, vae, copts)
         rows = [
-            caption_score(shapes.canonical(s), read_caption(c.text))
+            caption_score(shapes.canonical(s), shapes.read_caption(c.text)[0])
             for s, c in zip(scenes[split], caps, strict=True)
         ]
         report[f"i2t_{split}"] = _summary(rows)

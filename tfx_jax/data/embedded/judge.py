@@ -18,6 +18,8 @@ How it reads an image (numpy only):
 On ground-truth renders this is exact (see tests); the scores below let callers measure generated
 images: `score(image, prompt)` gives per-object attribute correctness after an optimal one-to-one
 matching of prompted to detected objects, the count check, a fraction and an overall `exact`.
+`JUDGE` is the shapes source's `Judge` (`tfx_jax.data.judging`, `Source.judge`): what the eval
+package scores images and captions with, the caption grammar and groupings included.
 """
 
 from __future__ import annotations

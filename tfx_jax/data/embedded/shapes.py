@@ -11,7 +11,8 @@ Vocabulary (4 shapes x 6 colours x 2 sizes x 9 positions):
              image across, in the center only: the demo's tier, below)
   positions  top left, top, top right, left, center, right, bottom left, bottom, bottom right
 
-Captions follow one grammar and parse back exactly (`parse_caption`):
+Captions follow one grammar and parse back exactly (`parse_caption`; a generated caption is
+read with `read_caption`, which also picks the well-formed phrases out of text outside it):
   "a large red circle at the top left"
   "a large red circle at the top left and a small blue square in the center"
   "a small green square on the left, a large yellow diamond at the bottom and a small ..."

@@ -18,7 +18,9 @@ or fails, by `data.on_error`: an example that cannot be used contributes nothing
 The stages read `open_limited` (the first `data.max_examples`, for trials) and the tokenizer
 `texts` (a bounded, seeded sample; sources with images read the text without decoding them).
 A source may instead make packed batches itself (`makes_batches`): then no
-tokenizer, VAE or encoded records are made for it.
+tokenizer, VAE or encoded records are made for it. A source may have a judge (`judge`, a
+`tfx_jax.data.judging.Judge`) that reads generated images and captions back: evaluation asks
+it, and never knows the source's grammar itself.
 """
 
 from __future__ import annotations
