@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tfx_jax.checkpoint import Checkpointer
-from tfx_jax.config import load_config
+from tfx_jax.config import ConfigError, load_config
 from tfx_jax.models.vae import (
     VAE,
     Codec,
@@ -373,9 +373,13 @@ def test_run_resumes_exactly(full_run, run_images, tmp_path):
     _assert_same_params(resumed["params"], full_run[1]["params"])
     assert resumed["scale_factor"] == full_run[1]["scale_factor"]
 
-    # Lowering vae.steps below the latest checkpoint cannot give the state at that step: fresh.
+    # Lowering vae.steps below the latest checkpoint cannot give the state at that step: a
+    # mismatch, refused by default; with on_config_mismatch=restart, a fresh run.
+    with pytest.raises(ConfigError, match=r"step 4 > vae.steps=2.*on_config_mismatch=restart"):
+        vt.run(_run_cfg("vae.steps=2"), *run_images, tmp_path, log=lambda _: None)
     lines = []
-    again = vt.run(_run_cfg("vae.steps=2"), *run_images, tmp_path, log=lines.append)
+    restart = _run_cfg("vae.steps=2", "checkpoint.on_config_mismatch=restart")
+    again = vt.run(restart, *run_images, tmp_path, log=lines.append)
     assert again["resumed_from_step"] is None
     assert any("step 4 > vae.steps=2" in line for line in lines), lines
     _assert_same_params(again["params"], first["params"])
@@ -394,12 +398,17 @@ def test_sigterm_saves_and_resumes_exactly(full_run, run_images, tmp_path):
     _assert_same_params(resumed["params"], full_run[1]["params"])
 
 
-def test_run_with_changed_settings_starts_fresh(full_run, run_images, tmp_path):
+def test_run_with_changed_settings_is_refused_or_restarts(full_run, run_images, tmp_path):
+    """The skeleton's mismatch rule (tests/test_skeleton.py): refused naming the key, nothing
+    moved; checkpoint.on_config_mismatch=restart moves the checkpoints aside, starts fresh."""
     shutil.copytree(full_run[0] / "checkpoints", tmp_path / "checkpoints")
+    changed = ("vae.kl_weight=0.001", "vae.steps=2")
+    with pytest.raises(ConfigError, match=r"kl_weight: 1e-06 -> 0.001"):
+        vt.run(_run_cfg(*changed), *run_images, tmp_path, log=lambda _: None)
+    assert not (tmp_path / "checkpoints.stale").exists()
     lines = []
-    summary = vt.run(
-        _run_cfg("vae.kl_weight=0.001", "vae.steps=2"), *run_images, tmp_path, log=lines.append
-    )
+    restart = _run_cfg(*changed, "checkpoint.on_config_mismatch=restart")
+    summary = vt.run(restart, *run_images, tmp_path, log=lines.append)
     assert summary["resumed_from_step"] is None and summary["steps"] == 2
     assert any("kl_weight: 1e-06 -> 0.001" in line and "fresh" in line for line in lines), lines
     assert sorted(p.name for p in (tmp_path / "checkpoints.stale").iterdir() if p.name.isdigit())

@@ -138,6 +138,9 @@ class CheckpointConfig:
     keep: int = 3  # the newest N are kept ...
     keep_every: int = 0  # ... plus every K-th step forever (0 = none)
     async_save: bool = True
+    # The run's own checkpoints made with other settings (train/skeleton.py, both trainers):
+    # "refuse" names the differing keys; "restart" moves them to checkpoints.stale/, fresh start.
+    on_config_mismatch: str = "refuse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,6 +483,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be > 0.")
     need(cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0.")
     need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = none).")
+    need(
+        cfg.checkpoint.on_config_mismatch in ("refuse", "restart"),
+        f"checkpoint.on_config_mismatch={cfg.checkpoint.on_config_mismatch!r}: refuse | restart.",
+    )
     if num_devices is not None:
         data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
         micro = d.global_batch_size // o.grad_accum_steps

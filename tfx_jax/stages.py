@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from tfx_jax import artifacts
-from tfx_jax.config import Config, ConfigError
+from tfx_jax.config import Config, ConfigError, replace_path
 from tfx_jax.data import encoded, sequence, sources
 from tfx_jax.data.encoded import IMAGE_PLACEHOLDER, write_encoded
 from tfx_jax.data.sources import mixture
@@ -469,7 +469,8 @@ def prepare_all(cfg: Config) -> None:
     if not _agree(artifacts.tokenizer_is_current(cfg)):
         build_tokenizer(cfg)
     if sources.of(cfg).has_images and not _agree(artifacts.vae_is_current(cfg)):
-        train_vae(cfg)
+        # Retraining a stale VAE is this stage's job: checkpoints of other settings move aside.
+        train_vae(replace_path(cfg, "checkpoint.on_config_mismatch", "restart"))
     if cfg.data.latents == "precomputed":
         encode(cfg)  # a no-op (that says so) when the records are current
 

@@ -5,8 +5,10 @@ Read top to bottom:
              out_shardings)); steps jitted with explicit in/out shardings and donated state,
              lowered and compiled once, memory logged
   resume     checkpoint in the workdir → --resume PATH → --init-from PATH (params only) → fresh;
-             an incompatible config fails naming the differing keys
-  loop       progress bar, JSONL + TensorBoard metrics, async checkpoints every N steps and at
+             an incompatible config fails naming the differing keys (the workdir's own
+             checkpoints: the mismatch rule of `train/skeleton.py`, shared with the VAE)
+  loop       `skeleton.run` with this trainer's step, batches, checkpoint items and hooks:
+             progress bar, JSONL + TensorBoard metrics, async checkpoints every N steps and at
              the end, then the evaluators (`train/evaluators.py`); SIGTERM/SIGINT at any moment
              end in a committed checkpoint or none (`train/preemption.py`); a failed write stops
              the run naming the path
@@ -14,7 +16,6 @@ Read top to bottom:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -33,24 +34,20 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from tfx_jax import artifacts, layout, sharding
-from tfx_jax.checkpoint import (
-    Checkpointer,
-    abstract_like,
-    config_differences,
-    decide_resume,
-    latest_checkpoint,
-)
+from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
 from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.data import sources
-from tfx_jax.data.sources import RecordError, mixture
+from tfx_jax.data.sources import mixture
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.observability import flops, metric_writers
 from tfx_jax.observability.profiling import ProfileWindow
 from tfx_jax.sharding import mesh_context
+from tfx_jax.train import skeleton
 from tfx_jax.train.evaluators import SampleGrid, evaluate, run_evaluators
 from tfx_jax.train.optim import learning_rate_schedule, make_optimizer
 from tfx_jax.train.preemption import Preemption
+from tfx_jax.train.skeleton import InputPipelineError as InputPipelineError  # the CLI's name
 from tfx_jax.train.steps import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("tfx_jax")
@@ -58,11 +55,6 @@ log = logging.getLogger("tfx_jax")
 
 class NonFiniteLossError(RuntimeError):
     """Raised with train.nan_policy=stop; the last good checkpoint is kept."""
-
-
-class InputPipelineError(RuntimeError):
-    """The input pipeline failed mid-run (e.g. a Grain worker process was killed); the steps
-    trained so far were saved first where one process could do it alone."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -319,6 +311,9 @@ def train(
 ) -> list[dict[str, float]]:
     """Trains to `cfg.train.steps`, resuming if possible; returns the logged metrics.
 
+    The loop is `train.skeleton.run`, shared with the VAE. The workdir's checkpoints made with
+    a config that changes the experiment are refused, naming the keys (or, with
+    checkpoint.on_config_mismatch=restart, moved to checkpoints.stale/: `skeleton.resume_step`).
     SIGTERM/SIGINT at any moment end in a committed checkpoint or none (`train.preemption`):
     during start-up the run stops before its first step with nothing new to save; inside the
     loop the current step is saved and committed first; a second signal stops at once (exit
@@ -332,23 +327,19 @@ def train(
         return _train(cfg, workdir, batches, resume, init_from, after_step, preempt)
 
 
-def _stopped_before_start(preempt: Preemption, workdir: epath.Path, phase: str) -> list:
-    step, _ = latest_checkpoint(workdir / "checkpoints")
-    where = f"checkpoint {step} is the latest" if step is not None else "no checkpoint yet"
-    log.warning(
-        "%s during %s: stopped before the first step, nothing new to save (%s)",
-        preempt.signal_name,
-        phase,
-        where,
-    )
-    return []
-
-
 def _train(cfg, workdir, batches, resume, init_from, after_step, preempt) -> list[dict]:
     workdir = epath.Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
     is_main = jax.process_index() == 0
     check_workdir_writable(workdir)
     validate(cfg, num_devices=jax.device_count())
+    skeleton.resume_step(  # the config-mismatch rule, before anything compiles
+        ckpt_dir,
+        lambda meta, _: config_differences(meta["config"], cfg),
+        cfg.checkpoint.on_config_mismatch,
+        elsewhere="another --workdir",
+        say=log.warning,
+    )
     if is_main:
         (workdir / "config.json").write_text(cfg.to_json())
 
@@ -362,10 +353,9 @@ def _train(cfg, workdir, batches, resume, init_from, after_step, preempt) -> lis
     )
     data_iter = batches if batches is not None else make_batches(cfg)
     if preempt.requested:
-        return _stopped_before_start(preempt, workdir, "start-up")
-    ck = cfg.checkpoint
-    ckpt = Checkpointer(workdir / "checkpoints", ck.keep, ck.keep_every, ck.async_save)
-    with _closing([ckpt.close], preempt):
+        skeleton.stopped_before_start(preempt, ckpt_dir, "start-up")
+        return []
+    with skeleton.checkpoints(ckpt_dir, cfg.checkpoint, preempt) as ckpt:
         decision = decide_resume(workdir, resume, init_from)
         if decision.kind == "workdir":
             restore_into(trainer, ckpt, decision.step, data_iter)
@@ -388,16 +378,17 @@ def _train(cfg, workdir, batches, resume, init_from, after_step, preempt) -> lis
                 mem.temp_size_in_bytes / 2**20,
             )
         if preempt.requested:
-            return _stopped_before_start(preempt, workdir, "compilation")
+            skeleton.stopped_before_start(preempt, ckpt_dir, "compilation")
+            return []
         writer = metric_writers.make_writers(str(workdir), is_main)
-        with _closing([writer.close], preempt):
+        with skeleton.closing([writer.close], preempt):
             return _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt)
 
 
 def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -> list[dict]:
-    """The steps: train, log, checkpoint, evaluate; see `train`."""
+    """The transformer's part of the loop (`skeleton.run` does the rest): its step, its log
+    scalars (losses, throughput, MFU, a mixture's counts) and its evaluators."""
     is_main = jax.process_index() == 0
-    ck = cfg.checkpoint
     eval_iter = make_batches(cfg, "validation") if cfg.train.eval_every else None
     part_evals = {}  # a mixture's components, each evaluated on its own validation split
     if eval_iter is not None and cfg.data.source == "mixture":
@@ -417,107 +408,63 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
         )
     eval_failures: dict[str, int] = {}
     data_stats: dict[str, int] = {}  # stats/<part>/<what> summed since this process started
-    history: list[dict[str, float]] = []
-    bar = tqdm(
-        total=cfg.train.steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True
+    clock = {"t_last": time.time(), "steps_since": 0}  # throughput since the last log step
+
+    def train_step(step: int, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        if profiler:
+            profiler.on_step(step)
+        for key in batch:
+            if key.startswith("stats/"):  # a mixture's counts: data/<part>/... below
+                data_stats[key] = data_stats.get(key, 0) + int(batch[key])
+        clock["steps_since"] += 1
+        return trainer.train_step(batch)
+
+    def log_step(step: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if host["finite"] < 1 and cfg.train.nan_policy == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step}; the update was not applied and the "
+                f"last good checkpoint ({ckpt.latest_step()}) is kept."
+            )
+        now = time.time()
+        dt = max(now - clock["t_last"], 1e-9) / clock["steps_since"]
+        host["step"] = step
+        host["step_time_s"] = dt
+        host["tokens_per_s"] = host["tokens"] / dt
+        host.update(_mixture_metrics(data_stats))
+        if flops_per_step and peak:
+            host["mfu"] = flops_per_step / dt / (peak * trainer.mesh.size)
+        clock["t_last"], clock["steps_since"] = now, 0
+        return host
+
+    def evaluate_step(step: int) -> dict[str, float]:
+        ev = run_evaluators(trainer, eval_iter, sampler, step, writer, eval_failures)
+        ev.update(_per_source_eval(trainer, part_evals, step, writer))
+        if is_main and "eval/perplexity" in ev:
+            tqdm.write(
+                f"eval {step:>6} perplexity={ev['eval/perplexity']:.4g} "
+                f"diffusion_loss={ev['eval/diffusion_loss']:.4g}"
+            )
+        return ev
+
+    job = skeleton.Job(
+        name="train",
+        steps=cfg.train.steps,
+        log_every=cfg.train.log_every,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        batches=data_iter,
+        train_step=train_step,
+        checkpoint=lambda step: (trainer.state, data_iter, _meta(cfg, step)),
+        log=log_step,
+        line=lambda step, host: f"step {step:>6} {_fmt(host)}",
+        postfix=_fmt,
+        eval_every=cfg.train.eval_every,
+        evaluate=evaluate_step if eval_iter is not None else None,
+        after_step=after_step,
+        data_hint=" If a data worker was killed for memory, lower data.worker_count.",
     )
-    t_last, steps_since = time.time(), 0
-    step = start
-    closers = [bar.close] + ([profiler.close] if profiler else [])
-    with _closing(closers, preempt):
-        if preempt.requested:  # a signal while the data and evaluators were being set up
-            return _stopped_before_start(preempt, workdir, "start-up")
-        while step < cfg.train.steps:
-            step += 1
-            if profiler:
-                profiler.on_step(step)
-            try:
-                batch = next(data_iter)
-            except Exception as e:  # the steps done so far are saved before the run stops
-                saved = _save_before_data_failure(cfg, ckpt, trainer, data_iter, step - 1)
-                if isinstance(e, RecordError):  # names the record (data.on_error=raise)
-                    log.warning("input pipeline stopped the run: %s", saved)
-                    raise
-                raise InputPipelineError(
-                    f"the input pipeline failed before step {step}: {e} — {saved} If a data "
-                    "worker was killed for memory, lower data.worker_count."
-                ) from e
-            for key in batch:
-                if key.startswith("stats/"):  # a mixture's counts: data/<part>/... below
-                    data_stats[key] = data_stats.get(key, 0) + int(batch[key])
-            metrics = trainer.train_step(batch)
-            steps_since += 1
-            bar.update(1)
-            last = step == cfg.train.steps
-            ckpt.check()  # a failed async save stops the run here, naming the path
-            if step % cfg.train.log_every == 0 or last or preempt.requested:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if host["finite"] < 1 and cfg.train.nan_policy == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step}; the update was not applied and the "
-                        f"last good checkpoint ({ckpt.latest_step()}) is kept."
-                    )
-                now = time.time()
-                dt = max(now - t_last, 1e-9) / steps_since
-                host["step"] = step
-                host["step_time_s"] = dt
-                host["tokens_per_s"] = host["tokens"] / dt
-                host.update(_mixture_metrics(data_stats))
-                if flops_per_step and peak:
-                    host["mfu"] = flops_per_step / dt / (peak * trainer.mesh.size)
-                t_last, steps_since = now, 0
-                history.append(host)
-                writer.write_scalars(step, host)
-                bar.set_postfix_str(_fmt(host))
-                if is_main:
-                    bar.write(f"step {step:>6} {_fmt(host)}")
-            # The checkpoint first: an evaluator that fails must never cost it.
-            if step % ck.every_steps == 0 or last or preempt.requested:
-                with preempt.saving():
-                    ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
-            if preempt.requested:
-                with preempt.saving():
-                    ckpt.wait()  # the message below only once the step is committed
-                log.warning(
-                    "%s: checkpoint for step %d committed; exiting (resume with the same command)",
-                    preempt.signal_name,
-                    step,
-                )
-                break
-            if eval_iter is not None and (step % cfg.train.eval_every == 0 or last):
-                ev = run_evaluators(trainer, eval_iter, sampler, step, writer, eval_failures)
-                ev.update(_per_source_eval(trainer, part_evals, step, writer))
-                if is_main and "eval/perplexity" in ev:
-                    bar.write(
-                        f"eval {step:>6} perplexity={ev['eval/perplexity']:.4g} "
-                        f"diffusion_loss={ev['eval/diffusion_loss']:.4g}"
-                    )
-                if history:
-                    history[-1].update(ev)
-            if after_step is not None:
-                after_step(step)
-    return history
-
-
-def _save_before_data_failure(cfg: Config, ckpt, trainer, data_iter, step: int) -> str:
-    """Commits `step` (the last one trained) when the data fails mid-run; says what was kept.
-
-    Only a single-process run saves here: a checkpoint is collective, and the other processes
-    are still in their train step, so one process saving alone would hang them all.
-    """
-    latest = ckpt.latest_step()
-    kept = "no checkpoint yet" if latest is None else f"the last checkpoint is step {latest}"
-    if jax.process_count() > 1:
-        return f"{kept} (the processes of a multi-process run save only together)."
-    if step <= 0 or step == latest:
-        return f"nothing new to save ({kept}); resume with the same command."
-    try:
-        ckpt.save(step, trainer.state, data_iter, _meta(cfg, step))
-        ckpt.wait()
-    except Exception as e:  # the data iterator may be too broken to save its position
-        log.warning("could not save step %d after the input pipeline failed: %s", step, e)
-        return f"step {step} could not be saved ({e}); {kept}."
-    return f"step {step} is saved; resume with the same command."
+    closers = (profiler.close,) if profiler else ()
+    return skeleton.run(job, ckpt, writer, preempt, start, closers).history
 
 
 def _mixture_metrics(stats: dict[str, int]) -> dict[str, float]:
@@ -547,28 +494,6 @@ def _per_source_eval(trainer, part_evals: dict, step: int, writer) -> dict[str, 
     if out:
         writer.write_scalars(step, out)
     return out
-
-
-@contextlib.contextmanager
-def _closing(closers: list[Callable[[], None]], preempt: Preemption):
-    """Calls every closer on the way out, in order, even when the body raised. Closing waits
-    for pending checkpoint writes, so signals are deferred meanwhile; when the body already
-    failed, a closer's own error (e.g. the same full disk) is logged, not raised over it."""
-    failed = False
-    try:
-        yield
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        with preempt.saving():
-            for close in closers:
-                try:
-                    close()
-                except Exception as e:
-                    if not failed:
-                        raise
-                    log.info("while stopping: %s: %s", type(e).__name__, e)
 
 
 def _flops_and_peak(cfg: Config) -> tuple[float, float]:

@@ -1,16 +1,15 @@
 """`python -m tfx_jax vae`: trains the KL-VAE on all devices with the main loop's machinery.
 
-`run` shards batches over a mesh of all devices and drives the pure steps of `train.vae_steps`,
-writing JSONL + TensorBoard metrics (`observability.metric_writers`) and Orbax checkpoints with
-exact resume (`tfx_jax.checkpoint`), and saving at the next step boundary on SIGTERM
-(`train.preemption`), as `train.loop.train` does; it returns the params, the latent scale factor
-and the held-out PSNR. The codec used at inference (uint8 conversion, encode/decode, the latent
-scale factor) lives beside the model in `tfx_jax.models.vae`.
+`run` shards batches over a mesh of all devices and drives the pure steps of `train.vae_steps`
+through the loop `train.loop.train` runs too (`train.skeleton`: resume and the config-mismatch
+rule, JSONL + TensorBoard metrics, Orbax checkpoints with exact resume, a save at the next step
+boundary on SIGTERM); it returns the params, the latent scale factor and the held-out PSNR. The
+codec used at inference (uint8 conversion, encode/decode, the latent scale factor) lives beside
+the model in `tfx_jax.models.vae`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,24 +23,17 @@ import jax
 import numpy as np
 import optax
 from etils import epath
-from tqdm.auto import tqdm
 
 from tfx_jax import sharding
-from tfx_jax.checkpoint import (
-    Checkpointer,
-    abstract_like,
-    differences,
-    latest_checkpoint,
-    set_aside,
-)
+from tfx_jax.checkpoint import abstract_like, differences
 from tfx_jax.config import validate
 from tfx_jax.models.vae import VAE, encode_images, latent_scale_factor
-from tfx_jax.observability.metric_writers import image_grid, make_writers
+from tfx_jax.observability.metric_writers import MetricWriter, image_grid, make_writers
+from tfx_jax.train import skeleton
 from tfx_jax.train.preemption import Preempted, Preemption
 from tfx_jax.train.vae_steps import init_state, make_eval_step, make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
-STALE_CHECKPOINT_DIR = "checkpoints.stale"
 SCALE_SAMPLE_SIZE = 1024  # training images encoded for the latent scale factor
 GRID_IMAGES = 8  # held-out originals (top row) and reconstructions (bottom row) in the grid
 
@@ -130,28 +122,45 @@ def _check_images(name: str, images: np.ndarray, image_size: int) -> np.ndarray:
     return images
 
 
-def _resume_step(ckpt_dir, settings: dict, steps: int, log: Callable[[str], None]) -> int | None:
-    """The step to resume from, or None to start fresh.
+def _differences(settings: dict, steps: int) -> Callable[[dict, int], list[str]]:
+    """What makes a saved VAE checkpoint another run (the skeleton's mismatch rule): other
+    `resume_settings`, or a step past `vae.steps` (it cannot give the state at `vae.steps`)."""
 
-    A checkpoint whose settings differ (or that is already past `steps`, so it cannot give the
-    state at `steps`) is moved aside to `checkpoints.stale` (replacing an older one) rather than
-    deleted, and the run says so.
-    """
-    latest, meta = latest_checkpoint(ckpt_dir, read_meta=True)
-    if latest is None:
-        return None
-    diffs = differences(meta.get("settings", {}), settings)
-    if not diffs and latest <= steps:
-        return latest
-    why = (
-        f"different settings ({'; '.join(diffs)})"
-        if diffs
-        else f"step {latest} > vae.steps={steps}"
-    )
-    stale = ckpt_dir.parent / STALE_CHECKPOINT_DIR
-    log(f"VAE: checkpoint {ckpt_dir} step {latest} has {why}; starting fresh (moved to {stale})")
-    set_aside(ckpt_dir, stale)
-    return None
+    def diffs(meta: dict, step: int) -> list[str]:
+        out = differences(meta.get("settings", {}), settings)
+        if step > steps:
+            out.append(f"step {step} > vae.steps={steps}")
+        return out
+
+    return diffs
+
+
+class _StepClock:
+    """Wall time of the train steps alone, for `seconds_per_step`: the devices are waited for
+    at the first step (which compiles: not counted), at log and save steps; the eval and
+    checkpoint work after such a sync is not counted either."""
+
+    def __init__(self, start: int):
+        self.start, self.seconds, self.steps = start, 0.0, 0
+        self._t: float | None = None
+        self._synced: int | None = None
+
+    def synced(self, step: int) -> None:
+        """The devices have just finished `step`."""
+        if self._synced == step:
+            return
+        if self._t is not None:
+            self.seconds += time.perf_counter() - self._t
+            self.steps = step - self.start - 1
+        self._synced = step
+
+    def step_done(self, step: int) -> None:
+        """`step`'s log and save work is done: the clock runs again."""
+        if self._synced == step:
+            self._t = time.perf_counter()
+
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +264,73 @@ def _fmt(scalars: dict[str, float]) -> str:
     return "  ".join(f"{k[4:]} {scalars[k]:.4g}" for k in keys if k in scalars)
 
 
+def _job(
+    cfg: Any,
+    programs: _Programs,
+    settings: dict,
+    state: Any,
+    rng: jax.Array,
+    data: tuple[np.ndarray, np.ndarray],
+    writer: MetricWriter,
+    clock: _StepClock,
+    say: Callable[[str], None],
+) -> tuple[skeleton.Job, dict[str, Any]]:
+    """The VAE's part of `skeleton.run`: batches from (seed, step), the sharded step, scalars
+    with held-out PSNR (and the reconstruction grid) at log steps, state + settings saved.
+
+    Returns:
+      (job, live): `live["state"]` is the state the steps have reached.
+    """
+    images, held_out = data
+    v, seed = cfg.vae, cfg.data.seed
+    live = {"state": state, "metrics": None}
+
+    def batches():
+        step = int(state.step)  # 0-based: the batch of the step being made
+        while True:
+            indices = batch_indices(step, len(images), v.batch_size, seed)
+            yield put_images(images, indices, programs.batch_sharding)
+            step += 1
+
+    def train_step(step: int, batch: jax.Array):
+        live["state"], live["metrics"] = programs.train_step(live["state"], batch, rng)
+        if step == clock.start + 1:  # compiled: the clock starts after it
+            jax.block_until_ready(live["metrics"])
+            clock.synced(step)
+        return live["metrics"]  # steps stay queued on the devices: no host sync
+
+    def log_step(step: int, metrics) -> dict[str, float]:
+        metrics = jax.device_get(metrics)  # waits for the step
+        clock.synced(step)
+        scalars = {f"vae/{k}": float(x) for k, x in metrics.items()}
+        scalars["vae/eval_psnr"], grid = _evaluate(
+            programs, live["state"].params, held_out, v.batch_size
+        )
+        writer.write_images(step, {"vae/reconstructions": grid})
+        return scalars
+
+    def checkpoint(step: int):
+        jax.block_until_ready(live["metrics"])
+        clock.synced(step)
+        return live["state"], None, {"settings": settings, "step": step}
+
+    job = skeleton.Job(
+        name="vae",
+        steps=v.steps,
+        log_every=v.log_every,
+        checkpoint_every=v.checkpoint_every,
+        batches=batches(),
+        train_step=train_step,
+        checkpoint=checkpoint,
+        log=log_step,
+        line=lambda step, scalars: f"  vae step {step:>6}  {_fmt(scalars)}",
+        postfix=_fmt,
+        after_step=clock.step_done,
+        say=say,
+    )
+    return job, live
+
+
 def run(
     cfg: Any,
     train_images_uint8: np.ndarray,
@@ -266,19 +342,24 @@ def run(
     """Trains the VAE of `cfg` to `cfg.vae.steps` on all devices, resuming from `out_dir`.
 
     Data parallel over the mesh's batch axes (`act_batch`: data x fsdp), state replicated (see
-    `_Programs`). Every `vae.log_every` steps (and at the last): train scalars and held-out
-    PSNR to `out_dir/metrics.jsonl` and `out_dir/tensorboard/`, with a grid of held-out originals
-    above their reconstructions (TensorBoard image `vae/reconstructions`). Every
-    `vae.checkpoint_every` steps and at the last: an Orbax checkpoint in `out_dir/checkpoints`
-    (state + settings; kept and saved as `checkpoint.*` says, like `train`'s checkpoints).
+    `_Programs`); the loop is `train.skeleton.run`, shared with the transformer. Every
+    `vae.log_every` steps (and at the last): train scalars and held-out PSNR to
+    `out_dir/metrics.jsonl` and `out_dir/tensorboard/`, with a grid of held-out originals above
+    their reconstructions (TensorBoard image `vae/reconstructions`). Every
+    `vae.checkpoint_every` steps, at the last and on SIGTERM/SIGINT: an Orbax checkpoint in
+    `out_dir/checkpoints` (state + settings; kept and saved as `checkpoint.*` says, like
+    `train`'s checkpoints).
 
     Resume: a checkpoint whose `resume_settings` equal the current ones continues from its latest
-    step and ends with the same params as an uninterrupted run; any other is moved aside and the
-    run starts fresh. SIGTERM: the current step is saved and `Preempted` (exit code 0) raised.
+    step and ends with the same params as an uninterrupted run. Any other (other settings, or a
+    step past `vae.steps`) is refused naming what differs, or with
+    checkpoint.on_config_mismatch=restart moved to `checkpoints.stale/` and the run starts fresh
+    (`skeleton.resume_step`; `data all` retrains a stale VAE so). SIGTERM: the current step is
+    saved and `Preempted` (exit code 0) raised.
 
     Args:
       cfg: the run's `Config` (vae.*, model.latent_channels, data.image_size, data.seed, mesh.*,
-        checkpoint.keep / keep_every / async_save).
+        checkpoint.keep / keep_every / async_save / on_config_mismatch).
       train_images_uint8: [N, S, S, 3] uint8, S = data.image_size, N >= vae.batch_size; every
         process passes all of them (each one feeds only its devices' rows of every batch).
       eval_images_uint8: [M, S, S, 3] uint8 held-out images (PSNR only; never trained on).
@@ -295,6 +376,8 @@ def run(
       {axis: size}}.
 
     Raises:
+      ConfigError: a checkpoint in `out_dir` made with other settings (checkpoint.
+        on_config_mismatch=refuse, the default).
       Preempted: after SIGTERM, once the checkpoint is written.
     """
     validate(cfg)
@@ -328,74 +411,47 @@ def run(
     rng_init, rng_steps = jax.random.split(jax.random.key(seed))
     ckpt_dir = out_dir / CHECKPOINT_DIR
     settings = resume_settings(cfg, images)
-    resumed_from = _resume_step(ckpt_dir, settings, v.steps, say)
 
-    with contextlib.ExitStack() as cleanup:  # closed in reverse, on success or error
-        ck = cfg.checkpoint
-        ckpt = Checkpointer(ckpt_dir, ck.keep, ck.keep_every, ck.async_save)  # as `train`'s
-        cleanup.callback(ckpt.close)  # waits for an async save still in flight
-        writer = make_writers(str(out_dir), is_main)
-        cleanup.callback(writer.close)
-        cleanup.enter_context(sharding.mesh_context(mesh, cfg))
-
-        programs = _programs(
-            model,
-            v.learning_rate,
-            v.kl_weight,
-            images.shape[1:],
-            mesh,
-            _hashable_rules(cfg.mesh.rules),
-        )
-        state = programs.init(rng_init)
-        if resumed_from is not None:
-            state, _ = ckpt.restore(resumed_from, abstract_like(state, programs.state_shardings))
-        start = step = int(state.step)
-        say(
-            f"VAE: {len(images)} training / {len(held_out)} held-out images, mesh "
-            f"{dict(mesh.shape)}, global batch {v.batch_size}, steps {start} -> {v.steps} "
-            f"({f'resumed from {ckpt_dir}' if resumed_from is not None else 'fresh start'})"
-        )
-
-        history: list[dict[str, float]] = []
-        bar = tqdm(total=v.steps, initial=step, desc="vae", disable=not is_main, dynamic_ncols=True)
-        cleanup.callback(bar.close)
-        # Step time: wall time between host syncs, minus eval/checkpoint work and the first step
-        # of this call (which compiles).
-        train_seconds, timed_steps, t_last = 0.0, 0, None
+    with sharding.mesh_context(mesh, cfg):
         with Preemption("a VAE checkpoint") as preempt:
-            while step < v.steps:
-                indices = batch_indices(step, len(images), v.batch_size, seed)
-                batch = put_images(images, indices, programs.batch_sharding)
-                state, metrics = programs.train_step(state, batch, rng_steps)
-                step += 1
-                bar.update(1)
-                log_now = step % v.log_every == 0 or step == v.steps or preempt.requested
-                save_now = step % v.checkpoint_every == 0 or step == v.steps
-                if not (log_now or save_now or step == start + 1):
-                    continue  # steps stay queued on the devices: no host sync
-                metrics = jax.device_get(metrics)  # waits for the step
-                if t_last is not None:
-                    train_seconds += time.perf_counter() - t_last
-                    timed_steps = step - start - 1
-                if log_now:
-                    scalars = {f"vae/{k}": float(x) for k, x in metrics.items()}
-                    scalars["vae/eval_psnr"], grid = _evaluate(
-                        programs, state.params, held_out, v.batch_size
+            resumed_from = skeleton.resume_step(
+                ckpt_dir,
+                _differences(settings, v.steps),
+                cfg.checkpoint.on_config_mismatch,
+                elsewhere="another data.data_dir",
+                say=lambda line: say(f"VAE: {line}"),
+            )
+            programs = _programs(
+                model,
+                v.learning_rate,
+                v.kl_weight,
+                images.shape[1:],
+                mesh,
+                _hashable_rules(cfg.mesh.rules),
+            )
+            state = programs.init(rng_init)
+            with skeleton.checkpoints(ckpt_dir, cfg.checkpoint, preempt) as ckpt:  # as `train`'s
+                if resumed_from is not None:
+                    state, _ = ckpt.restore(
+                        resumed_from, abstract_like(state, programs.state_shardings)
                     )
-                    writer.write_scalars(step, scalars)
-                    writer.write_images(step, {"vae/reconstructions": grid})
-                    history.append({"step": step, **scalars})
-                    bar.set_postfix_str(_fmt(scalars))
-                    with bar.external_write_mode():
-                        say(f"  vae step {step:>6}  {_fmt(scalars)}")
-                stop = preempt.requested  # re-read: a signal during eval saves this step
-                if save_now or stop:
-                    ckpt.save(step, state, None, {"settings": settings, "step": step})
-                t_last = time.perf_counter()
-                if stop:
-                    break
-        ckpt.wait()  # the last save is durable before anything is reported
-        if preempt.requested and step < v.steps:
+                start = int(state.step)
+                say(
+                    f"VAE: {len(images)} training / {len(held_out)} held-out images, mesh "
+                    f"{dict(mesh.shape)}, global batch {v.batch_size}, steps {start} -> {v.steps} "
+                    f"({f'resumed from {ckpt_dir}' if resumed_from is not None else 'fresh start'})"
+                )
+                writer = make_writers(str(out_dir), is_main)
+                with skeleton.closing([writer.close], preempt):
+                    clock = _StepClock(start)
+                    data = (images, held_out)
+                    job, live = _job(
+                        cfg, programs, settings, state, rng_steps, data, writer, clock, say
+                    )
+                    outcome = skeleton.run(job, ckpt, writer, preempt, start)
+        # Out of the blocks: the last save is committed, the previous signal handlers are back.
+        step, state = outcome.step, live["state"]
+        if outcome.preempted and step < v.steps:
             say(f"VAE: preempted; checkpoint of step {step} written to {ckpt_dir}")
             raise Preempted(step)
         heldout_psnr, _ = _evaluate(programs, state.params, held_out, v.batch_size)
@@ -409,8 +465,8 @@ def run(
         "scale_factor": scale,
         "heldout_psnr_db": heldout_psnr,
         "steps": step,
-        "seconds_per_step": train_seconds / timed_steps if timed_steps else float("nan"),
+        "seconds_per_step": clock.seconds_per_step(),
         "resumed_from_step": resumed_from,
-        "history": history,
+        "history": outcome.history,
         "mesh_shape": dict(mesh.shape),
     }
