@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train on the GPUs of N nodes of a SLURM cluster: writes an sbatch script (one process per GPU)
-# and submits it. Thin: every task runs the same `python -m tfx_jax train --distributed auto`.
+# and submits it. Thin: every task runs the same `python -m tfx_jax train --distributed auto`
+# (with --sweep/--array, array task i runs `python -m tfx_jax sweep run ... --only-index i`).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh
@@ -14,6 +15,7 @@ Train on the GPUs of N nodes of a SLURM cluster, one process per GPU.
                   [--partition P] [--account A] [--time D-HH:MM:SS] [--cpus-per-task C]
                   [--name NAME] [--venv DIR] [--sbatch-out FILE] [--set key=value ...]
                   [--dry-run] [--help]
+  launch/slurm.sh --sweep FILE[:arg] --array 0-N[%K] --workdir ROOT --nodes N --gpus-per-node G ...
 
   --workdir     a directory every node can write (shared file system, or gs://); a re-run
                 resumes from its newest checkpoint
@@ -21,6 +23,12 @@ Train on the GPUs of N nodes of a SLURM cluster, one process per GPU.
                 system, made once with: make venv && .venv/bin/pip install -e '.[cuda]'
   --sbatch-out  where the sbatch script is written (default: a temporary file)
   --dry-run     print the sbatch script and the sbatch command instead of submitting
+  --sweep       a sweep file (experiments/sweeps/): one job array, task i runs the sweep's run i,
+                `python -m tfx_jax sweep run FILE --workdir ROOT --only-index i` (it trains,
+                resumes or skips run i under ROOT/<its name>); made by `python -m tfx_jax sweep
+                launch slurm`, which checks every run's config first. Takes no --config or --set
+  --array       the array's task indices (sbatch --array), e.g. 0-11, or 0-11%4 for at most 4
+                at once; only with --sweep. Each task gets the --nodes x --gpus-per-node above
 
 The job: N nodes x G tasks (--ntasks-per-node=G), each task sees every GPU of its node
 (--gpus-per-node=G, no per-task binding) and `srun` starts
@@ -33,11 +41,11 @@ EOF
 }
 
 NODES="" GPUS="" CONFIG="" WORKDIR="" PARTITION="" ACCOUNT="" TIME=24:00:00 CPUS="" NAME=tfx
-VENV=$REPO/.venv OUT=""
+VENV=$REPO/.venv OUT="" SWEEP="" ARRAY=""
 SETS=()
 while (($#)); do
   case $1 in
-    --nodes | --gpus-per-node | --config | --workdir | --partition | --account | --time | --cpus-per-task | --name | --venv | --sbatch-out | --set)
+    --nodes | --gpus-per-node | --config | --workdir | --partition | --account | --time | --cpus-per-task | --name | --venv | --sbatch-out | --set | --sweep | --array)
       need_value "$1" $#
       case $1 in
         --nodes) NODES=$2 ;;
@@ -52,6 +60,8 @@ while (($#)); do
         --venv) VENV=$2 ;;
         --sbatch-out) OUT=$2 ;;
         --set) SETS+=(--set "$2") ;;
+        --sweep) SWEEP=$2 ;;
+        --array) ARRAY=$2 ;;
       esac
       shift 2
       ;;
@@ -63,7 +73,13 @@ done
 
 [[ -n $NODES ]] || die 2 "--nodes is missing: how many nodes the job takes, e.g. 2."
 [[ -n $GPUS ]] || die 2 "--gpus-per-node is missing: the GPUs of each node, e.g. 8 (one process each)."
-[[ -n $CONFIG ]] || die 2 "--config is missing, e.g. experiments/transfusion.py:0.76b."
+if [[ -n $SWEEP ]]; then
+  [[ -n $ARRAY ]] || die 2 "--sweep needs --array 0-N (python -m tfx_jax sweep launch slurm gives it)."
+  [[ -z $CONFIG && ${#SETS[@]} -eq 0 ]] || die 2 "--sweep takes no --config or --set: the sweep file gives each run's."
+else
+  [[ -z $ARRAY ]] || die 2 "--array is for --sweep (one task per run of a sweep file)."
+  [[ -n $CONFIG ]] || die 2 "--config is missing, e.g. experiments/transfusion.py:0.76b."
+fi
 [[ -n $WORKDIR ]] || die 2 "--workdir is missing: a directory every node can write (shared file system or gs://)."
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die 2 "--nodes $NODES: give a whole number >= 1."
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || die 2 "--gpus-per-node $GPUS: give a whole number >= 1."
@@ -72,6 +88,14 @@ done
   die 2 "--venv $VENV has no bin/python: make it once on a shared file system (make venv && .venv/bin/pip install -e '.[cuda]')."
 
 TRAIN=("$VENV/bin/python" -m tfx_jax train --config "$CONFIG" --workdir "$WORKDIR" --distributed auto "${SETS[@]}")
+TASK="" # appended unquoted: the array task's index, read when the task runs
+if [[ -n $SWEEP ]]; then
+  TRAIN=("$VENV/bin/python" -m tfx_jax sweep run "$SWEEP" --workdir "$WORKDIR" --distributed auto)
+  # shellcheck disable=SC2016  # expanded by the task's shell, not here
+  TASK=' --only-index "$SLURM_ARRAY_TASK_ID"'
+fi
+LOG=%x-%j.log # job name and id; an array task's adds its array id and index
+if [[ -n $ARRAY ]]; then LOG=%x-%A_%a.log; fi
 SBATCH=(
   "--job-name=$NAME"
   "--nodes=$NODES"
@@ -79,9 +103,10 @@ SBATCH=(
   "--gpus-per-node=$GPUS"
   "--time=$TIME"
   "--signal=TERM@120"
-  "--output=%x-%j.log"
+  "--output=$LOG"
   "--chdir=$REPO"
 )
+if [[ -n $ARRAY ]]; then SBATCH+=("--array=$ARRAY"); fi
 if [[ -n $CPUS ]]; then SBATCH+=("--cpus-per-task=$CPUS"); fi
 if [[ -n $PARTITION ]]; then SBATCH+=("--partition=$PARTITION"); fi
 if [[ -n $ACCOUNT ]]; then SBATCH+=("--account=$ACCOUNT"); fi
@@ -101,7 +126,7 @@ echo "job $SLURM_JOB_ID: $SLURM_JOB_NUM_NODES node(s) [$SLURM_JOB_NODELIST], $SL
 EOF
   # --kill-on-bad-exit: one failed process ends the job instead of leaving the rest hanging in
   # a collective. --cpu-bind=none: the input pipeline's threads may use every core of the task.
-  echo "srun --kill-on-bad-exit=1 --cpu-bind=none $(show "${TRAIN[@]}")"
+  echo "srun --kill-on-bad-exit=1 --cpu-bind=none $(show "${TRAIN[@]}")$TASK"
 }
 
 if ((DRY_RUN)); then

@@ -26,6 +26,7 @@ from tfx_jax.eval import command as eval_command
 from tfx_jax.eval.prompts import IMAGE_OPTIONS, split_options
 from tfx_jax.generate import command as generate_command
 from tfx_jax.generate import options as sample_options
+from tfx_jax.sweep import command as sweep_command
 from tfx_jax.train import loop
 from tfx_jax.train.steps import make_eval_step
 
@@ -396,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mfu", type=float, default=0.4, help="MFU for the expected step time")
     p.set_defaults(fn=cmd_dryrun)
+
+    p = sub.add_parser(
+        "sweep",
+        help="a sweep file's runs: run here, launch on a cluster, collect, report",
+        description="Expand a sweep file (experiments/sweeps/) into named runs under --workdir "
+        "ROOT, every run's config checked first; `sweep FILE` is `sweep run FILE`.",
+    )
+    sweep_command.add_arguments(p)
     return parser
 
 
@@ -415,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_one_line_library_logs)
+    argv = sweep_command.default_action(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         init_distributed(args)
