@@ -1,4 +1,5 @@
-"""Two learning rates x two seeds of the tiny config, 40 steps each (CPU, ~1.5 minutes in all).
+"""Two learning rates x two seeds of the tiny config, 40 steps each, on CPU (4.5 minutes on 2
+busy cores, 52-77 s a run, most of it compiling; lr 3e-3 ends at eval/lm_loss 5.15 ± 0.04).
 
 python -m tfx_jax sweep experiments/sweeps/tiny_lr.py --workdir runs/sweeps/tiny_lr
 python -m tfx_jax sweep collect --workdir runs/sweeps/tiny_lr     # table: mean ± std over seeds

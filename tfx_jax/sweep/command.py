@@ -112,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument(
             "sweep_file",
             nargs=None if file_required else "?",
-            metavar="SWEEP_FILE" if file_required else "[SWEEP_FILE]",
+            metavar="SWEEP_FILE",
             help="a sweep file defining get_sweep(arg); 'file.py:arg' passes arg"
             + ("" if file_required else " (default: ROOT/sweep.json as last written)"),
         )
@@ -182,16 +182,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.epilog = "-- SCRIPT_ARGS: the launch script's own arguments (launch/<script> --help)."
     q.set_defaults(fn=cmd_launch)
 
-    for action, what, fn in (
+    for action, what, fn, module in (
         (
             "collect",
             "final and best eval metrics per group, mean ± std over seeds "
             "-> ROOT/sweep_results.md/.csv",
             cmd_collect,
+            collect,
         ),
-        ("report", "ROOT/sweep.html: loss curves and metric bars of every run", cmd_report),
+        ("report", "ROOT/sweep.html: loss curves and metric bars of every run", cmd_report, report),
     ):
-        q = sub.add_parser(action, help=what, description=collect.__doc__.split("\n\n")[0])
+        doc = " ".join(module.__doc__.split("\n\n")[0].split())
+        q = sub.add_parser(action, help=what, description=doc.replace("%", "%%"))
         common(q, file_required=False)
         q.add_argument(
             "--metrics",
