@@ -10,6 +10,8 @@
 #     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 OUT=... bash benchmarks/demo_seeds.sh
 #
 # $VARIANTS ("name|k=v k=v;name2|...") replaces the default list, $SEEDS (default "0 1 2"),
+# $TEXT_GUIDANCE (e.g. "2 3": each checkpoint's captions again with that text guidance, shown
+# as the variant NAME_tgS),
 # $PARALLEL (runs at once, default: all). Everything lands in $OUT: seeds.log and the runs'
 # eval.json / metrics.jsonl in seeds.tgz.
 set -uo pipefail
@@ -70,6 +72,16 @@ run_one() {
     >"$WORK/logs/train_$name.log" 2>&1 || echo "train $name failed (rc $?)"
   timeout "$(left)" "$PY" -m tfx_jax eval --workdir "$WORK/runs/$name" --guidance "$GUIDANCE" \
     --no-report >"$WORK/logs/eval_$name.log" 2>&1 || echo "eval $name failed (rc $?)"
+  local tg run=$WORK/runs/$name
+  for tg in ${TEXT_GUIDANCE:-}; do  # the same checkpoint, captions with text guidance tg
+    cp "$run/eval.json" "$run/eval_main.json"
+    timeout "$(left)" "$PY" -m tfx_jax eval --workdir "$run" --guidance "$GUIDANCE" \
+      --text-guidance "$tg" --no-report >"$WORK/logs/eval_${name}_tg$tg.log" 2>&1 ||
+      echo "eval $name tg $tg failed (rc $?)"
+    mkdir -p "$WORK/runs/${name%_s*}_tg${tg}_s$3"
+    mv "$run/eval.json" "$WORK/runs/${name%_s*}_tg${tg}_s$3/eval.json"
+    mv "$run/eval_main.json" "$run/eval.json"
+  done
   echo "$name done at $((SECONDS - START)) s"
 }
 
