@@ -56,6 +56,11 @@ def test_bad_overrides_name_the_key(tiny_config, override, fragment):
         (["model.attention_impl=flash"], "model.attention_impl='flash'"),
         (["model.remat_policy=some"], "model.remat_policy='some'"),
         (["model.patch_encoder=unet", "model.unet_channels=8,16,32"], "downsamples by 4"),
+        (["model.image_attention=full"], "model.image_attention='full': use 'bidirectional' or"),
+        (
+            ["model.image_attention=causal", "diffusion.mode=rolling"],
+            "diffusion.mode=rolling needs model.image_attention=bidirectional",
+        ),
         (["data.seq_len=10"], "cannot hold one image"),
         (["mesh.tensor=8", "mesh.data=1"], "mesh.tensor=8 must divide model.n_heads=4"),
     ],

@@ -147,10 +147,14 @@ def test_cached_decoding_equals_uncached_forward(arg):
             np.testing.assert_allclose(np.asarray(l_tok[b, 0]), full[b, idx[b]], atol=2e-5)
 
 
-def test_image_sampling_with_prefix_cache_equals_uncached_sampling(tiny):
+@pytest.mark.parametrize("image_attention", ["bidirectional", "causal"])
+def test_image_sampling_with_prefix_cache_equals_uncached_sampling(tiny, image_attention):
     """DDIM over an image block with the prefix cached (the block alone per step) gives the same
-    image as running the whole sequence through the training forward pass at every step."""
-    cfg, params = tiny
+    image as running the whole sequence through the training forward pass at every step — with
+    causal image attention too, where the block denoised as one chunk is causal inside."""
+    cfg, params = tiny  # the mask has no parameters: the same weights serve both
+    if image_attention != "bidirectional":
+        cfg = make(None, [f"model.image_attention={image_attention}"])
     m = cfg.model
     I = m.num_patches
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
@@ -323,6 +327,25 @@ def test_generate_writes_markdown_and_html_with_pngs(tiny, tokenizer, tiny_vae, 
     for png in paths["images"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"images/{png.name}" in md and f"images/{png.name}" in page
+
+
+def test_causal_image_model_generates(tiny, tokenizer):
+    """A causal-image model (`model.image_attention=causal`) draws an image for a forced prompt
+    and captions a prompt image through `generate`, with guidance; the same weights and seed
+    draw a different image than with bidirectional attention."""
+    cfg, params = tiny
+    causal = make(None, ["model.image_attention=causal"])
+    lat = np.asarray(jax.random.normal(jax.random.key(2), (8, 8, 4)))
+    prompts = [sample.Prompt("a red circle", force_image=True), sample.Prompt("<image> a", (lat,))]
+    opts = sample.SampleOptions(
+        max_new_tokens=3, temperature=0.0, diffusion_steps=3, guidance_scale=3.0, clip_x0=0
+    )
+    drawn, captioned = sample.generate(causal, params, tokenizer, prompts, opts)
+    x = drawn.images[0].latents
+    assert x.shape == (8, 8, 4) and np.isfinite(x).all()
+    assert captioned.prompt_pieces[0].kind == "image" and captioned.token_ids
+    bidirectional = sample.generate(cfg, params, tokenizer, prompts[:1], opts)[0]
+    assert np.abs(bidirectional.images[0].latents - x).max() > 1e-3
 
 
 def test_guidance_scale_one_equals_the_conditional_prediction(tiny, tokenizer):

@@ -420,6 +420,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             "on a window of patch rows, and the U-Net's convolutions would mix rows it cannot see.",
         )
         need(
+            m.image_attention == "bidirectional",
+            "diffusion.mode=rolling needs model.image_attention=bidirectional: the rolling window "
+            "attends within itself by its own row blocks (tfx_jax.diffusion.rolling).",
+        )
+        need(
             dc.rolling_init_prob == -1.0 or 0.0 <= dc.rolling_init_prob <= 1.0,
             f"diffusion.rolling_init_prob={dc.rolling_init_prob} must be in [0, 1], or -1 for "
             "W / (W + rows - 1), the init pass's share of the sampler's model calls.",

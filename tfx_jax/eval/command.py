@@ -107,7 +107,8 @@ def config_brief(cfg: Config, num_params: int | None = None) -> dict[str, str]:
         f"{m.vocab_size}, {m.dtype}",
         "images": f"{d.image_size} px -> {m.latent_size}x{m.latent_size}x{m.latent_channels} "
         f"latents, {m.patch_size}x{m.patch_size} patches ({m.num_patches} per image), "
-        f"{m.patch_encoder} patch encoder",
+        f"{m.patch_encoder} patch encoder"
+        + (", causal attention inside images" if m.image_attention == "causal" else ""),
         "diffusion": f"{df.mode}, {df.schedule} schedule, {df.num_timesteps} steps, loss "
         f"weight {df.loss_weight}, p_uncond {df.p_uncond}",
         "data": f"{data}, seq_len {d.seq_len} x batch {d.global_batch_size}",

@@ -1,10 +1,13 @@
 """Attention implementations behind one seam.
 
 An implementation is a pair of pure functions:
-  prepare(segment_ids, image_ids) -> aux   # once per forward, outside the layer scan
+  prepare(segment_ids, image_ids, image_attention=...) -> aux   # once per forward, outside the
+                                                                 # layer scan
   apply(q_BTNH, k_BSKH, v_BSKH, aux) -> o_BTNH
 
-so a kernel can precompute whatever form of the mask it wants (dense, key ranges, block lists).
+so a kernel can precompute whatever form of the mask it wants (dense, key ranges, block lists),
+always from `models/mask.py` (`image_attention`: "bidirectional" or "causal" inside images,
+`model.image_attention`).
 `xla` is the reference that runs everywhere; `cudnn` is the fused GPU kernel (12x the default on
 an H100, see ENVIRONMENT.md); `dot_product` is jax.nn's default dispatch. Block-sparse kernels
 register here with `register`: `splash` (the project's Pallas TPU kernel, `tpu_attention`) and

@@ -2,8 +2,9 @@
 
 `tfx_jax.config` composes `ModelConfig` into `Config` and calls `validate_model` from `validate`
 (turning `ModelConfigError` into its `ConfigError`, message unchanged). The names a config may
-choose are the tables of the code that runs them: `models.attention.IMPLEMENTATIONS` and
-`models.remat.REMAT_POLICIES`; this module does not import the transformer.
+choose are the tables of the code that runs them: `models.attention.IMPLEMENTATIONS`,
+`models.mask.IMAGE_ATTENTION` and `models.remat.REMAT_POLICIES`; this module does not import the
+transformer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 import math
 
 from tfx_jax.models.attention import IMPLEMENTATIONS
+from tfx_jax.models.mask import IMAGE_ATTENTION
 from tfx_jax.models.remat import REMAT_POLICIES
 
 __all__ = ["DTYPES", "ModelConfig", "ModelConfigError", "validate_model"]
@@ -44,6 +46,9 @@ class ModelConfig:
     patch_size: int = 2  # p x p latent pixels per transformer position
     patch_encoder: str = "linear"  # "linear" or "unet" (Transfusion §3.2)
     unet_channels: tuple[int, ...] = (64, 128)  # widths of the U-Net down/up stages
+    # Patches of one image attend to each other ("bidirectional", Transfusion §3.2) or only to
+    # earlier ones, like text ("causal": the Table 5 ablation; models/mask.py).
+    image_attention: str = "bidirectional"
     # Numerics, memory, kernels.
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights
@@ -114,6 +119,10 @@ def validate_model(m: ModelConfig) -> None:
             f"model.unet_channels={m.unet_channels} downsamples by {factor} but "
             f"model.patch_size={m.patch_size}: a U-Net with k stages patches by 2^(k-1).",
         )
+    need(
+        m.image_attention in IMAGE_ATTENTION,
+        f"model.image_attention={m.image_attention!r}: use 'bidirectional' or 'causal'.",
+    )
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: use one of {DTYPES}.")
     need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: use one of {DTYPES}.")
     need(

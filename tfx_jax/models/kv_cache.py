@@ -78,8 +78,10 @@ def decode_mask(
     segment_ids_BT: jax.Array,
     image_ids_BT: jax.Array,
     index_B: jax.Array,
+    image_attention: str = "bidirectional",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The mask of a chunk's queries over the cache after the chunk is written.
+    """The mask of a chunk's queries over the cache after the chunk is written (with causal
+    image attention, an image block decoded as one chunk is causal inside too).
 
     Returns:
       (mask [B, 1, T, S], the cache's new segment ids [B, S], its new image ids [B, S]).
@@ -89,6 +91,12 @@ def decode_mask(
     img_BS = write_rows(cache.image_ids, image_ids_BT, index_B)
     q_index_BT = index_B[:, None] + jnp.arange(T)[None, :]
     mask_BTS = attention_mask(
-        segment_ids_BT, seg_BS, image_ids_BT, img_BS, q_index=q_index_BT, kv_index=None
+        segment_ids_BT,
+        seg_BS,
+        image_ids_BT,
+        img_BS,
+        q_index=q_index_BT,
+        kv_index=None,
+        image_attention=image_attention,
     )
     return mask_BTS[:, None], seg_BS, img_BS

@@ -123,11 +123,17 @@ def pair_kinds(q_blocks: jax.Array, nkv: int) -> jax.Array:
     return jnp.where(visible, jnp.where(full, 2, 1), 0).astype(jnp.int8)
 
 
-def prepare(segment_ids: jax.Array, image_ids: jax.Array, block: int | None = None) -> BlockRanges:
-    """The mask of a packed batch [B, T] as key ranges padded to whole blocks, and the tables."""
+def prepare(
+    segment_ids: jax.Array,
+    image_ids: jax.Array,
+    block: int | None = None,
+    image_attention: str = "bidirectional",
+) -> BlockRanges:
+    """The mask of a packed batch [B, T] as key ranges padded to whole blocks, and the tables
+    (`image_attention`: as in `mask.key_ranges`)."""
     B, T = segment_ids.shape
     M, Tp = block_size(T, block)
-    k_start, k_end = key_ranges(segment_ids, image_ids)
+    k_start, k_end = key_ranges(segment_ids, image_ids, image_attention)
     if Tp > T:
         pad = jnp.broadcast_to(jnp.arange(T, Tp, dtype=jnp.int32), (B, Tp - T))
         k_start = jnp.concatenate([k_start, pad], axis=1)

@@ -7,8 +7,9 @@
 
 Text positions carry token embeddings; image positions carry embedded noisy latent patches plus a
 timestep embedding (Transfusion §3.2). The mask is causal across the sequence and bidirectional
-inside each image (§3.2, Fig. 4). The same backbone produces next-token logits for text and an
-ε-prediction for every image patch.
+inside each image (§3.2, Fig. 4), or causal inside images too with `model.image_attention=causal`
+(the Table 5 ablation; a U-Net patch encoder still mixes an image's patches in its convolutions).
+The same backbone produces next-token logits for text and an ε-prediction for every image patch.
 
 Decoding runs the same module on a chunk of new positions with a KV cache (`models/kv_cache.py`):
 the chunk's keys and values are written at each row's cache index and its queries attend to every
@@ -104,10 +105,14 @@ class Transfusion(nn.Module):
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
 
         if cache is None:
-            mask_aux = attention.get(cfg.attention_impl).prepare(segment_ids_BT, image_ids_BT)
+            mask_aux = attention.get(cfg.attention_impl).prepare(
+                segment_ids_BT, image_ids_BT, image_attention=cfg.image_attention
+            )
             x_BTD = self._layers(x_BTD, positions_BT, mask_aux)
         else:
-            mask_B1TS, seg_BS, img_BS = decode_mask(cache, segment_ids_BT, image_ids_BT, index_B)
+            mask_B1TS, seg_BS, img_BS = decode_mask(
+                cache, segment_ids_BT, image_ids_BT, index_B, cfg.image_attention
+            )
             x_BTD, (k, v) = self._cached_layers(
                 x_BTD, positions_BT, mask_B1TS, (cache.k, cache.v), index_B
             )
