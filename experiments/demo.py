@@ -10,10 +10,9 @@ KL-VAE (8x8x4 latents), encode all images once, then train the transformer on pa
 
 Why these numbers (measured with `benchmarks/shapes_eval.py` on one GPU and on the CPU, which
 give the same losses step for step; benchmarks/RESULTS.md, "Demo tuning"): see the comments at
-each setting. Where it stands at step 900 (64 prompts per split, DDIM 50, guidance 7; min over training
-seeds 0, 1, 2 on one H100): text -> image attributes 100% on training-split and held-out prompts;
-image -> text 93.8% on held-out pairs (at 300 steps a held-out caption often named the right
-colour and a shape that colour had in training).
+each setting. Where it stands at step 900 (64 prompts per split, DDIM 50, guidance 7; over
+training seeds 0, 1, 2 on one H100, benchmarks/demo_seeds.sh): text -> image attributes 99-100%
+on training-split and 92-100% on held-out prompts; image -> text 94.5-100% on held-out pairs.
 """
 
 from tfx_jax.config import (

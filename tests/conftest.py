@@ -162,3 +162,73 @@ def shapes_run(tmp_path_factory):
         reference=reference,
         cache=root / "xla_cache",
     )
+
+
+# Waiting on subprocesses. The suite must pass on a loaded 2-core machine (other test runs,
+# xdist workers), where a child that needs 100 s idle may need several times that: every limit
+# on a child is a base (what it needs idle, with headroom) stretched by how busy the machine is
+# while it runs. Idle the limits are the bases; nothing waits longer when the child is done.
+def timeout_scale() -> float:
+    """How many times slower than idle a CPU-bound child runs now: `TFX_TEST_TIMEOUT_SCALE` if
+    set, else the 1-minute load average per usable core, at least 1."""
+    if os.environ.get("TFX_TEST_TIMEOUT_SCALE"):
+        return float(os.environ["TFX_TEST_TIMEOUT_SCALE"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1.0, os.getloadavg()[0] / (cores or 1))
+
+
+def scaled_timeout(base: float) -> float:
+    """`base` seconds (the limit on an idle machine) times `timeout_scale()` now."""
+    return base * timeout_scale()
+
+
+def wait_all(procs, base: float) -> list[tuple]:
+    """`communicate()` with each `subprocess.Popen` of `procs` (one or a list), all at once;
+    returns their (stdout, stderr) pairs. The limit is `base` seconds times the largest
+    `timeout_scale()` seen while waiting (re-read every poll: a machine that gets busy mid-run
+    extends it). Past it, every process still running is killed and the test fails with each
+    one's output so far."""
+    import subprocess
+    import time
+
+    procs = list(procs) if isinstance(procs, list | tuple) else [procs]
+    start, scale = time.monotonic(), timeout_scale()
+    outs: list[tuple | None] = [None] * len(procs)
+    poll = 1 if len(procs) > 1 else 5
+    while True:
+        for i, proc in enumerate(procs):
+            if outs[i] is None:
+                left = base * scale - (time.monotonic() - start)
+                try:  # a retried communicate() loses no output
+                    outs[i] = proc.communicate(timeout=min(poll, max(left, 0.1)))
+                except subprocess.TimeoutExpired:
+                    pass
+        if all(out is not None for out in outs):
+            return outs
+        scale = max(scale, timeout_scale())
+        waited = time.monotonic() - start
+        if waited > base * scale:
+            break
+    tails = []
+    for i, proc in enumerate(procs):
+        if outs[i] is None:
+            proc.kill()
+            outs[i] = proc.communicate()
+        text = "".join(x if isinstance(x, str) else (x or b"").decode() for x in outs[i])
+        tails.append(f"--- {proc.args!r} (exit {proc.returncode}):\n{text[-3000:]}")
+    pytest.fail(
+        f"subprocess still running after {waited:.0f} s (limit {base} s x load scale {scale:.2f};"
+        " TFX_TEST_TIMEOUT_SCALE raises it):\n" + "\n".join(tails)
+    )
+
+
+def run_subprocess(cmd, *, timeout: float, capture_output: bool = False, **kwargs):
+    """`subprocess.run(cmd, capture_output=..., **kwargs)` under `wait_all`'s limit: `timeout`
+    is the base, in seconds on an idle machine."""
+    import subprocess
+
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, **kwargs)
+    ((stdout, stderr),) = wait_all([proc], timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

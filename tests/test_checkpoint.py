@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_subprocess, wait_all
 
 from tfx_jax import sharding
 from tfx_jax.checkpoint import Checkpointer
@@ -49,7 +49,7 @@ def run_cli(workdir, *extra, env_extra=None, wait=True):
         return subprocess.Popen(
             cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_subprocess(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 # The crash: `train` with an `after_step` hook that SIGKILLs the process right after a step
@@ -83,7 +83,7 @@ def run_killed(workdir, kill_at, *extra):
         str(REPO / "experiments/tiny.py"),
         *flags[1::2],
     ]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_subprocess(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def final_params(tiny_config, workdir, overrides=()):
@@ -134,7 +134,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
         if line.startswith("step      3"):
             proc.send_signal(signal.SIGTERM)
             break
-    out, _ = proc.communicate(timeout=120)
+    ((out, _),) = wait_all([proc], 120)
     assert proc.returncode == 0, "".join(seen) + out
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False, create=False)
     assert ckpt.latest_step() is not None and 3 <= ckpt.latest_step() < 1000
@@ -251,3 +251,77 @@ def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
     ckpt = Checkpointer("runs/rel/checkpoints", async_save=False, create=False)
     assert ckpt.latest_step() == 1
     ckpt.close()
+
+
+# In a fresh process (pytest swaps `sys.unraisablehook` per test): TensorStore writes whose
+# event loop was closed under them (a failed save's abandoned writes), one unrelated
+# unraisable exception and two asyncio errors, after a Checkpointer installed its filters.
+ABANDONED_WRITES = """
+import asyncio, gc, logging, sys, time
+import numpy as np, tensorstore as ts
+from tfx_jax.checkpoint import Checkpointer
+logging.basicConfig()
+Checkpointer(sys.argv[1], async_save=False).close()
+
+async def failed_save():
+    spec = {"driver": "zarr", "kvstore": f"file://{sys.argv[1]}/ts/"}
+    t = await ts.open(spec, create=True, dtype=ts.float32, shape=[4000, 4000])
+    writes = [t[i * 100 : (i + 1) * 100].write(np.ones((100, 4000), np.float32)) for i in range(40)]
+    asyncio.ensure_future(asyncio.gather(*writes[1:]))
+    await asyncio.sleep(0)
+    raise OSError(28, "No space left on device")
+
+loop = asyncio.new_event_loop()
+try:
+    loop.run_until_complete(failed_save())
+except OSError:
+    pass
+loop.close()  # the other writes are still in flight, as when Orbax's run_sync returns
+time.sleep(2)
+
+class Unrelated:
+    def __del__(self):
+        raise ValueError("an unrelated unraisable error")
+Unrelated()
+gc.collect()
+asyncio_log = logging.getLogger("asyncio")
+asyncio_log.error("Task exception was never retrieved\\nfuture: <Task coro=<x() defined at "
+                  "/site-packages/orbax/checkpoint/_src/serialization/serialization.py:126>>")
+asyncio_log.error("Task was destroyed but it is pending!\\ntask: <Task coro=<x() defined at "
+                  "/site-packages/orbax/checkpoint/_src/serialization/serialization.py:126>>")
+asyncio_log.error("Task exception was never retrieved\\nfuture: <Task coro=<w() defined at "
+                  "<string>:2> exception=OSError(28, 'No space left on device: "
+                  "/ckpt/12.orbax-checkpoint-tmp/state')>")
+asyncio_log.error("Task exception was never retrieved\\nfuture: <Task coro=<mine() defined at "
+                  "/work/app.py:3>>")
+
+async def async_serialize_from_host():
+    async def write_fragment():
+        pass
+    return write_fragment
+write_fragment = asyncio.run(async_serialize_from_host())
+write_fragment()  # Orbax's, never started: no warning
+
+async def my_coroutine():
+    pass
+my_coroutine()  # anyone else's: warned as usual
+gc.collect()
+print("done", flush=True)
+"""
+
+
+def test_only_a_failed_saves_abandoned_writes_are_silenced(tmp_path):
+    proc = run_subprocess(
+        [sys.executable, "-c", ABANDONED_WRITES, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
+    assert "Event loop is closed" not in proc.stderr, proc.stderr
+    assert "orbax/checkpoint" not in proc.stderr and "orbax-checkpoint-tmp" not in proc.stderr
+    assert "ValueError: an unrelated unraisable error" in proc.stderr, proc.stderr
+    assert "mine() defined at /work/app.py" in proc.stderr, proc.stderr
+    assert "write_fragment" not in proc.stderr, proc.stderr
+    assert "coroutine 'my_coroutine' was never awaited" in proc.stderr, proc.stderr

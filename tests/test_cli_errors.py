@@ -6,12 +6,11 @@ type or range at the config and checks that only `ConfigError` ever comes back.
 """
 
 import dataclasses
-import subprocess
 import sys
 import typing
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_subprocess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +70,15 @@ CASES = {
         ["config", "--config", TINY, "--workdir", "w", *_set("optimizer.learning_rate=-1")],
         "optimizer.learning_rate=-1",
     ),
+    "mixture weight inf": (
+        ["config", "--config", TINY, "--workdir", "w"]
+        + _set("data.source=mixture", "data.mixture=text inf source=text path=x"),
+        "data.mixture entry 'text': weight 'inf' must be a finite number > 0",
+    ),
+    "max_examples 0": (
+        ["data", "encode", "--config", TINY, *_set("data.max_examples=0")],
+        "data.max_examples=0 must be >= 1 when set",
+    ),
     "mesh that does not fit": (
         ["config", "--config", TINY, "--workdir", "w", *_set("mesh.data=3")],
         "8 are available",
@@ -119,7 +127,7 @@ def test_bad_input_is_one_line_and_exit_2(name, files, capsys):
 
 
 def test_the_real_process_prints_one_line(files):
-    proc = subprocess.run(
+    proc = run_subprocess(
         [sys.executable, "-m", "tfx_jax", "config", "--config", f"{files}/syntax.py"]
         + ["--workdir", "w"],
         capture_output=True,

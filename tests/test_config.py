@@ -37,6 +37,7 @@ def test_overrides_parse_types(tiny_config):
         ("model.qk_norm=maybe", "model.qk_norm='maybe'"),
         ("model=3", "is a section"),
         ("model.d_model", "must look like key.path=value"),
+        ("data.max_examples=0", "data.max_examples=0 must be >= 1 when set"),  # unset = all
     ],
 )
 def test_bad_overrides_name_the_key(tiny_config, override, fragment):

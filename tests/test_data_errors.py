@@ -299,6 +299,43 @@ def test_unusable_images_give_nothing_anywhere(tiny_config, tmp_path, monkeypatc
         assert "data.on_error=skip" in str(error.value)
 
 
+def _truncated_png(path, size=(40, 36)) -> None:
+    """A PNG whose header (format, size) parses but whose pixel data stops half way."""
+    noise = np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), np.uint8)
+    data = _png(Image.fromarray(noise))
+    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as image:
+        assert image.size == size  # the header is fine
+
+
+def test_an_image_whose_pixels_are_corrupt_gives_no_tokenizer_text(
+    tiny_config, tmp_path, monkeypatch
+):
+    """The tokenizer's sample and encode / the VAE make one decision per image: a file whose
+    header parses but whose pixels do not decode is unreadable for all of them."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 36), (60 * i, 0, 0)).save(folder / f"good{i}.png")
+        (folder / f"good{i}.txt").write_text(f"a plain colour number {i}")
+    _truncated_png(folder / "cut.png")
+    (folder / "cut.txt").write_text("wombat caption of a truncated image")
+    cfg = _cfg(tiny_config, tmp_path, "data.source=folder", f"data.path={folder}")
+    examples = sources.of(cfg).open_limited(cfg, "train")
+    usable = []
+    for i in range(len(examples)):
+        try:
+            usable.append(examples[i]["text"])
+        except sources.RecordError as e:
+            assert "cut.png: cannot decode" in str(e)
+    assert len(usable) == 3 and not any("wombat" in t for t in usable)  # encode and the VAE
+    texts = list(sources.of(cfg).texts(cfg, "train", limit=100))
+    captions = [t for t in texts if isinstance(t, str)]
+    assert sorted(captions) == sorted(usable), texts  # the tokenizer: the same three
+    (error,) = [t for t in texts if isinstance(t, sources.RecordError)]
+    assert "cut.png: cannot decode" in str(error)
+
+
 def test_too_small_images_are_counted_when_encoding(tmp_path):
     class Raw:
         def __len__(self):

@@ -7,12 +7,11 @@ is not installed (`pip install -e '.[tpu]'`).
 
 import os
 import runpy
-import subprocess
 import sys
 
 import jax
 import pytest
-from conftest import REPO
+from conftest import REPO, run_subprocess
 
 from tfx_jax import cli, dryrun
 from tfx_jax.config import ConfigError, load_config
@@ -184,7 +183,7 @@ def test_compiles_the_train_step_for_a_v5p_slice(topology, mesh):
     # attention auto: the block-sparse Pallas kernel, compiled by Mosaic inside the train step.
     sets = ["--set", "mesh.data=2", "--set", "mesh.fsdp=-1", "--mfu", "0.5"]
     sets += ["--set", "model.attention_impl=auto"]
-    out = subprocess.run(
+    out = run_subprocess(
         [sys.executable, "-m", "tfx_jax", "dryrun", "--config", TINY, "--topology", topology]
         + sets,
         cwd=REPO,
@@ -211,6 +210,43 @@ def test_without_libtpu_reports_the_analytic_part(tiny_config, monkeypatch):
     text, p, c = dryrun.run(tiny_config(), "v6e-8")
     assert c is None and p.chips == 8
     assert "not compiled: libtpu is not installed" in text
+    # The state fits: a lower bound only, so no verdict (exit 0).
+    assert "<= 32 GiB HBM on v6e" in text and "the compiled peak is not known" in text
+    assert dryrun.fits(p, None) is None
+
+
+@pytest.mark.parametrize(
+    "mesh", [["mesh.data=8"], ["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=4"]]
+)
+def test_the_state_lower_bound_is_the_sharded_train_state(tiny_config, mesh):
+    """`state_bytes_per_chip` (shapes and the mesh's sizes, no devices) equals the bytes of the
+    Trainer's own sharded train state on one device of a real 8-device mesh."""
+    from tfx_jax import sharding
+    from tfx_jax.train import loop
+    from tfx_jax.train.optim import make_optimizer
+
+    cfg = tiny_config(None, mesh)
+    real = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    rng = jax.eval_shape(jax.random.key, 0)
+    state, _ = loop.abstract_train_state(cfg, real, Transfusion(cfg.model), tx, rng)
+    want = dryrun.sharded_bytes(state)
+    assert dryrun.state_bytes_per_chip(cfg, dict(real.shape)) == want
+    assert dryrun.state_bytes_per_chip(cfg, {}) > want or mesh == ["mesh.data=8"]  # unsharded
+
+
+def test_without_libtpu_a_state_over_hbm_fails(monkeypatch, capsys):
+    """7B on one v5e chip: params + AdamW moments alone are ~76 GiB of its 16 GiB, so even
+    without libtpu the dry run says it does not fit, in one line, and exits 1."""
+    monkeypatch.setattr(dryrun, "libtpu_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["dryrun", "--config", f"{PAPER}:7b", "--topology", "v5e-1"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1, out
+    (line,) = [x for x in out.splitlines() if "lower bound" in x]
+    assert "lower bound: 75.82 GiB of state per chip" in line, line
+    assert "> 16 GiB HBM on v5e: does NOT fit" in line
+    assert "without libtpu the compiled peak is not known" in line
 
 
 def test_compiler_out_of_memory_message():

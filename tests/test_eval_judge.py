@@ -15,7 +15,7 @@ import pytest
 from tfx_jax.config import Config
 from tfx_jax.data import sources
 from tfx_jax.data.config import DataConfig
-from tfx_jax.eval import command, prompts
+from tfx_jax.eval import command, fd, prompts
 
 # ----------------------------------------------------------------------------- the dataset
 
@@ -82,6 +82,9 @@ class SquareJudge:
             for o in judged["objects"]
         ]
         return out
+
+    def classifier_data(self, num, seed):
+        return None  # no labelled images: no in-domain FD
 
 
 class Squares(sources.Source):
@@ -168,6 +171,19 @@ def test_prompting_scores_with_the_sources_judge_and_caption_reader(squares, mon
     samples, captions = command._records(drawn, captioned, prompting.judge, None, "x", False)
     assert samples[0]["judge"]["objects"][0]["found"] == "red"
     assert {c["judge"]["objects"][0]["prompt"] for c in captions} == {"red", "green", "blue"}
+
+
+def test_a_judge_without_classifier_data_gets_no_fd(squares, tmp_path):
+    cfg = dataclasses.replace(
+        squares, data=dataclasses.replace(squares.data, data_dir=str(tmp_path))
+    )
+    source = sources.of(cfg)
+    ex = prompts.caption_examples(cfg, source, "train", 1)[0]
+    prompting = types.SimpleNamespace(
+        judge=source.judge(cfg), splits=("train",), examples=[ex], source=source
+    )
+    assert fd.fd_metrics(cfg, prompting, [prompts.Drawn(ex, ex.image, None)]) == ({}, None)
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
 def test_a_source_without_a_judge_is_drawn_but_not_scored(squares, monkeypatch):

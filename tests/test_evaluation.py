@@ -18,7 +18,7 @@ from PIL import Image
 from tfx_jax import cli, demo
 from tfx_jax.data.embedded import judge, shapes
 from tfx_jax.data.sources import synthetic
-from tfx_jax.eval import losses, prompts
+from tfx_jax.eval import fd, losses, prompts
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.train.steps import make_eval_step
@@ -26,9 +26,13 @@ from tfx_jax.train.steps import make_eval_step
 ATTRS = ("shape", "color", "size", "position")
 
 
-def test_eval_equals_training_and_the_report_says_so(shapes_run, tmp_path, capsys):
+def test_eval_equals_training_and_the_report_says_so(shapes_run, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(shapes_run.run, run)  # eval writes into the run: keep the shared one clean
+    # The in-domain FD's classifier, trained into the data dir: a small one here (its full
+    # training is tests/test_fd.py's; the stamp records these settings, so no run reuses it).
+    monkeypatch.setattr(fd, "STEPS", 40)
+    monkeypatch.setattr(fd, "NUM_TRAIN", 512)
     # Training evaluated step 6 with train.eval_samples=2 prompts per split and the default
     # sampling options; eval with the same count must give the same numbers.
     cli.main(["eval", "--workdir", str(run), "--num-prompts", "2"])
@@ -52,12 +56,20 @@ def test_eval_equals_training_and_the_report_says_so(shapes_run, tmp_path, capsy
     assert m["eval/judge_fraction"] == m["eval/judge/heldout/objects"]
     assert len(ev["samples"]) == len(ev["captions"]) == 4
     assert [t["key"] for t in ev["targets"]] == [t.key for t in demo.TARGETS]
+    # The in-domain FD beside its floor and the diversity figures, per split (`eval` only:
+    # training does not log them).
+    fd_keys = {k for k in m if k.startswith(("eval/fd", "eval/diversity"))}
+    kinds = ("fd", "fd_floor", "diversity", "diversity_real")
+    assert fd_keys == {f"eval/{k}/{s}" for k in kinds for s in ("train", "heldout")}
+    assert all(np.isfinite(m[k]) and m[k] >= 0 for k in fd_keys)
+    assert ev["fd"]["samples"] == {"train": 2, "heldout": 2}
+    assert "in-domain FD (shapes classifier features, not ImageNet FID)" in out
 
     # ... and equal to what training's evaluator logged at step 6: losses on the same
     # (rewound) batches, images and captions for the same prompts with the same params.
     logged = {k: v for k, v in shapes_run.reference[6].items() if k.startswith("eval/")}
     logged.pop("eval/failures")
-    assert set(logged) == {k for k in m if k.startswith("eval/")}
+    assert set(logged) == {k for k in m if k.startswith("eval/")} - fd_keys
     for key, value in logged.items():
         np.testing.assert_allclose(m[key], value, rtol=1e-6, err_msg=key)
 

@@ -6,13 +6,13 @@ The HF test loads the export with the real `transformers` library in the separat
 
 import json
 import pathlib
-import subprocess
 
 import flax
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import run_subprocess
 
 from tfx_jax import export
 from tfx_jax.data import tokenizer as tok
@@ -265,7 +265,7 @@ def test_hf_llama_logits_match_ours(tiny_config, tokenizer_file, tmp_path):
 
     cmd = [hf_python, str(HF_SCRIPT), "--ids", str(tmp_path / "ids.npy"), *pairs]
     cmd += ["--texts", str(tmp_path / "texts.json"), "--tokens-out", str(tmp_path / "tok.json")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    run = run_subprocess(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stderr[-4000:]}"
 
     for name in HF_CASES:

@@ -10,7 +10,11 @@ counts as importing `tfx_jax.a.b`, relative imports are resolved first):
              .data, .train, .generate, .export, .cli, .artifacts, .stages, .demo, .diffusion, nor
              the top-level config (a model section lives in tfx_jax/models/config.py).
   config     tfx_jax/config.py imports only the section configs: tfx_jax.models.config and
-             tfx_jax.data.config (never model or data code: `validate` calls their checks).
+             tfx_jax.data.config, the data section's checks (tfx_jax.data.checks) and the
+             diffusion modes (tfx_jax.diffusion.modes): never model or data code otherwise.
+  leaves     tfx_jax/data/config.py imports nothing of the project (models/config.py imports
+             only the models' own registries): the config sits above its sections, no circle
+             through a section (the cycle check below proves it for the whole package).
   generate   tfx_jax/generate/** and tfx_jax/export.py import nothing from tfx_jax.train
              (inference never needs the trainer).
   diffusion  tfx_jax/diffusion/** imports only tfx_jax.diffusion.* and tfx_jax.layout (pure
@@ -181,9 +185,18 @@ RULES = [
     Rule(
         "config",
         "tfx_jax/config.py imports only the section configs (tfx_jax.models.config, "
-        "tfx_jax.data.config)",
+        "tfx_jax.data.config), the data section's checks (tfx_jax.data.checks) and the "
+        "diffusion modes it validates (tfx_jax.diffusion.modes: pure functions)",
         lambda i: i.importer == "tfx_jax.config",
-        lambda i: _under(i.target, *_p("models.config", "data.config")),
+        lambda i: _under(
+            i.target, *_p("models.config", "data.config", "data.checks", "diffusion.modes")
+        ),
+    ),
+    Rule(
+        "leaves",
+        "tfx_jax/data/config.py imports nothing of the project",
+        lambda i: i.importer == "tfx_jax.data.config",
+        lambda i: False,
     ),
     Rule(
         "generate",
@@ -282,20 +295,7 @@ def f():
 # Cycles that exist today and are being removed (each: the modules of one strongly connected
 # component). An entry is an exception, not a silence: a cycle that grows past its entry, or a
 # new one, fails, and so does an entry whose cycle is gone (delete it then).
-KNOWN_CYCLES_TO_REMOVE = (
-    # The config circle (issue 24, the lead's part): config.py composes data/config.py, which
-    # checks mixture entries with data/sources/mixture.py, whose sources take the Config
-    # (under TYPE_CHECKING, in sources/base.py and sources/mixture.py).
-    frozenset(
-        {
-            "tfx_jax.config",
-            "tfx_jax.data.config",
-            "tfx_jax.data.sources",
-            "tfx_jax.data.sources.base",
-            "tfx_jax.data.sources.mixture",
-        }
-    ),
-)
+KNOWN_CYCLES_TO_REMOVE: tuple[frozenset[str], ...] = ()
 
 
 def module_graph(imports: list[Import], modules: set[str]) -> dict[str, set[str]]:
@@ -402,3 +402,28 @@ def test_the_cycle_finder_names_each_cycle():
     graph = module_graph(got, {"tfx_jax.a", "tfx_jax.b"})
     assert graph == {"tfx_jax.a": {"tfx_jax.b"}, "tfx_jax.b": {"tfx_jax.a"}}
     assert cycles(graph)[0][1] == ["tfx_jax.a", "tfx_jax.b", "tfx_jax.a"]
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+# Choices with several implementations go through their registry (issue 24): a source's kind,
+# the diffusion mode and the iterator contract are asked of the object, never compared by name
+# outside the module that implements them.
+BY_NAME = {
+    '== "mixture"': {"tfx_jax/data/sources/mixture.py"},
+    'mode == "rolling"': {"tfx_jax/diffusion/modes.py", "tfx_jax/diffusion/rolling.py"},
+    'source == "shapes"': {"tfx_jax/data/sources/shapes.py"},
+    '"position_is_global"': set(),
+}
+
+
+def test_no_choice_by_name():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(REPO))
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for pattern, owners in BY_NAME.items():
+                if pattern in code and rel not in owners:
+                    found.append(f"{rel}:{n}: {line.strip()}  [ask the registry, not {pattern}]")
+    assert not found, "choices made by name:\n  " + "\n  ".join(found)

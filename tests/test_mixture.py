@@ -81,7 +81,11 @@ def test_a_mixture_resumes_exactly():
     "entry, message",
     [
         ("text", "write 'NAME WEIGHT key=value"),
-        ("text 0 source=text", "weight '0' must be > 0"),
+        ("text 0 source=text", "weight '0' must be a finite number > 0"),
+        ("text inf source=text path=x", "weight 'inf' must be a finite number > 0"),
+        ("text nan source=text path=x", "weight 'nan' must be a finite number > 0"),
+        ("text -2 source=text path=x", "weight '-2' must be a finite number > 0"),
+        ("text 1 source=text path=x max_examples=0", "max_examples=0 must be >= 1 when set"),
         ("text 1 source=text colour=red", "'colour=red' is not KEY=VALUE"),
         ("text 1 path=x", "needs source=NAME"),
         ("text 1 source=text image_size=big", "image_size='big' is not a int"),

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_all
 
 from tfx_jax.checkpoint import Checkpointer
 from tfx_jax.data.tokenizer import Tokenizer, train_tokenizer
@@ -49,7 +49,7 @@ def run_processes(argv: list[str], n: int, timeout: int = 400) -> list[str]:
         )
         for i in range(n)
     ]
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    outs = [out for out, _ in wait_all(procs, timeout)]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out
     return outs
@@ -132,7 +132,7 @@ def test_two_processes_train_and_resume_in_one(tiny_config, tmp_path, compile_ca
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    outs = [out for out, _ in wait_all(procs, 400)]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out
     assert "(2 processes)" in outs[0]

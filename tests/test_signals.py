@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_subprocess
 
 from tfx_jax.checkpoint import Checkpointer
 
@@ -36,7 +36,7 @@ def run(workdir, fault: str, steps: int = 6, timeout: int = 300):
         argv += ["--set", s]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     code = WRAPPER.replace("FAULT", fault)
-    return subprocess.run(
+    return run_subprocess(
         [sys.executable, "-c", code, *argv],
         env=env,
         cwd=REPO,
@@ -112,6 +112,35 @@ loop.train = functools.partial(loop.train, after_step=hook)
     assert committed(tmp_path) == [2]  # the periodic save before the signals is committed
 
 
+def test_second_signal_after_the_commit_says_the_step_is_saved(tmp_path):
+    """SIGTERM after step 3; a second one right after "checkpoint for step 4 committed" (sent
+    from that log record, outside any save): the process stops at once, says step 4 is
+    committed (not "without saving"), exit 143, and no traceback of any kind."""
+    fault = """
+import logging
+def hook(step):
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+loop.train = functools.partial(loop.train, after_step=hook)
+class Again(logging.Handler):
+    def emit(self, record):
+        if "committed; exiting" in record.getMessage():
+            os.kill(os.getpid(), signal.SIGTERM)
+logging.getLogger("tfx_jax").addHandler(Again())
+"""
+    proc = run(tmp_path, fault)
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert_clean(proc)
+    assert "Exception ignored" not in proc.stderr and "Logging error" not in proc.stderr
+    assert "again: stopped at once without saving" not in proc.stderr, proc.stderr
+    last = [x for x in proc.stderr.splitlines() if x.strip()][-1]
+    assert last == (
+        "SIGTERM again: stopped at once; the checkpoint for step 4 is committed (resume with "
+        "the same command)."
+    ), proc.stderr
+    assert committed(tmp_path)[-1] == 4
+
+
 def _mount_tmpfs(path, size: str) -> bool:
     path.mkdir()
     ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
@@ -165,6 +194,43 @@ loop.train = functools.partial(loop.train, after_step=hook)
         if real:
             subprocess.run(["umount", str(disk)])
         shutil.rmtree(disk, ignore_errors=True)
+
+
+# A full disk under an async save (step 12 of every_steps=2): some arrays' writes of that step
+# fail with ENOSPC while the other arrays' TensorStore writes are still in flight; the failure
+# surfaces at step 13's check or step 14's save.
+FULL_DISK_AT_12 = """
+import asyncio, errno
+from orbax.checkpoint._src.serialization import serialization
+write = serialization.async_serialize_from_host
+calls = []
+async def full_disk(rslices, spec, **kwargs):
+    if "/12.orbax-checkpoint-tmp" in str(spec):
+        calls.append(spec)
+        if len(calls) >= 3 and len(calls) % 2:  # the others are being written meanwhile
+            await asyncio.sleep(0.01)
+            raise OSError(errno.ENOSPC, "No space left on device", "12.orbax-checkpoint-tmp")
+    return await write(rslices, spec, **kwargs)
+serialization.async_serialize_from_host = full_disk
+"""
+
+
+def test_failed_async_save_is_one_line_naming_its_step(tmp_path):
+    """The error names the step whose save failed (12), not the step that noticed it; nothing
+    follows it (no TensorStore 'Event loop is closed' tracebacks, no unretrieved asyncio task
+    errors) and the failed step is not listed as committed."""
+    proc = run(tmp_path, FULL_DISK_AT_12, steps=16)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert_clean(proc)
+    for noise in ("Event loop is closed", "never retrieved", "never awaited", "destroyed"):
+        assert noise not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("checkpoint error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    assert "writing step 12 to" in errors[0] and "No space left on device" in errors[0]
+    assert "Committed checkpoints ([6, 8, 10]) are intact" in errors[0], errors[0]
+    assert [x for x in lines if "step 12" in x] == errors, proc.stderr
+    assert committed(tmp_path) == [6, 8, 10]
 
 
 @pytest.mark.parametrize("signum_name", ["SIGTERM", "SIGINT"])

@@ -683,7 +683,7 @@ def test_a_new_source_is_one_registered_class(monkeypatch):
             "data.text_key='text' makes data.source=tfds a text corpus: leave",
         ),
         (["data.tokenizer_sample=0"], "data.tokenizer_sample=0 must be > 0"),
-        (["data.max_examples=-1"], "data.max_examples=-1 must be >= 0"),
+        (["data.max_examples=-1"], "data.max_examples=-1 must be >= 1 when set"),
         (["data.encode_shard_size=0"], "data.encode_shard_size=0 must be > 0"),
     ],
 )

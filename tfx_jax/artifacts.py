@@ -130,8 +130,9 @@ def encode_settings(cfg: Config) -> dict:
 
 
 def encoded_is_current(cfg: Config) -> bool:
-    if cfg.data.source == "mixture":  # each component has its own records
-        return all(encoded_is_current(part) for _, _, part in mixture.parts(cfg))
+    components = sources.of(cfg).components(cfg)
+    if components:  # a mixture: each component has its own records
+        return all(encoded_is_current(part) for _, _, part in components)
     """Whether `data encode` finished for these settings: made_by.json (written last) matches
     them and every shard it lists is there with its completion marker (one listing of the
     directory, not a read per shard: cheap for thousands of shards in a bucket)."""
@@ -286,10 +287,9 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
             f"{tokenizer_path(cfg)} has {tokenizer.vocab_size} pieces but "
             f"model.vocab_size={m.vocab_size}."
         )
-    named = mixture.parts(cfg)
-    records = [_records(part, split, tokenizer) for _, _, part in named]
-    parts = []
-    if source.name == "mixture":  # the components end to end, drawn at their weights
+    named = source.components(cfg)
+    if named:  # a mixture: the components end to end, drawn at their weights
+        records = [_records(part, split, tokenizer) for _, _, part in named]
         records = mixture.Concat(records, [name for name, _, _ in named])
         parts = [
             pipeline.MixturePart(name, offset, size, weight)
@@ -299,7 +299,7 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
         ]
         kw = {"parts": parts, "mix_by": d.mix_by, **kw}
     else:
-        records = records[0]
+        records = _records(cfg, split, tokenizer)
     ds = pipeline.packed_dataset(
         records,
         sequence_spec(cfg),
@@ -312,8 +312,6 @@ def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.nd
         read_threads=d.read_threads,
         **kw,
     )
-    it = iter(ds)
-    # Every process plans the same global batches (`pipeline.packed_dataset`), so the saved
-    # position resumes on any process count.
-    it.position_is_global = True
-    return it
+    # Every process plans the same global batches (`pipeline.packed_dataset`): the iterator's
+    # position is global, as `Source.position_is_global` declares.
+    return iter(ds)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+import traceback
+import warnings
 from typing import Any
 
 import jax
@@ -109,8 +112,83 @@ def _os_error(error: BaseException) -> BaseException:
     return error
 
 
+def _late_write_of_a_failed_save(unraisable: Any) -> bool:
+    """Whether an unraisable exception is TensorStore finishing a write of a save that already
+    failed. When one array's write fails, Orbax's `asyncio.gather` raises and its `run_sync`
+    closes the event loop while the other arrays' TensorStore writes are still in flight; each
+    of those, on completing, calls `loop.call_soon_threadsafe` from a TensorStore thread, which
+    raises "Event loop is closed" (reported through `sys.unraisablehook`, one traceback each)."""
+    error = unraisable.exc_value
+    if type(error) is not RuntimeError or str(error) != "Event loop is closed":
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    # Called from native code: the outermost frame is asyncio's own method, no Python caller.
+    return (
+        bool(frames)
+        and frames[0].name == "call_soon_threadsafe"
+        and (frames[0].filename.endswith(os.path.join("asyncio", "base_events.py")))
+    )
+
+
+def _abandoned_task_of_a_failed_save(record: logging.LogRecord) -> bool:
+    """Whether an `asyncio` log record is about one of Orbax's write tasks abandoned by a failed
+    save: the `gather` raised the first error and the loop was closed, so asyncio reports each
+    other task when it is garbage-collected ("Task exception was never retrieved" for one that
+    failed too, "Task was destroyed but it is pending!" for one the closed loop never ran)."""
+    message = record.getMessage()
+    return message.startswith(_ABANDONED_TASK_MESSAGES) and (
+        f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in message  # an Orbax coroutine
+        or ".orbax-checkpoint-tmp" in message  # or one writing a save's temporary directory
+    )
+
+
+_ABANDONED_TASK_MESSAGES = ("Task exception was never retrieved", "Task was destroyed but it is")
+# Orbax's per-array write coroutines that a closed loop never started (Python warns when they
+# are garbage-collected, often at exit): `async_serialize_from_host.<locals>.write_fragment`.
+_ABANDONED_COROUTINE_WARNING = r"coroutine 'async_serialize[\w.<>]*' was never awaited"
+
+
+class _AbandonedSaveTasks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _abandoned_task_of_a_failed_save(record):
+            log.debug("a write task of the failed checkpoint save: %s", record.getMessage())
+            return False
+        return True
+
+
+def _drop_late_writes_of_failed_saves() -> None:
+    """The abandoned writes of a failed save (reported once, as `CheckpointWriteError`) are
+    logged at debug level instead of printing a traceback or an asyncio error each: their late
+    completions (`sys.unraisablehook`), their unretrieved or never-run tasks (the `asyncio`
+    logger) and their never-started coroutines (a warning filter). Every other unraisable
+    exception, asyncio record and warning passes as before. Installed once per process, before
+    any save: the writes can finish before the failure is noticed."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedSaveTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedSaveTasks())
+        warnings.filterwarnings("ignore", _ABANDONED_COROUTINE_WARNING, RuntimeWarning)
+    previous = sys.unraisablehook
+    if getattr(previous, "_tfx_late_writes", False):
+        return
+
+    def hook(unraisable):
+        if _late_write_of_a_failed_save(unraisable):
+            log.debug("a write of the failed checkpoint save completed after its event loop")
+        else:
+            previous(unraisable)
+
+    hook._tfx_late_writes = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
-    """A thin layer over `ocp.CheckpointManager` with this project's three items."""
+    """A thin layer over `ocp.CheckpointManager` with this project's three items.
+
+    A failed save is reported once, naming its step (`CheckpointWriteError`): an asynchronous
+    save's failure surfaces later (at `check`, `wait` or the next `save`), and is attributed to
+    the save that was in flight, not to the call that noticed it; `close` after a reported
+    failure only releases the manager.
+    """
 
     def __init__(
         self,
@@ -127,6 +205,9 @@ class Checkpointer:
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         self._closed = False
+        self._in_flight: int | None = None  # the step of the last save started
+        self._failed = False  # a write error was raised: close() does not raise it again
+        _drop_late_writes_of_failed_saves()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_every or None,
@@ -155,9 +236,15 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if hasattr(data_iter, "get_state"):  # plain generators (tests, ad-hoc feeds) have no state
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        try:  # Orbax's save waits for the previous one anyway: its error names its own step
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            self._raise_write_error(e, self._in_flight)
+        self._in_flight = step
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        except Exception as e:  # the synchronous part, or an earlier async save's error
+        except Exception as e:  # the synchronous part of this save
             self._raise_write_error(e, step)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -212,6 +299,11 @@ class Checkpointer:
         return out["state"]["params"]
 
     def _raise_write_error(self, error: Exception, step: int | None = None) -> None:
+        self._failed = True
+        try:  # Orbax still lists the failed step (it was in flight): read what is committed
+            self.manager.reload()
+        except Exception as e:
+            log.debug("re-reading the committed steps: %s", e)
         cause = _os_error(error)
         what = f"step {step}" if step is not None else "a checkpoint"
         raise CheckpointWriteError(
@@ -224,7 +316,7 @@ class Checkpointer:
         try:
             self.manager.check_for_errors()
         except Exception as e:
-            self._raise_write_error(e)
+            self._raise_write_error(e, self._in_flight)
 
     def wait(self) -> None:
         """Blocks until the last save is committed; raises `CheckpointWriteError` if it failed."""
@@ -234,13 +326,20 @@ class Checkpointer:
         except CheckpointWriteError:
             raise
         except Exception as e:
-            self._raise_write_error(e)
+            self._raise_write_error(e, self._in_flight)
 
     def close(self) -> None:
-        """Waits for pending saves to commit, then releases the manager (idempotent)."""
+        """Waits for pending saves to commit, then releases the manager (idempotent). After a
+        write error was raised, the same failure is not raised (or logged) a second time."""
         if self._closed:
             return
         self._closed = True
+        if self._failed:
+            try:
+                self.manager.close()
+            except Exception as e:  # the failure already reported
+                log.debug("closing after a failed save: %s", e)
+            return
         try:
             self.wait()
         finally:

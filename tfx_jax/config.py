@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tfx_jax.data.config import DataConfig, DataConfigError, validate_data
+from tfx_jax.data.checks import validate_data
+from tfx_jax.data.config import DataConfig, DataConfigError, explicit_value_error
+from tfx_jax.diffusion import modes
 from tfx_jax.models.config import ModelConfig, ModelConfigError, validate_model
 
 # ----------------------------------------------------------------------------- sections
@@ -289,6 +291,9 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             raise ConfigError(f"Override {item!r} must look like key.path=value.")
         key, value = item.split("=", 1)
         cfg = replace_path(cfg, key.strip(), value.strip())
+        section, _, field = key.strip().partition(".")
+        if section == "data" and (problem := explicit_value_error(field, getattr(cfg.data, field))):
+            raise ConfigError(problem)
     return cfg
 
 
@@ -407,36 +412,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(dc.num_timesteps > 1, f"diffusion.num_timesteps={dc.num_timesteps} must be > 1.")
     need(dc.loss_weight >= 0, f"diffusion.loss_weight={dc.loss_weight} must be >= 0.")
     need(0.0 <= dc.p_uncond <= 1.0, f"diffusion.p_uncond={dc.p_uncond} must be in [0, 1].")
-    need(dc.mode in ("standard", "rolling"), f"diffusion.mode={dc.mode!r}: standard | rolling.")
-    if dc.mode == "rolling":
-        need(
-            1 <= dc.rolling_window <= m.latent_size // m.patch_size,
-            f"diffusion.rolling_window={dc.rolling_window} must be in [1, "
-            f"{m.latent_size // m.patch_size}] (rows of the patch grid).",
-        )
-        need(
-            m.patch_encoder == "linear",
-            "diffusion.mode=rolling needs model.patch_encoder=linear: the sampler runs the model "
-            "on a window of patch rows, and the U-Net's convolutions would mix rows it cannot see.",
-        )
-        need(
-            m.image_attention == "bidirectional",
-            "diffusion.mode=rolling needs model.image_attention=bidirectional: the rolling window "
-            "attends within itself by its own row blocks (tfx_jax.diffusion.rolling).",
-        )
-        need(
-            dc.rolling_init_prob == -1.0 or 0.0 <= dc.rolling_init_prob <= 1.0,
-            f"diffusion.rolling_init_prob={dc.rolling_init_prob} must be in [0, 1], or -1 for "
-            "W / (W + rows - 1), the init pass's share of the sampler's model calls.",
-        )
-        need(
-            dc.rolling_init_schedule in ("staircase", "joint"),
-            f"diffusion.rolling_init_schedule={dc.rolling_init_schedule!r}: staircase | joint.",
-        )
-        need(
-            dc.rolling_loss_norm in ("window", "full"),
-            f"diffusion.rolling_loss_norm={dc.rolling_loss_norm!r}: window | full.",
-        )
+    need(dc.mode in modes.MODES, f"diffusion.mode={dc.mode!r}: {' | '.join(modes.MODES)}.")
+    problem = modes.of(dc.mode).check(dc, m)  # the mode's own settings against the model
+    need(problem is None, problem or "")
     need(
         0.0 <= dc.rolling_context_noise <= 0.5,
         f"diffusion.rolling_context_noise={dc.rolling_context_noise} must be in [0, 0.5] "

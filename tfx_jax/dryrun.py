@@ -20,7 +20,10 @@ What happens (ahead of time, on the CPU machine; needs the optional `libtpu`, `p
      the collectives in the compiled HLO, and the step time expected at a given MFU.
 
 Everything up to the compile (topology names, the mesh check, parameters, FLOPs, step time)
-works without libtpu (`plan`); only `compile_step` needs it.
+works without libtpu (`plan`); only `compile_step` needs it. Without libtpu the memory verdict
+is a lower bound: the train state per chip (params fp32, the optimizer's moments, the step),
+sharded as the config's mesh says (`state_bytes_per_chip`), against the chip's HBM; when even
+that does not fit, the dry run says so and fails (exit 1).
 """
 
 from __future__ import annotations
@@ -173,6 +176,10 @@ class Plan:
     flops_per_step: float
     peak_flops_per_chip: float
     mfu: float
+    # The train state on one chip from the shapes and the mesh alone (`state_bytes_per_chip`):
+    # a lower bound of the compiled step's peak; 0 = not computed (`run` computes it without
+    # libtpu, where there is no compiled peak).
+    state_bytes: int = 0
 
     @property
     def chip(self) -> Chip:
@@ -198,6 +205,36 @@ def count_params(cfg: Config) -> int:
         lambda r: model.init(r, ModelInputs.dummy(cfg))["params"], jax.random.key(0)
     )
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract))))
+
+
+def state_bytes_per_chip(cfg: Config, mesh_shape: dict[str, int]) -> int:
+    """Bytes of the train state on one chip: the params (fp32), the optimizer's state (AdamW's
+    two moments, its counters), the step and the skipped-update count, each array split over
+    the mesh axes its logical axes map to (`cfg.mesh.rules`) in a mesh of `mesh_shape`. No
+    devices, nothing allocated
+    (`jax.eval_shape`): a lower bound of the step's peak, which adds gradients, activations and
+    the compiler's temporaries."""
+    model = Transfusion(dataclasses.replace(cfg.model, attention_impl="xla"))
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+
+    def init(rng):
+        params = model.init(rng, ModelInputs.dummy(cfg))["params"]
+        counter = jax.numpy.zeros((), jax.numpy.int32)  # the step, the skipped updates
+        return params, tx.init(params), counter, counter
+
+    with nn.logical_axis_rules(cfg.mesh.rules):
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        specs = nn.logical_to_mesh(nn.get_partition_spec(abstract))
+    arrays = jax.tree.leaves(nn.meta.unbox(abstract))
+    is_spec = lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)
+    total = 0
+    for x, spec in zip(arrays, jax.tree.leaves(specs, is_leaf=is_spec), strict=True):
+        shape = list(x.shape)
+        for i, axes in enumerate(spec or ()):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            shape[i] = -(-shape[i] // math.prod(mesh_shape.get(a, 1) for a in axes))
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
 
 
 def plan(cfg: Config, topology: str, mfu: float = 0.4) -> Plan:
@@ -456,6 +493,8 @@ def report(cfg: Config, p: Plan, c: Compiled | None, skipped: str = "") -> str:
     ]
     if c is None:
         lines.append(f"  not compiled: {skipped}")
+        if p.state_bytes:
+            lines.append("  " + lower_bound_verdict(p))
         return "\n".join(lines)
     hbm = chip.hbm_gib * GiB
     total = c.total_bytes
@@ -490,22 +529,44 @@ def report(cfg: Config, p: Plan, c: Compiled | None, skipped: str = "") -> str:
     return "\n".join(lines)
 
 
+def lower_bound_verdict(p: Plan) -> str:
+    """One line: the train state per chip (`Plan.state_bytes`) against the chip's HBM."""
+    chip, hbm = p.chip, p.chip.hbm_gib * GiB
+    bound = (
+        f"lower bound: {_gib(p.state_bytes)} of state per chip (params fp32 + optimizer moments)"
+    )
+    unknown = "without libtpu the compiled peak is not known"
+    if p.state_bytes > hbm:
+        return (
+            f"{bound} > {chip.hbm_gib:g} GiB HBM on {p.topology.chip}: does NOT fit; {unknown} "
+            "(shard the state over more chips: a larger mesh.fsdp or topology)"
+        )
+    return (
+        f"{bound} <= {chip.hbm_gib:g} GiB HBM on {p.topology.chip} ({p.state_bytes / hbm:.0%}); "
+        f"{unknown} (gradients, activations and temporaries come on top)"
+    )
+
+
 def fits(p: Plan, c: Compiled | None) -> bool | None:
-    """Whether the compiled step fits the chip's HBM (None: not compiled)."""
+    """Whether the compiled step fits the chip's HBM. Not compiled: False when even the train
+    state (`Plan.state_bytes`, if computed) exceeds it, else None (not known)."""
     if c is None:
-        return None
+        return False if p.state_bytes > p.chip.hbm_gib * GiB else None
     return not c.oom and c.total_bytes <= p.chip.hbm_gib * GiB
 
 
 def run(cfg: Config, topology: str, mfu: float = 0.4) -> tuple[str, Plan, Compiled | None]:
     """The whole dry run; returns (report text, plan, compiled or None without libtpu).
 
-    Without libtpu the analytic part is reported and the compile is skipped, with the reason.
+    Without libtpu the analytic part is reported and the compile is skipped, with the reason,
+    and the memory verdict is the lower bound (`lower_bound_verdict`; `fits` is False when even
+    that exceeds the chip's HBM).
     """
     p = plan(cfg, topology, mfu)
     cfg = target_config(cfg, p.chip.platform)
     if not libtpu_available():
         why = "libtpu is not installed (pip install 'tfx_jax[tpu]')"
+        p = dataclasses.replace(p, state_bytes=state_bytes_per_chip(cfg, p.mesh_shape))
         return report(cfg, p, None, why), p, None
     devices = topology_devices(p.topology, p.slices)
     c = compile_step(cfg, devices)

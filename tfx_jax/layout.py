@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # layout is imported by the data layer, which config imports: no cycle
-    from tfx_jax.config import Config
+if TYPE_CHECKING:  # what a batch's shapes depend on: the leaf protocol, never tfx_jax.config
+    from tfx_jax.data.config import RunConfig
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "image_ids", "patches")
 # The `tokens` value at the patches of an image that precedes its caption (see the docstring).
@@ -48,7 +48,7 @@ IMAGE_FIRST_MARK = 1
 # ----------------------------------------------------------------------------- the contract
 
 
-def batch_spec(cfg: Config, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(cfg: RunConfig, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of one global packed batch (the fields above)."""
     B = batch_size or cfg.data.global_batch_size
     T, P = cfg.data.seq_len, cfg.model.patch_dim
@@ -85,7 +85,7 @@ class ModelInputs:
 
     @classmethod
     def spec(
-        cls, cfg: Config, batch: int = 1, length: int | None = None, images: int | None = None
+        cls, cfg: RunConfig, batch: int = 1, length: int | None = None, images: int | None = None
     ) -> ModelInputs:
         """Shapes and dtypes (`jax.ShapeDtypeStruct`s) of the inputs for `batch` rows of
         `length` positions (default `data.seq_len`) with `images` slots (default: a row's
@@ -107,7 +107,7 @@ class ModelInputs:
         )
 
     @classmethod
-    def dummy(cls, cfg: Config, batch: int = 1, **kw) -> ModelInputs:
+    def dummy(cls, cfg: RunConfig, batch: int = 1, **kw) -> ModelInputs:
         """Zeros of `spec`'s shapes (text everywhere: slots = -1), for init."""
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cls.spec(cfg, batch, **kw))
         return zeros.replace(slots=zeros.slots - 1)

@@ -74,6 +74,8 @@ def _num(key: str, v: float) -> str:
         return f"{v:.0f}"
     if key.endswith(("/lm_loss", "perplexity")) or "diffusion_loss" in key:
         return f"{v:.4g}"
+    if key.startswith(("eval/fd", "eval/diversity")):  # feature distances, not shares
+        return f"{v:.4g}"
     return _pct(v)
 
 
@@ -368,6 +370,7 @@ def _metric_tables(ev: dict, h: list[str], md: list[str]) -> None:
             cells = " ".join(f"{s}: {_pct(m[k])}" for s, k in parsed)
             h.append(f"<p>Captions inside the caption grammar — {html.escape(cells)}</p>")
             md += [f"Captions inside the caption grammar — {cells}", ""]
+    _fd_table(ev, h, md)
     groups = (
         ("", ["eval/perplexity", "eval/lm_loss", "eval/diffusion_loss"]),
         ("diffusion loss by timestep, t from", sorted(k for k in m if "diffusion_loss_t" in k)),
@@ -391,6 +394,32 @@ def _metric_tables(ev: dict, h: list[str], md: list[str]) -> None:
         md += [f"{title}:" if title else "", "", "| " + " | ".join(labels) + " |"]
         md += ["|---" * len(keys) + "|", "| " + " | ".join(_md_cell(m, k) for k in keys) + " |"]
         md.append("")
+
+
+FD_ROWS = (
+    ("fd", "FD, generated vs real"),
+    ("fd_floor", "noise floor: FD, real vs real"),
+    ("diversity", "diversity: mean pairwise distance, generated"),
+    ("diversity_real", "diversity, real"),
+)
+
+
+def _fd_table(ev: dict, h: list[str], md: list[str]) -> None:
+    """The in-domain FD (`tfx_jax.eval.fd`) beside its noise floor and the diversity figures,
+    a column per split."""
+    info = ev.get("fd")
+    if not info or not info.get("samples"):
+        return
+    table, lines = _table(ev["metrics"], "eval", FD_ROWS, [(s, s) for s in info["samples"]])
+    c = info["classifier"]
+    note = (
+        f"{', '.join(f'{s}: {n}' for s, n in info['samples'].items())} generated images vs as "
+        "many real ones of other examples of the split; the floor compares the prompts' true "
+        f"images with those. Classifier held-out accuracy {_pct(c['accuracy'])} of labels, "
+        f"{_pct(c['exact'])} of images with every label right."
+    )
+    h += [f"<h2>{html.escape(info['what'])}</h2><p>{html.escape(note)}</p>", table]
+    md += [f"## {info['what']}", "", note, "", *lines, ""]
 
 
 def _mark(judged: dict | None) -> tuple[str, str]:

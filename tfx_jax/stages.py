@@ -200,8 +200,9 @@ def encode(cfg: Config) -> None:
         names the settings that fix it (the records stay current: no re-encoding needed).
       RecordError: an example cannot be read and data.on_error=raise.
     """
-    if cfg.data.source == "mixture":  # each component's records, with the shared tokenizer/VAE
-        for name, _, part in mixture.parts(cfg):
+    components = sources.of(cfg).components(cfg)
+    if components:  # a mixture: each component's records, with the shared tokenizer/VAE
+        for name, _, part in components:
             print(f"mixture component {name}:")
             encode(part)
         return

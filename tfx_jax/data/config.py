@@ -1,22 +1,38 @@
-"""The `data` section of the config (`DataConfig`) and its checks.
-
-`tfx_jax.config` composes `DataConfig` into `Config` and calls `validate_data` from `validate`;
-what a source needs of the settings its own `Source.validate` checks.
+"""The `data` section of the config (`DataConfig`), its error, and `RunConfig`: what data code
+reads of a run's config. A leaf: it imports nothing of the project, so every data module can
+name these types and `tfx_jax.config` can compose them without an import circle (the checks
+that need the source registry live in `tfx_jax.data.checks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from tfx_jax.data import sources
-from tfx_jax.data.sources import DataConfigError
-from tfx_jax.data.sources.mixture import components
+__all__ = ["DataConfig", "DataConfigError", "RunConfig"]
 
-if TYPE_CHECKING:
-    from tfx_jax.config import Config
 
-__all__ = ["DataConfig", "DataConfigError", "validate_data"]
+class DataConfigError(ValueError):
+    """A `data` section that cannot run (`tfx_jax.config.validate` raises it as ConfigError)."""
+
+
+class RunConfig(Protocol):
+    """What data code reads of a run's config; `tfx_jax.config.Config` is one. Data code reads
+    its own section, and of the others only the numbers that shape a sequence or an image
+    (`model.num_patches`, `patch_size`, `latent_*`, `vocab_size`; `vae.downsample`;
+    `diffusion.p_uncond`, `noise_limit_image_first`) — never the trainer's settings."""
+
+    @property
+    def data(self) -> DataConfig: ...
+
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def vae(self) -> Any: ...
+
+    @property
+    def diffusion(self) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +109,8 @@ class DataConfig:
     # when it has more (read without decoding images), all of them in order otherwise.
     tokenizer_sample: int = 100_000
     # Every stage (tokenizer, VAE, encode) reads only the first N examples of each split; for
-    # trials on a large source. 0 = all.
+    # trials on a large source. Unset (the default, 0) = all; a value given (`--set`, a mixture
+    # entry) must be >= 1 (`explicit_value_error`).
     max_examples: int = 0
     # `data encode` writes each split as ArrayRecord shards of this many examples (the source's
     # order); the shards are spread over the processes of a --distributed job, and a killed
@@ -106,82 +123,13 @@ class DataConfig:
         return self.min_image_size or max(1, self.image_size // 4)
 
 
-OVERLONG = ("split", "truncate", "drop")
-
-
-def validate_data(cfg: Config) -> None:
-    """Checks the `data` section (and, for a source with images, that the VAE's latents fit
-    the model): cheap, nothing is read.
-
-    Raises:
-      DataConfigError: naming the key, the value and what to do.
-    """
-    d, m = cfg.data, cfg.model
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise DataConfigError(msg)
-
-    need(
-        d.seq_len >= m.num_patches + 2,
-        f"data.seq_len={d.seq_len} cannot hold one image (BOI + {m.num_patches} patches + EOI).",
-    )
-    need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0.")
-    need(d.mix_by in ("tokens", "examples"), f"data.mix_by={d.mix_by!r}: tokens | examples.")
-    need(
-        bool(d.mixture) == (d.source == "mixture"),
-        "data.mixture lists the sources of data.source=mixture: set both or neither "
-        f"(data.source={d.source!r}, {len(d.mixture)} mixture entries).",
-    )
-    for part in components(d):
-        validate_data(dataclasses.replace(cfg, data=part.data))
-    source = sources.of(cfg)
-    source.validate(cfg)
-    need(
-        "{label}" in d.caption_template,
-        f"data.caption_template={d.caption_template!r} must contain {{label}}.",
-    )
-    need(d.overlong in OVERLONG, f"data.overlong={d.overlong!r}: {' | '.join(OVERLONG)}.")
-    need(
-        0.0 <= d.max_lost_fraction <= 1.0,
-        f"data.max_lost_fraction={d.max_lost_fraction} must be in [0, 1] (0.01: stop when more "
-        "than 1% of a split's examples would be lost).",
-    )
-    need(
-        0.0 < d.character_coverage <= 1.0,
-        f"data.character_coverage={d.character_coverage} must be in (0, 1] (1.0 or 0.9995).",
-    )
-    need(
-        d.min_image_size >= 0,
-        f"data.min_image_size={d.min_image_size} must be >= 0 (0: data.image_size // 4; "
-        "1: every image).",
-    )
-    need(
-        d.latents in ("precomputed", "on_the_fly"),
-        f"data.latents={d.latents!r}: precomputed | on_the_fly.",
-    )
-    need(d.on_error in ("skip", "raise"), f"data.on_error={d.on_error!r}: skip | raise.")
-    need(0.0 <= d.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1].")
-    need(
-        not d.max_images_per_row or d.max_images_per_row >= d.seq_len // (m.num_patches + 2),
-        f"data.max_images_per_row={d.max_images_per_row} is fewer than a row can hold "
-        f"({d.seq_len // (m.num_patches + 2)}): packing would produce rows the model cannot see "
-        "every image of. Use 0 (automatic).",
-    )
-    if source.has_images:
-        v = cfg.vae
-        need(v.downsample in (4, 8), f"vae.downsample={v.downsample}: use 4 or 8.")
-        need(
-            d.image_size // v.downsample == m.latent_size and d.image_size % v.downsample == 0,
-            f"data.image_size={d.image_size} / vae.downsample={v.downsample} must equal "
-            f"model.latent_size={m.latent_size}.",
+def explicit_value_error(key: str, value: Any) -> str | None:
+    """The one-line error for a data setting given explicitly (`--set data.KEY=VALUE`, a
+    mixture entry's KEY=VALUE) with a value only its default may have, else None:
+    `max_examples` is 0 when unset (every example), but 0 given reads as "no example"."""
+    if key == "max_examples" and isinstance(value, int) and value < 1:
+        return (
+            f"data.max_examples={value} must be >= 1 when set (the first N examples of each "
+            "split; leave it unset for all of them)."
         )
-    need(
-        d.tokenizer_sample > 0,
-        f"data.tokenizer_sample={d.tokenizer_sample} must be > 0 (texts the tokenizer trains on).",
-    )
-    need(d.max_examples >= 0, f"data.max_examples={d.max_examples} must be >= 0 (0 = all).")
-    need(
-        d.encode_shard_size > 0,
-        f"data.encode_shard_size={d.encode_shard_size} must be > 0 (examples per encoded shard).",
-    )
+    return None

@@ -16,14 +16,41 @@ is a tuple of `SceneObject`s); the eval package never looks inside one. A *judge
                               of `attributes`, and "present" (all of them right)
 
 from which the eval package makes eval/judge/... and eval/caption/... (`judged_metrics`).
+A judge may also render labelled images of its world (`classifier_data`, `LabelledImages`):
+what `eval` trains the classifier of its in-domain FD on (`tfx_jax.eval.fd`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledImages:
+    """Images of a judged source's world and what is in them (`Judge.classifier_data`): what
+    the in-domain FD's feature classifier is trained and tested on (`tfx_jax.eval.fd`).
+
+    Attributes:
+      images: uint8 [N, S, S, 3], at the run's image size.
+      labels: int [N, K]: for each of K labels (heads) of an image its class, in
+        0..classes[k]-1 (the shapes world: shape, colour and size of what sits in each of the
+        9 grid cells, 0 = nothing there).
+      classes: the number of classes of each head, K entries.
+      name: the world in a word, for what is printed ("shapes": "in-domain FD (shapes
+        classifier features, not ImageNet FID)").
+      world: everything the images are drawn from besides the seed and count (the tier, the
+        image size); stamped with the trained classifier, so another world trains another.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[int, ...]
+    name: str
+    world: str
 
 
 class Judge(Protocol):
@@ -67,4 +94,10 @@ class Judge(Protocol):
 
     def to_json(self, judged: dict) -> dict:
         """A judged result as JSON (eval.json's "judge" of each sample and caption)."""
+        ...
+
+    def classifier_data(self, num: int, seed: int) -> LabelledImages | None:
+        """`num` labelled images of the world this judge's source draws from (its tier and
+        image size), deterministic in (num, seed), for the in-domain FD's classifier
+        (`tfx_jax.eval.fd`); None: the judge has none, so `eval` reports no FD."""
         ...

@@ -52,3 +52,18 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t]
     abar = abar.reshape(abar.shape + (1,) * (x0.ndim - abar.ndim))
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def diffusion_loss(
+    eps_hat_BMhwC: jax.Array, eps_BMhwC: jax.Array, valid_BM: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ε-prediction MSE (Ho et al. 2020, eq. 14; Transfusion eq. 3), per image then over images.
+
+    Returns:
+      (mean over valid images of the per-image MSE, per-image MSE [B, M], number of images).
+    """
+    err = jnp.square(eps_hat_BMhwC.astype(jnp.float32) - eps_BMhwC.astype(jnp.float32))
+    per_image_BM = err.mean(axis=(-3, -2, -1))
+    valid = valid_BM.astype(jnp.float32)
+    count = valid.sum()
+    return (per_image_BM * valid).sum() / jnp.maximum(count, 1.0), per_image_BM, count

@@ -1,6 +1,7 @@
 """Evaluation of a model's parameters: the same numbers during training and after it.
 
-What it measures (every key of `metrics` is also what training logs at `train.eval_every`):
+What it measures (every key of `metrics` but fd's is also what training logs at
+`train.eval_every`):
   losses    held-out text loss and perplexity, diffusion loss overall, per timestep bucket
             (eval/diffusion_loss_tNNNN) and per patch row (eval/diffusion_loss_rowRR), over
             `train.eval_batches` validation batches — always the same batches (`losses.rewind`).
@@ -17,6 +18,13 @@ What it measures (every key of `metrics` is also what training logs at `train.ev
             scene: eval/caption/<split>/{attributes, objects (named exactly), ..., parsed}.
   document  (`command.evaluate_run` only) one interleaved document continued from a
             validation one.
+  fd        (`command.evaluate_run` only, not logged in training: it trains a classifier
+            once per data dir) the in-domain FD (a classifier of the source's own world, not
+            ImageNet FID; `fd.py`) of the drawn images per prompt split against as many real
+            ones, beside its noise floor (real vs real, the same count):
+            eval/fd/<split>, eval/fd_floor/<split>, eval/diversity/<split> and
+            eval/diversity_real/<split> (mean pairwise feature distance). Only for sources
+            whose judge renders labelled images (`Judge.classifier_data`).
 
 "attributes" is the share of (object, attribute) pairs right over the judge's attributes
 (shape, colour, size and position); "objects" the share of objects with all of them right.
@@ -26,5 +34,6 @@ Modules (imports go one way: train → eval, never back; eval never imports the 
   losses.py   loss aggregation by timestep and patch row of any eval step (`loss_metrics`),
               `LossEval` (the train step's pure loss, given, jitted onto restored params), `rewind`
   prompts.py  prompt → image and image → text (`Prompting`), judged metrics (`prompt_metrics`)
+  fd.py       the in-domain FD: distances, the cached classifier, `fd_metrics`
   command.py  `python -m tfx_jax eval` (`evaluate_run`, RUN/eval.json), `summary`, `config_brief`
 """

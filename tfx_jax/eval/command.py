@@ -33,6 +33,8 @@ from tfx_jax.config import Config, ConfigError, apply_overrides
 from tfx_jax.data import sources
 from tfx_jax.data.judging import Judge
 from tfx_jax.data.sources import RecordError
+from tfx_jax.diffusion import modes
+from tfx_jax.eval import fd
 from tfx_jax.eval.losses import LossEval, MakeEvalStep, loss_metrics
 from tfx_jax.eval.prompts import (
     IMAGE_OPTIONS,
@@ -83,6 +85,7 @@ def summary(result: dict) -> str:
     if rows:
         by_row = ", ".join(f"{r} {pct(f'eval/judge/row_{r}/objects').strip()}" for r in rows)
         lines.append(f"  objects drawn right by grid row: {by_row}")
+    lines += _fd_lines(result.get("fd"), m)
     if result.get("targets"):
         lines.append("targets:")
         for t in result["targets"]:
@@ -92,6 +95,29 @@ def summary(result: dict) -> str:
                 f"{100 * t['value']:5.1f}%  {verdict}"
             )
     return "\n".join(lines)
+
+
+def _fd_lines(info: dict | None, m: dict[str, float]) -> list[str]:
+    """The in-domain FD beside its noise floor, the diversity figures and the classifier."""
+    if not info or not info["samples"]:
+        return []
+    c = info["classifier"]
+    lines = [
+        f"  {info['what']}:",
+        "    split          samples     FD   floor (real vs real)   diversity generated / real",
+    ]
+    for s, n in info["samples"].items():
+        lines.append(
+            f"    {s:<14} {n:>7} {m[f'eval/fd/{s}']:>6.3g} {m[f'eval/fd_floor/{s}']:>22.3g}   "
+            f"{m[f'eval/diversity/{s}']:>13.3g} / {m[f'eval/diversity_real/{s}']:.3g}"
+        )
+    how = "trained now" if c["trained_now"] else "cached; trained"
+    lines.append(
+        f"    classifier: held-out accuracy {100 * c['accuracy']:.1f}% of labels, "
+        f"{100 * c['exact']:.1f}% of images with every label right ({how} in "
+        f"{c['seconds']:.0f} s)"
+    )
+    return lines
 
 
 # ----------------------------------------------------------------------------- eval command
@@ -167,7 +193,7 @@ def evaluate_run(
       step: default the newest complete checkpoint.
       splits: prompt splits (default `prompt_splits`: the judge's, train and heldout for the
         shapes data).
-      num_prompts: prompts per split.
+      num_prompts: prompts per split (also the in-domain FD's sample count, `fd`).
       options: how images are drawn (`IMAGE_OPTIONS`, as training's evaluator draws them);
         `options.seed` also picks the prompt examples (training's evaluator: 0).
       overrides: `--set key=value` on the saved config (e.g. data.data_dir when moved).
@@ -215,6 +241,7 @@ def evaluate_run(
         "samples": [],
         "captions": [],
         "document": None,
+        "fd": None,
     }
     metrics = report["metrics"]
 
@@ -234,11 +261,13 @@ def evaluate_run(
             len(prompting.examples),
             "/".join(prompting.splits),
         )
-        stream = sample.RowStream() if options.image_mode == "rolling" else None
+        stream = sample.RowStream() if modes.windowed(options.image_mode) else None
         drawn, captioned, scores = prompting(
             cfg, params, mesh, options, stream, caption_options=caption_options
         )
         metrics.update(scores)
+        fd_scores, report["fd"] = fd.fd_metrics(cfg, prompting, drawn, seed)
+        metrics.update(fd_scores)
         if stream is not None:
             report["streams"] = _strips(stream, drawn, prompting.vae, out_dir, step, is_main)
         rel = f"eval/step_{step}"

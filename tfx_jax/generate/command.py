@@ -20,6 +20,7 @@ from tfx_jax import artifacts
 from tfx_jax.config import Config, ConfigError
 from tfx_jax.data.sources import RecordError
 from tfx_jax.data.sources.images import read_image
+from tfx_jax.diffusion import modes
 from tfx_jax.generate.documents import write_documents
 from tfx_jax.generate.options import SampleOptions
 from tfx_jax.generate.sample import IMAGE_PLACEHOLDER, Prompt, generate
@@ -72,7 +73,7 @@ def generate_cli(
     for text, k in plan:
         imgs, lats = tuple(lats[:k]), lats[k:]
         reqs.append(Prompt(text, imgs, force_image))
-    stream = RowStream() if opts.image_mode == "rolling" else None
+    stream = RowStream() if modes.windowed(opts.image_mode) else None
     results = generate(cfg, params, tokenizer, reqs, opts, vae=vae, mesh=mesh, on_row=stream)
     if jax.process_index() != 0:  # every process generated the same documents; one writes
         return {}

@@ -38,7 +38,7 @@ from tfx_jax import layout, sharding
 from tfx_jax import params as params_lib
 from tfx_jax.config import Config
 from tfx_jax.data.tokenizer import EOS_ID
-from tfx_jax.diffusion import ddpm, rolling, samplers
+from tfx_jax.diffusion import ddpm, modes, rolling, samplers
 from tfx_jax.generate.options import SampleOptions
 from tfx_jax.models.kv_cache import KV_AXES, META_AXES, KVCache, init_cache
 from tfx_jax.models.transformer import Transfusion
@@ -130,7 +130,7 @@ class Decoder:
         # sampler must show the model the context it was trained on (rolling module doc). A
         # model trained with standard diffusion saw clean context only.
         T, dc = self.schedule.num_timesteps, cfg.diffusion
-        tau_ctx = dc.rolling_context_noise if dc.mode == "rolling" else 0.0
+        tau_ctx = modes.of(dc.mode).context_noise(dc)
         self.context_level = int(rolling.levels(np.float64(tau_ctx), T))
         self.commit_context = self._jit(self._commit_context)
 

@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any
 
 from tfx_jax.config import Config, ConfigError
-from tfx_jax.diffusion import samplers
+from tfx_jax.diffusion import modes, samplers
 
 IMAGE_MODES = ("auto", "full", "rolling")
 DEFAULT_CLIP_X0 = 6.0  # latents are scaled to unit variance; the demo data's max |z| is 6.75
@@ -117,10 +117,10 @@ class SampleOptions:
         self.validate()
         mode = self.image_mode
         if mode == "auto":
-            mode = "rolling" if cfg.diffusion.mode == "rolling" else "full"
+            mode = modes.of(cfg.diffusion.mode).sampler
         rows = cfg.model.latent_size // cfg.model.patch_size
         window = min(self.rolling_window or cfg.diffusion.rolling_window, rows)
-        if mode == "rolling" and cfg.model.patch_encoder != "linear":
+        if modes.windowed(mode) and cfg.model.patch_encoder != "linear":
             raise ConfigError(
                 "image_mode=rolling needs model.patch_encoder=linear: the U-Net's convolutions "
                 "would mix rows outside the window. Use image_mode=full."

@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from tfx_jax import sharding
 from tfx_jax.config import Config
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, UNK_ID
-from tfx_jax.diffusion import rolling
+from tfx_jax.diffusion import modes, rolling
 from tfx_jax.generate.decode import CHUNK_KEYS, Decoder
 from tfx_jax.generate.options import SampleOptions
 from tfx_jax.generate.stream import RowStream  # noqa: F401 (re-exported: the `on_row` recorder)
@@ -333,10 +333,8 @@ def _prefill_inputs(dec: Decoder, encoded, R: int, twins=None) -> tuple:
         chunk["tokens"][b, :L], chunk["segment_ids"][b, :L] = toks, 1
         chunk["positions"][b, :L] = np.arange(L)
         chunk["image_ids"][b, :L] = img
-        attn = img
-        if dec.cfg.diffusion.mode == "rolling":
-            patch = np.arange(L) - np.maximum.accumulate(np.where(img > 0, 0, np.arange(L))) - 1
-            attn = np.where(img > 0, rolling.block_id(img, patch // g, g), 0)
+        patch = np.arange(L) - np.maximum.accumulate(np.where(img > 0, 0, np.arange(L))) - 1
+        attn = modes.of(dec.cfg.diffusion.mode).attention_ids(img, patch, g)
         chunk["attn_image_ids"][b, :L] = attn
         if lats:
             latents[b, : len(lats)] = np.stack(lats)

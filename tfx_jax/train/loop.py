@@ -37,7 +37,6 @@ from tfx_jax import artifacts, layout, sharding
 from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
 from tfx_jax.config import Config, ConfigError, validate
 from tfx_jax.data import sources
-from tfx_jax.data.sources import mixture
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
 from tfx_jax.observability import flops, metric_writers
@@ -282,7 +281,7 @@ def restore_into(
         # every process: the packed pipeline plans global batches, the synthetic stream makes
         # them from (seed, step)) resumes from any process's file.
         saved = sorted(data_dir.glob("process_*.json"))
-        if saved and getattr(data_iter, "position_is_global", False):
+        if saved and sources.of(trainer.cfg).position_is_global:
             text = saved[0].read_text()
             is_grain = isinstance(data_iter, grain.DatasetIterator)
             data_iter.set_state(json.loads(text) if is_grain else text.encode())
@@ -391,8 +390,9 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
     is_main = jax.process_index() == 0
     eval_iter = make_batches(cfg, "validation") if cfg.train.eval_every else None
     part_evals = {}  # a mixture's components, each evaluated on its own validation split
-    if eval_iter is not None and cfg.data.source == "mixture":
-        part_evals = {name: make_batches(p, "validation") for name, _, p in mixture.parts(cfg)}
+    components = sources.of(cfg).components(cfg) if eval_iter is not None else None
+    if components:
+        part_evals = {name: make_batches(p, "validation") for name, _, p in components}
     sampler = None
     if cfg.train.eval_every and cfg.train.eval_samples and sources.of(cfg).has_images:
         sampler = SampleGrid(cfg, cfg.train.eval_samples)

@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# The standard ε-MSE lives with the diffusion modes that use it (diffusion/ddpm.py).
+from tfx_jax.diffusion.ddpm import diffusion_loss as diffusion_loss
+
 
 def lm_loss(
     logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array, z_loss: float = 0.0
@@ -33,18 +36,3 @@ def lm_loss(
         log_z_BT = jax.nn.logsumexp(logits, axis=-1)
         loss = loss + z_loss * (jnp.square(log_z_BT) * mask).sum() / denom
     return loss, ce, count
-
-
-def diffusion_loss(
-    eps_hat_BMhwC: jax.Array, eps_BMhwC: jax.Array, valid_BM: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """ε-prediction MSE (Ho et al. 2020, eq. 14; Transfusion eq. 3), per image then over images.
-
-    Returns:
-      (mean over valid images of the per-image MSE, per-image MSE [B, M], number of images).
-    """
-    err = jnp.square(eps_hat_BMhwC.astype(jnp.float32) - eps_BMhwC.astype(jnp.float32))
-    per_image_BM = err.mean(axis=(-3, -2, -1))
-    valid = valid_BM.astype(jnp.float32)
-    count = valid.sum()
-    return (per_image_BM * valid).sum() / jnp.maximum(count, 1.0), per_image_BM, count

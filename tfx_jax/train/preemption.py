@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -45,9 +46,12 @@ class Preemption:
 
     A second signal while a checkpoint is being written (inside `saving()`) is logged and
     ignored: the save commits, then the process exits. A second signal anywhere else raises
-    `Interrupted` (exit 128 + signal): stop now, the last committed checkpoint is kept. The
-    previous handlers are restored on exit. Installs nothing outside the main thread (signals go
-    to the main thread only).
+    `Interrupted` (exit 128 + signal): stop now, the last committed checkpoint is kept. Once the
+    loop has said its step is committed (`committed(step)`), a second signal ends the process at
+    once (exit 128 + signal) with a line naming that step: nothing is left to save or unwind,
+    and an exception raised there could land in a finalizer (an "Exception ignored" traceback
+    that does not even stop the process). The previous handlers are restored on exit. Installs
+    nothing outside the main thread (signals go to the main thread only).
 
     Args:
       what: what the loop saves, for the log lines ("a checkpoint", "a VAE checkpoint").
@@ -59,6 +63,7 @@ class Preemption:
         self.signum: int | None = None
         self._saving = 0
         self._previous: dict[int, object] = {}
+        self.committed_step: int | None = None
 
     @property
     def signal_name(self) -> str:
@@ -66,6 +71,16 @@ class Preemption:
 
     def _handler(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self.requested and self.committed_step is not None:
+            print(
+                f"{name} again: stopped at once; the checkpoint for step {self.committed_step} "
+                "is committed (resume with the same command).",
+                file=sys.stderr,
+            )
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(128 + signum)
         if not self.requested:
             self.requested, self.signum = True, signum
             log.warning(
@@ -89,6 +104,11 @@ class Preemption:
             file=sys.stderr,
         )
         raise Interrupted(signum)
+
+    def committed(self, step: int) -> None:
+        """Records that the requested checkpoint (of `step`) is committed and the loop is only
+        exiting now: a second signal from here on stops the process at once, saying so."""
+        self.committed_step = step
 
     @contextlib.contextmanager
     def saving(self):

@@ -237,6 +237,7 @@ def run(
             if preempt.requested:
                 with preempt.saving():
                     ckpt.wait()  # the message below only once the step is committed
+                    preempt.committed(step)
                 log.warning(
                     "%s: checkpoint for step %d committed; exiting (resume with the same command)",
                     preempt.signal_name,

@@ -25,7 +25,7 @@ import optax
 
 from tfx_jax import layout
 from tfx_jax.config import Config
-from tfx_jax.diffusion import ddpm, rolling
+from tfx_jax.diffusion import ddpm, modes
 from tfx_jax.train import losses
 
 
@@ -65,28 +65,26 @@ def forward_losses(
         limited_BM = jax.random.randint(jax.random.fold_in(t_rng, 1), (B, M), 0, cap + 1)
         t_BM = jnp.where(layout.image_first(batch["tokens"], img, start_BM), limited_BM, t_BM)
     eps_BMhwC = jax.random.normal(noise_rng, x0_BMhwC.shape, jnp.float32)
-    attn_img = img
-    if dc.mode == "rolling":  # every patch row at its own noise level (tfx_jax.diffusion.rolling)
-        roll = rolling.training_inputs(
-            jax.random.fold_in(t_rng, 2),
-            schedule,
-            x0_BMhwC,
-            eps_BMhwC,
-            img,
-            slot_BT,
-            start_BM,
-            m.patch_size,
-            dc.rolling_window,
-            dc.rolling_init_prob,
-            dc.rolling_context_noise,
-            dc.rolling_init_schedule,
-            dc.rolling_loss_norm,
-        )
-        xt_BMhwC, t_BMI, t_BM = roll["xt_BMhwC"], roll["t_BMI"], roll["t_BM"]
-        attn_img = roll["attn_image_ids_BT"]
-    else:
-        xt_BMhwC = ddpm.q_sample(schedule, x0_BMhwC, t_BM, eps_BMhwC)
-        t_BMI = jnp.broadcast_to(t_BM[:, :, None], (B, M, m.num_patches))
+    # The mode (tfx_jax.diffusion.modes) noises the slots: one t per image, or rolling rows.
+    mode = modes.of(dc.mode)
+    noised = mode.noise(
+        jax.random.fold_in(t_rng, 2),
+        dc,
+        schedule,
+        x0_BMhwC,
+        eps_BMhwC,
+        t_BM,
+        img,
+        slot_BT,
+        start_BM,
+        m.patch_size,
+    )
+    xt_BMhwC, t_BMI, t_BM, attn_img = (
+        noised.xt_BMhwC,
+        noised.t_BMI,
+        noised.t_BM,
+        noised.attn_image_ids_BT,
+    )
 
     inputs = layout.ModelInputs(
         tokens=batch["tokens"],
@@ -105,12 +103,9 @@ def forward_losses(
         before_BT = layout.text_before_image(seg, img)
         text_mask_BT &= ~jnp.pad(before_BT[:, 1:], ((0, 0), (0, 1)))
     lm, ce, n_text = losses.lm_loss(logits_BTV, batch["tokens"], text_mask_BT, cfg.train.z_loss)
-    if dc.mode == "rolling":
-        ddpm_loss, per_image_BM, n_img = rolling.windowed_diffusion_loss(
-            eps_hat_BMhwC, eps_BMhwC, roll["weight_BMI"], valid_BM, m.patch_size, roll["norm_BM"]
-        )
-    else:
-        ddpm_loss, per_image_BM, n_img = losses.diffusion_loss(eps_hat_BMhwC, eps_BMhwC, valid_BM)
+    ddpm_loss, per_image_BM, n_img = mode.loss(
+        eps_hat_BMhwC, eps_BMhwC, valid_BM, m.patch_size, noised
+    )
     total = lm + cfg.diffusion.loss_weight * ddpm_loss
     metrics = {
         "loss": total,
@@ -128,8 +123,8 @@ def forward_losses(
         err = jnp.square(eps_hat_BMhwC.astype(jnp.float32) - eps_BMhwC.astype(jnp.float32))
         metrics["row_loss_BMR"] = err.reshape(B, M, g, -1).mean(-1)
         row_w = jnp.ones((B, M, g), jnp.float32)
-        if dc.mode == "rolling":
-            row_w = roll["weight_BMI"].reshape(B, M, g, -1).mean(-1)
+        if noised.weight_BMI is not None:  # rolling: only the window's rows count
+            row_w = noised.weight_BMI.reshape(B, M, g, -1).mean(-1)
         metrics["row_weight_BMR"] = row_w * valid_BM[..., None].astype(jnp.float32)
     return total, metrics
 

@@ -19,7 +19,9 @@ On ground-truth renders this is exact (see tests); the scores below let callers 
 images: `score(image, prompt)` gives per-object attribute correctness after an optimal one-to-one
 matching of prompted to detected objects, the count check, a fraction and an overall `exact`.
 `JUDGE` is the shapes source's `Judge` (`tfx_jax.data.judging`, `Source.judge`): what the eval
-package scores images and captions with, the caption grammar and groupings included.
+package scores images and captions with, the caption grammar and groupings included; the
+source binds one to its tier and image size (`ShapesJudge(spec, image_size)`), which is what
+`classifier_data` renders the in-domain FD's classifier data from.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tfx_jax.data.embedded import shapes
+from tfx_jax.data.judging import LabelledImages
 
 # RGB distance from the nearest background-to-colour mix beyond which a pixel is off the palette.
 COLOR_THRESHOLD = 40.0
@@ -349,10 +352,24 @@ def compare(expected: Sequence[shapes.SceneObject], found: Sequence[shapes.Scene
 # ---------------------------------------------------------------------------------------------
 
 
+# Entropy of `classifier_data`'s generators besides (seed, index), so its scenes are never the
+# TFDS builder's (`shapes.example_rng`: [seed, split, index]).
+_CLASSIFIER_STREAM = 0x5EED_FD
+
+
+@dataclasses.dataclass(frozen=True)
 class ShapesJudge:
     """The shapes world's `Judge`: images read by `score`, captions by the caption grammar
     (`shapes.parse_caption`, `shapes.read_caption`), objects grouped by whether their (shape,
-    colour) pair is held out (`shapes.HELDOUT_PAIRS`) and by their grid row (`ROWS`)."""
+    colour) pair is held out (`shapes.HELDOUT_PAIRS`) and by their grid row (`ROWS`).
+
+    Attributes:
+      spec: the tier its source's scenes are drawn from, and `image_size` their size: what
+        `classifier_data` renders (reading and scoring do not depend on them).
+    """
+
+    spec: shapes.SceneSpec = shapes.SceneSpec()
+    image_size: int = 32
 
     attributes = _ATTRIBUTES
     prompt_splits = ("train", "heldout")
@@ -393,6 +410,34 @@ class ShapesJudge:
             for o in judged["objects"]
         ]
         return out
+
+    def classifier_data(self, num: int, seed: int) -> LabelledImages:
+        """`num` scenes of the tier rendered at `image_size`, labelled per grid cell: the
+        shape, colour and size of the object in it (0: empty), 27 heads. Per cell, so the
+        classifier's features see every object and where it is, not just what is in the
+        image. Scenes alternate between seen (shape, colour) pairs and scenes with a held-out
+        pair (`shapes.sample_scene`'s train and heldout), so all 24 pairs are drawn and the
+        features tell the held-out ones apart too; scene i comes from (seed, i) alone."""
+        images = np.empty((num, self.image_size, self.image_size, 3), np.uint8)
+        labels = np.zeros((num, len(shapes.POSITIONS), 3), np.int32)
+        for i in range(num):
+            rng = np.random.default_rng([_CLASSIFIER_STREAM, seed, i])
+            scene = shapes.sample_scene(rng, ("train", "heldout")[i % 2], self.spec)
+            images[i] = shapes.render(scene, self.image_size)
+            for obj in scene:
+                labels[i, shapes.POSITIONS.index(obj.position)] = (
+                    1 + shapes.SHAPES.index(obj.shape),
+                    1 + list(shapes.COLORS).index(obj.color),
+                    1 + shapes.SIZES.index(obj.size),
+                )
+        per_cell = (1 + len(shapes.SHAPES), 1 + len(shapes.COLORS), 1 + len(shapes.SIZES))
+        return LabelledImages(
+            images=images,
+            labels=labels.reshape(num, -1),
+            classes=per_cell * len(shapes.POSITIONS),
+            name="shapes",
+            world=f"{self.spec!r} at {self.image_size}px",
+        )
 
 
 JUDGE = ShapesJudge()

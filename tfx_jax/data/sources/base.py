@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
+from tfx_jax.data.config import DataConfigError
 from tfx_jax.data.judging import Judge
 
 if TYPE_CHECKING:
-    from tfx_jax.config import Config
+    from tfx_jax.data.config import RunConfig
 
 SPLITS = ("train", "validation", "heldout")
 
@@ -66,10 +67,6 @@ class DataLossError(RecordError):
     reason: ClassVar[str] = "lost"
 
 
-class DataConfigError(ValueError):
-    """A `data` section that cannot run (`tfx_jax.config.validate` raises it as ConfigError)."""
-
-
 class Source:
     """A data source: where the examples of `data.source = name` come from.
 
@@ -82,19 +79,31 @@ class Source:
     has_images: ClassVar[bool] = False
     # The source makes packed batches itself (`batches`): no files, tokenizer, VAE or records.
     makes_batches: ClassVar[bool] = False
+    # The iterator contract: every batch iterator of a source (its own `batches`, or the packed
+    # pipeline over its records) plans GLOBAL batches and keeps this process's rows, so its
+    # saved position is the same in every process and resumes on any process count.
+    position_is_global: ClassVar[bool] = True
+    # A source made of other sources (a mixture): `components` lists them, and each stage and
+    # the pipeline run per component. A plain source is its own records (`components` None).
+    composite: ClassVar[bool] = False
 
-    def bind(self, cfg: Config) -> Source:
+    def components(self, cfg: RunConfig) -> list[tuple[str, float, RunConfig]] | None:
+        """(name, weight, config of that source alone) per component of a composite source;
+        None for a source that is its own records."""
+        return None
+
+    def bind(self, cfg: RunConfig) -> Source:
         """This source for `cfg` (`of(cfg)`): itself, unless its flags depend on the config."""
         return self
 
-    def validate(self, cfg: Config) -> None:
+    def validate(self, cfg: RunConfig) -> None:
         """Checks the `data.*` settings this source needs, cheaply (no files are read).
 
         Raises:
           DataConfigError: naming the setting and what to do.
         """
 
-    def source_id(self, cfg: Config) -> str:
+    def source_id(self, cfg: RunConfig) -> str:
         """A file-name-safe name for the source's settings (the artifact directory's name).
 
         Everything that changes the examples is in it (directly or through a short hash), so a
@@ -102,26 +111,26 @@ class Source:
         """
         raise no_files(cfg)
 
-    def splits(self, cfg: Config) -> tuple[str, ...]:
+    def splits(self, cfg: RunConfig) -> tuple[str, ...]:
         """The splits this source has, among `SPLITS` (always "train"; "validation" if any)."""
         raise no_files(cfg)
 
-    def build(self, cfg: Config) -> None:
+    def build(self, cfg: RunConfig) -> None:
         """Makes the source readable (renders generated data; for data that must exist,
         checks that it does and says what to run if not)."""
         raise no_files(cfg)
 
-    def open_split(self, cfg: Config, split: str) -> Sequence[dict]:
+    def open_split(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         """Random access to the raw examples of `split` (see the module docstring)."""
         raise no_files(cfg)
 
-    def open_limited(self, cfg: Config, split: str) -> Sequence[dict]:
+    def open_limited(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         """`open_split` cut to its first `data.max_examples` (all when 0): what every stage
         reads, so a trial on a large source bounds the tokenizer, VAE and encode alike."""
         return first(self.open_split(cfg, split), cfg.data.max_examples)
 
     def texts(
-        self, cfg: Config, split: str, limit: int, seed: int = 0
+        self, cfg: RunConfig, split: str, limit: int, seed: int = 0
     ) -> Iterator[str | RecordError]:
         """The texts of up to `limit` examples of `split` (of its first `data.max_examples`),
         for the tokenizer: all of them in order when there are no more than `limit`, else a
@@ -133,25 +142,25 @@ class Source:
         """
         return sampled_texts(_Texts(self.open_limited(cfg, split)), limit, seed)
 
-    def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
+    def prompts(self, cfg: RunConfig, num: int, seed: int = 0) -> list[str]:
         """Captions to draw sample images for during eval: by default the captions of the first
         validation (else train) examples, cycled up to `num` (the same every eval, so samples
         are comparable across steps)."""
         split = "validation" if "validation" in self.splits(cfg) else "train"
         return cycle(first_captions(self.open_split(cfg, split), num), num)
 
-    def batches(self, cfg: Config, split: str) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, cfg: RunConfig, split: str) -> Iterator[dict[str, np.ndarray]]:
         """This process's packed batches of `split` (only for `makes_batches` sources): a
         checkpointable iterator (`get_state`/`set_state`, like Grain's)."""
         raise NotImplementedError(f"data.source={self.name} reads files; it makes no batches")
 
-    def judge(self, cfg: Config) -> Judge | None:
+    def judge(self, cfg: RunConfig) -> Judge | None:
         """What reads generated images and captions back against this source's captions
         (`tfx_jax.data.judging.Judge`); None: the source has no judge, so its samples are drawn
         and captioned but not scored."""
         return None
 
-    def describe(self, cfg: Config) -> str:
+    def describe(self, cfg: RunConfig) -> str:
         """The source in a few words, for a run's header (`eval.json`'s config, the report)."""
         return self.name
 
@@ -180,7 +189,7 @@ def get(name: str) -> Source:
     return _REGISTRY[name]
 
 
-def of(cfg: Config) -> Source:
+def of(cfg: RunConfig) -> Source:
     """The source `cfg.data.source` names (bound to `cfg` where its abilities depend on it: a
     mixture has images, and a judge, when one of its components does)."""
     return get(cfg.data.source).bind(cfg)
@@ -191,13 +200,13 @@ def of(cfg: Config) -> Source:
 # ---------------------------------------------------------------------------------------------
 
 
-def no_files(cfg: Config) -> ValueError:
+def no_files(cfg: RunConfig) -> ValueError:
     with_files = [name for name in names() if not _REGISTRY[name].makes_batches]
     listing = ", ".join(with_files[:-1]) + f" or {with_files[-1]}" if with_files else "none"
     return ValueError(f"data.source={cfg.data.source!r} has no files (use {listing}).")
 
 
-def check_split(cfg: Config, split: str, available: dict[str, Any]) -> None:
+def check_split(cfg: RunConfig, split: str, available: dict[str, Any]) -> None:
     if split not in available:
         raise ValueError(
             f"data.source={cfg.data.source} has no split {split!r}; it has {tuple(available)}."

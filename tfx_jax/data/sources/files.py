@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tfx_jax.data.sources.base import DataConfigError, Source, check_split, safe_name
 
 if TYPE_CHECKING:
-    from tfx_jax.config import Config
+    from tfx_jax.data.config import RunConfig
 
 VALIDATION_PERCENT = 5  # without split directories: crc32(rel path) % 100 < this
 _GLOB_CHARS = "*?["
@@ -31,18 +31,18 @@ class FileSource(Source):
     split_dirs: ClassVar[bool] = False  # path/train and path/validation, if path/train exists
     filter_globs: ClassVar[bool] = True  # a glob's matches must have one of `suffixes` too
 
-    def examples(self, cfg: Config, files: Sequence[str]) -> Sequence[dict]:
+    def examples(self, cfg: RunConfig, files: Sequence[str]) -> Sequence[dict]:
         """Random access to the raw examples of `files`."""
         raise NotImplementedError
 
-    def validate(self, cfg: Config) -> None:
+    def validate(self, cfg: RunConfig) -> None:
         if not cfg.data.path:
             raise DataConfigError(_needs_path(cfg))
 
-    def splits(self, cfg: Config) -> tuple[str, ...]:
+    def splits(self, cfg: RunConfig) -> tuple[str, ...]:
         return tuple(s for s, files in self.files(cfg).items() if files)
 
-    def build(self, cfg: Config) -> None:
+    def build(self, cfg: RunConfig) -> None:
         files = self.files(cfg)
         if not files["train"]:
             raise FileNotFoundError(
@@ -52,12 +52,12 @@ class FileSource(Source):
         counts = ", ".join(f"{split} {len(f)} files" for split, f in files.items() if f)
         print(f"{self.name} source {cfg.data.path}: {counts}")
 
-    def open_split(self, cfg: Config, split: str) -> Sequence[dict]:
+    def open_split(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         files = self.files(cfg)
         check_split(cfg, split, {s: f for s, f in files.items() if f})
         return self.examples(cfg, files[split])
 
-    def files(self, cfg: Config) -> dict[str, list[str]]:
+    def files(self, cfg: RunConfig) -> dict[str, list[str]]:
         """{"train": files, "validation": files} (as path strings): the split directories, or
         split by hash."""
         path = cfg.data.path
@@ -80,7 +80,7 @@ class FileSource(Source):
         return out
 
 
-def _needs_path(cfg: Config) -> str:
+def _needs_path(cfg: RunConfig) -> str:
     return f"data.source={cfg.data.source} needs data.path (a directory or a glob)."
 
 

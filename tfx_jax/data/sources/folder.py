@@ -6,33 +6,30 @@ centre crop, resize to `data.image_size`). An image that cannot be decoded, is s
 `data.min_image_size` or has no caption is skipped and counted (or stops the stage, by
 `data.on_error`), caption included: it contributes nothing anywhere, the tokenizer included.
 `data build` also reports caption files that have no image beside them (they are not used).
-The tokenizer's text (`Folder.texts`) is the .txt files, with each image's header read (not its
-pixels), so the same images are refused there as in training.
+The tokenizer's text (`Source.texts`: a bounded sample) is read through the same examples, each
+image decoded as training decodes it, so exactly the same images are refused there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from etils import epath
-from PIL import Image
 
 from tfx_jax.data.sources.base import (
     RecordError,
-    check_split,
     checked_index,
     crc_hex,
     register,
-    sampled_texts,
 )
 from tfx_jax.data.sources.files import FileSource, is_glob, path_name, walk
-from tfx_jax.data.sources.images import IMAGE_SUFFIXES, check_size, read_image
+from tfx_jax.data.sources.images import IMAGE_SUFFIXES, read_image
 
 if TYPE_CHECKING:
-    from tfx_jax.config import Config
+    from tfx_jax.data.config import RunConfig
 
 log = logging.getLogger(__name__)
 CAPTION_SUFFIX = ".txt"
@@ -75,11 +72,11 @@ class Folder(FileSource):
     kind = "images with .txt captions"
     split_dirs = True
 
-    def source_id(self, cfg: Config) -> str:
+    def source_id(self, cfg: RunConfig) -> str:
         d = cfg.data
         return f"folder_{path_name(d.path)}_{crc_hex(d.path)}_{d.image_size}px"
 
-    def build(self, cfg: Config) -> None:
+    def build(self, cfg: RunConfig) -> None:
         files = self.files(cfg)
         if not files["train"]:
             super().build(cfg)  # says what is missing
@@ -88,7 +85,7 @@ class Folder(FileSource):
         if stats.orphan_captions:
             log.warning("caption files without an image: %s", stats.orphan_captions)
 
-    def stats(self, cfg: Config, files: dict[str, list[str]] | None = None) -> FolderStats:
+    def stats(self, cfg: RunConfig, files: dict[str, list[str]] | None = None) -> FolderStats:
         """Counts images per split, images without captions and captions without images (only
         for a directory: the captions of a glob's images are looked up beside them)."""
         files = files if files is not None else self.files(cfg)
@@ -122,17 +119,8 @@ class Folder(FileSource):
             if f.name.endswith(CAPTION_SUFFIX)
         )
 
-    def examples(self, cfg: Config, files: Sequence[str]) -> FolderExamples:
+    def examples(self, cfg: RunConfig, files: Sequence[str]) -> FolderExamples:
         return FolderExamples(files, cfg.data.image_size, cfg.data.min_image_side)
-
-    def texts(
-        self, cfg: Config, split: str, limit: int, seed: int = 0
-    ) -> Iterator[str | RecordError]:
-        files = self.files(cfg)
-        check_split(cfg, split, {s: f for s, f in files.items() if f})
-        chosen = files[split][: cfg.data.max_examples or None]
-        captions = _CaptionTexts(chosen, cfg.data.image_size, cfg.data.min_image_side)
-        return sampled_texts(captions, limit, seed)
 
 
 def _stem(path: str) -> str:
@@ -161,29 +149,6 @@ class FolderExamples:
 
     def __repr__(self) -> str:
         return f"FolderExamples({len(self)} images)"
-
-
-class _CaptionTexts:
-    """The captions of image files, each after checking its image's header (size, format) the
-    way `read_image` checks the image: the tokenizer sees the captions training will see."""
-
-    def __init__(self, files: Sequence[str], image_size: int, min_image_size: int):
-        self._files = tuple(files)
-        self._image_size, self._min_image_size = image_size, min_image_size
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def __getitem__(self, index: int) -> str:
-        path = epath.Path(self._files[checked_index(index, len(self))])
-        caption = read_caption(path)
-        try:
-            with path.open("rb") as f, Image.open(f) as image:  # parses the header only
-                width, height = image.size
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...).
-            raise RecordError(f"{path}: cannot decode the image ({type(e).__name__}: {e})") from e
-        check_size(width, height, self._image_size, self._min_image_size, str(path))
-        return caption
 
 
 def read_caption(image_path: epath.Path) -> str:

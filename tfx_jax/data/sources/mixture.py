@@ -16,17 +16,18 @@ import bisect
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tfx_jax.data.config import explicit_value_error
 from tfx_jax.data.judging import Judge
 from tfx_jax.data.sources.base import SPLITS, DataConfigError, Source, of, register
 
 if TYPE_CHECKING:
-    from tfx_jax.config import Config
-    from tfx_jax.data.config import DataConfig
+    from tfx_jax.data.config import DataConfig, RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +60,10 @@ def components(d: DataConfig) -> list[Component]:
             w = float(weight)
         except ValueError:
             w = -1.0
-        if not w > 0:
-            raise DataConfigError(f"data.mixture entry {name!r}: weight {weight!r} must be > 0.")
+        if not (math.isfinite(w) and w > 0):  # inf would make the shares [nan, 0.0]
+            raise DataConfigError(
+                f"data.mixture entry {name!r}: weight {weight!r} must be a finite number > 0."
+            )
         changes: dict[str, Any] = {"mixture": (), "source": ""}
         for item in settings:
             key, eq, value = item.partition("=")
@@ -76,6 +79,8 @@ def components(d: DataConfig) -> list[Component]:
                 raise DataConfigError(
                     f"data.mixture entry {name!r}: {key}={value!r} is not a {kind.__name__}."
                 ) from e
+            if problem := explicit_value_error(key, changes[key]):
+                raise DataConfigError(f"data.mixture entry {name!r}: {problem}")
         if changes["source"] in ("", "mixture", "synthetic"):
             raise DataConfigError(
                 f"data.mixture entry {name!r} needs source=NAME of a source with files "
@@ -87,7 +92,7 @@ def components(d: DataConfig) -> list[Component]:
     return out
 
 
-def parts(cfg: Config) -> list[tuple[str, float, Config]]:
+def parts(cfg: RunConfig) -> list[tuple[str, float, RunConfig]]:
     """(name, weight, config of that source alone) per component; a single source is one part
     named after it with weight 1."""
     if cfg.data.source != "mixture":
@@ -155,37 +160,41 @@ def read_items(part: Sequence, indices: Sequence[int]) -> list:
 @register
 class Mixture(Source):
     name = "mixture"
+    composite = True
 
-    def __init__(self, cfg: Config | None = None):
+    def components(self, cfg: RunConfig) -> list[tuple[str, float, RunConfig]]:
+        return parts(cfg)
+
+    def __init__(self, cfg: RunConfig | None = None):
         self._cfg = cfg
         self._parts = parts(cfg) if cfg is not None else []
         bound = [(of(p), p) for _, _, p in self._parts]
         self.has_images = any(source.has_images for source, _ in bound)
 
-    def bind(self, cfg: Config) -> Source:
+    def bind(self, cfg: RunConfig) -> Source:
         return Mixture(cfg)
 
-    def source_id(self, cfg: Config) -> str:
+    def source_id(self, cfg: RunConfig) -> str:
         ids = [(n, of(p).source_id(p)) for n, _, p in parts(cfg)]
         digest = hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:10]
         return f"mixture_{'_'.join(n for n, _ in ids)}_{digest}"
 
-    def splits(self, cfg: Config) -> tuple[str, ...]:
+    def splits(self, cfg: RunConfig) -> tuple[str, ...]:
         have = [set(of(p).splits(p)) for _, _, p in parts(cfg)]
         return tuple(s for s in SPLITS if all(s in h for h in have))
 
-    def build(self, cfg: Config) -> None:
+    def build(self, cfg: RunConfig) -> None:
         for _, _, p in parts(cfg):
             of(p).build(p)
 
-    def open_split(self, cfg: Config, split: str) -> Concat:
+    def open_split(self, cfg: RunConfig, split: str) -> Concat:
         named = parts(cfg)
         return Concat(
             [of(p).open_split(p, split) for _, _, p in named],
             [n for n, _, _ in named],
         )
 
-    def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
+    def prompts(self, cfg: RunConfig, num: int, seed: int = 0) -> list[str]:
         bound = [(of(p), p) for _, _, p in parts(cfg)]
         with_images = [(source, p) for source, p in bound if source.has_images]
         if not with_images:
@@ -193,7 +202,7 @@ class Mixture(Source):
         source, p = with_images[0]
         return source.prompts(p, num, seed)
 
-    def judge(self, cfg: Config) -> Judge | None:
+    def judge(self, cfg: RunConfig) -> Judge | None:
         """The first judged component's judge (the others' captions are outside its grammar:
         their prompts are drawn, not scored)."""
         judges = (of(p).judge(p) for _, _, p in parts(cfg))

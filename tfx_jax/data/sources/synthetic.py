@@ -22,7 +22,7 @@ from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
 from tfx_jax.layout import patchify_np
 
 if TYPE_CHECKING:
-    from tfx_jax.config import Config
+    from tfx_jax.data.config import RunConfig
 
 FIRST_TEXT_ID = 6  # ids below are reserved (pad, bos, eos, unk, boi, eoi)
 EVAL_SEED_OFFSET = 10_000  # a split other than train is the stream of data.seed + this
@@ -33,10 +33,10 @@ class Synthetic(Source):
     name = "synthetic"
     makes_batches = True
 
-    def splits(self, cfg: Config) -> tuple[str, ...]:
+    def splits(self, cfg: RunConfig) -> tuple[str, ...]:
         return ("train", "validation")
 
-    def batches(self, cfg: Config, split: str) -> SyntheticIterator:
+    def batches(self, cfg: RunConfig, split: str) -> SyntheticIterator:
         seed = cfg.data.seed + (0 if split == "train" else EVAL_SEED_OFFSET)
         return SyntheticIterator(cfg, seed, jax.process_index(), jax.process_count())
 
@@ -89,8 +89,8 @@ def make_document(
     return tokens[:max_len], image_ids[:max_len], latents
 
 
-def _shape(cfg: Config, batch_size: int | None = None) -> tuple:
-    """`packed_batch`'s shape arguments for a `Config` (global batch size unless `batch_size`)."""
+def _shape(cfg: RunConfig, batch_size: int | None = None) -> tuple:
+    """`packed_batch`'s shape arguments for a run config (global batch size unless `batch_size`)."""
     m = cfg.model
     return (
         batch_size or cfg.data.global_batch_size,
@@ -104,9 +104,9 @@ def _shape(cfg: Config, batch_size: int | None = None) -> tuple:
 
 
 def config_batch(
-    cfg: Config, rng: np.random.Generator, batch_size: int | None = None
+    cfg: RunConfig, rng: np.random.Generator, batch_size: int | None = None
 ) -> dict[str, np.ndarray]:
-    """`packed_batch` with the shapes of a `Config` (global batch size unless `batch_size`)."""
+    """`packed_batch` with the shapes of a `RunConfig` (global batch size unless `batch_size`)."""
     return packed_batch(rng, *_shape(cfg, batch_size))
 
 
@@ -119,10 +119,10 @@ class SyntheticIterator:
     """
 
     # Every process builds the same global batch and keeps its own rows, so the saved position
-    # does not depend on the process count (a 2-host checkpoint resumes on 1 host exactly).
-    position_is_global = True
+    # does not depend on the process count (`Source.position_is_global`: a 2-host checkpoint
+    # resumes on 1 host exactly).
 
-    def __init__(self, cfg: Config, seed: int, process_index: int = 0, process_count: int = 1):
+    def __init__(self, cfg: RunConfig, seed: int, process_index: int = 0, process_count: int = 1):
         batch_size = cfg.data.global_batch_size
         if batch_size % process_count:
             raise ValueError(f"batch {batch_size} does not split over {process_count} processes")

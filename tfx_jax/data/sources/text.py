@@ -27,7 +27,7 @@ from tfx_jax.data.sources.base import (
 from tfx_jax.data.sources.files import FileSource, path_name
 
 if TYPE_CHECKING:
-    from tfx_jax.config import Config
+    from tfx_jax.data.config import RunConfig
 
 TEXT_SUFFIXES = (".txt", ".md")
 DOCUMENT_CHARS = 2000  # paragraphs are grouped into documents up to this size
@@ -40,13 +40,13 @@ class Text(FileSource):
     kind = "text files"
     filter_globs = False  # a glob keeps whatever it matches
 
-    def source_id(self, cfg: Config) -> str:
+    def source_id(self, cfg: RunConfig) -> str:
         return f"text_{path_name(cfg.data.path)}_{crc_hex(cfg.data.path)}"
 
-    def examples(self, cfg: Config, files: Sequence[str]) -> TextExamples:
+    def examples(self, cfg: RunConfig, files: Sequence[str]) -> TextExamples:
         return TextExamples(files)
 
-    def open_limited(self, cfg: Config, split: str) -> Sequence[dict]:
+    def open_limited(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         """The first `data.max_examples` documents, reading only the files that hold them."""
         if not cfg.data.max_examples:
             return self.open_split(cfg, split)
@@ -55,7 +55,7 @@ class Text(FileSource):
         return TextExamples(files[split], limit=cfg.data.max_examples)
 
     def texts(
-        self, cfg: Config, split: str, limit: int, seed: int = 0
+        self, cfg: RunConfig, split: str, limit: int, seed: int = 0
     ) -> Iterator[str | RecordError]:
         """Documents of whole files drawn with `seed` until `limit` are read (the last file's
         cut), in file order; every document, in order, when the split has no more than `limit`.
@@ -66,7 +66,7 @@ class Text(FileSource):
         check_split(cfg, split, {s: f for s, f in files.items() if f})
         return _sampled_file_texts(files[split], limit, seed)
 
-    def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
+    def prompts(self, cfg: RunConfig, num: int, seed: int = 0) -> list[str]:
         return []  # Nothing to draw.
 
 

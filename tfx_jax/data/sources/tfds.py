@@ -44,7 +44,7 @@ from tfx_jax.data.sources.base import (
 from tfx_jax.data.sources.images import array_to_image, check_size, prepare_image
 
 if TYPE_CHECKING:
-    from tfx_jax.config import Config
+    from tfx_jax.data.config import RunConfig
 
 
 @register
@@ -52,11 +52,11 @@ class Tfds(Source):
     name = "tfds"
     has_images = True
 
-    def bind(self, cfg: Config) -> Source:
+    def bind(self, cfg: RunConfig) -> Source:
         """A text corpus (`data.text_key`) has no images: no VAE, no latents."""
         return _TEXT_ONLY if cfg.data.text_key else self
 
-    def validate(self, cfg: Config) -> None:
+    def validate(self, cfg: RunConfig) -> None:
         d = cfg.data
         if not d.tfds_name:
             raise DataConfigError(
@@ -77,7 +77,7 @@ class Tfds(Source):
                 f"label_key={d.label_key!r}."
             )
 
-    def source_id(self, cfg: Config) -> str:
+    def source_id(self, cfg: RunConfig) -> str:
         d = cfg.data
         if d.text_key:
             fields = (d.text_key, d.tfds_splits)
@@ -85,10 +85,10 @@ class Tfds(Source):
         fields = (d.image_key, d.caption_key, d.label_key, d.caption_template, d.tfds_splits)
         return f"tfds_{safe_name(d.tfds_name)}_{d.image_size}px_{crc_hex(repr(fields))}"
 
-    def splits(self, cfg: Config) -> tuple[str, ...]:
+    def splits(self, cfg: RunConfig) -> tuple[str, ...]:
         return tuple(s for s in SPLITS if s in _tfds_split_map(cfg, _tfds_builder(cfg)))
 
-    def build(self, cfg: Config) -> None:
+    def build(self, cfg: RunConfig) -> None:
         builder = _tfds_builder(cfg)
         _tfds_fields(cfg, builder)
         split_map = _tfds_split_map(cfg, builder)
@@ -98,7 +98,7 @@ class Tfds(Source):
         )
         print(f"TFDS {builder.info.full_name} in {builder.data_dir}: {counts}")
 
-    def open_split(self, cfg: Config, split: str) -> Sequence[dict]:
+    def open_split(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         builder = _tfds_builder(cfg)
         fields = _tfds_fields(cfg, builder)
         split_map = _tfds_split_map(cfg, builder)
@@ -107,7 +107,7 @@ class Tfds(Source):
         return TfdsExamples(builder.as_data_source(split_map[split]), fields, name)
 
     def texts(
-        self, cfg: Config, split: str, limit: int, seed: int = 0
+        self, cfg: RunConfig, split: str, limit: int, seed: int = 0
     ) -> Iterator[str | RecordError]:
         """Captions (or documents) of a sample of `split`, the images left encoded: TFDS hands
         over the image's bytes (`SkipDecoding`) and only its header is read, so a record is
@@ -132,7 +132,7 @@ class Tfds(Source):
             n = min(n, cfg.data.max_examples)
         return sampled_texts(_TfdsTexts(source, fields, name, n), limit, seed)
 
-    def prompts(self, cfg: Config, num: int, seed: int = 0) -> list[str]:
+    def prompts(self, cfg: RunConfig, num: int, seed: int = 0) -> list[str]:
         """Class names through `data.caption_template` for labelled data, else the captions of
         the first validation (else train) examples (none for a text corpus: nothing to draw)."""
         if cfg.data.text_key:
@@ -156,7 +156,7 @@ class _TfdsText(Tfds):
 _TEXT_ONLY = _TfdsText()
 
 
-def _tfds_data_dir(cfg: Config) -> str:
+def _tfds_data_dir(cfg: RunConfig) -> str:
     return cfg.data.tfds_data_dir or str(epath.Path(cfg.data.data_dir) / "tfds")
 
 
@@ -168,7 +168,7 @@ def _prepare_command(name: str, data_dir: str) -> str:
     )
 
 
-def _tfds_builder(cfg: Config):
+def _tfds_builder(cfg: RunConfig):
     """The prepared dataset's read-only builder (from its dataset_info.json and features.json).
 
     Loading from files rather than the registered builder class never downloads anything,
@@ -286,7 +286,7 @@ class TfdsFields:
     text_key: str = ""
 
 
-def _tfds_fields(cfg: Config, builder) -> TfdsFields:
+def _tfds_fields(cfg: RunConfig, builder) -> TfdsFields:
     """Checks data.image_key / caption_key / label_key (or text_key) against the dataset's
     features."""
     d = cfg.data
@@ -363,7 +363,7 @@ def _split_bases(split: str) -> list[str]:
     return [part.split("[", 1)[0].strip() for part in split.split("+")]
 
 
-def _tfds_split_map(cfg: Config, builder) -> dict[str, str]:
+def _tfds_split_map(cfg: RunConfig, builder) -> dict[str, str]:
     """Our split name -> the dataset's split (expression), from data.tfds_splits or the
     default train -> train, validation -> validation (or test)."""
     d = cfg.data
