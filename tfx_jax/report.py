@@ -75,7 +75,7 @@ def _num(key: str, v: float) -> str:
     if key.endswith(("/lm_loss", "perplexity")) or "diffusion_loss" in key:
         return f"{v:.4g}"
     if key.startswith(("eval/fd", "eval/diversity")):  # feature distances, not shares
-        return f"{v:.4g}"
+        return f"{v:.5g}"
     return _pct(v)
 
 

@@ -104,19 +104,19 @@ def _fd_lines(info: dict | None, m: dict[str, float]) -> list[str]:
     c = info["classifier"]
     lines = [
         f"  {info['what']}:",
-        "    split          samples     FD   floor (real vs real)   diversity generated / real",
+        "    split          samples        FD   floor (real vs real)   diversity generated / real",
     ]
     for s, n in info["samples"].items():
         lines.append(
-            f"    {s:<14} {n:>7} {m[f'eval/fd/{s}']:>6.3g} {m[f'eval/fd_floor/{s}']:>22.3g}   "
-            f"{m[f'eval/diversity/{s}']:>13.3g} / {m[f'eval/diversity_real/{s}']:.3g}"
+            f"    {s:<14} {n:>7} {m[f'eval/fd/{s}']:>9.5g} {m[f'eval/fd_floor/{s}']:>22.5g}   "
+            f"{m[f'eval/diversity/{s}']:>13.4g} / {m[f'eval/diversity_real/{s}']:.4g}"
         )
     how = "trained now" if c["trained_now"] else "cached; trained"
     lines.append(
-        f"    classifier: held-out accuracy {100 * c['accuracy']:.1f}% of labels, "
-        f"{100 * c['exact']:.1f}% of images with every label right ({how} in "
-        f"{c['seconds']:.0f} s)"
+        f"    its classifier: held-out accuracy {100 * c['accuracy']:.1f}% of labels, "
+        f"{100 * c['exact']:.1f}% of images"
     )
+    lines.append(f"    with every label right ({how} in {c['seconds']:.0f} s)")
     return lines
 
 
