@@ -79,6 +79,12 @@ CASES = {
         ["data", "encode", "--config", TINY, *_set("data.max_examples=0")],
         "data.max_examples=0 must be >= 1 when set",
     ),
+    # As `train` says it (artifacts.load_tokenizer), not "[Errno 2] ... tokenizer.model".
+    "data encode before the tokenizer": (
+        ["data", "encode", "--config", str(REPO / "experiments" / "demo.py")]
+        + _set("data.data_dir={d}/no_data"),
+        "no_data/tokenizer.model is missing: run `python -m tfx_jax data tokenizer`.",
+    ),
     "mesh that does not fit": (
         ["config", "--config", TINY, "--workdir", "w", *_set("mesh.data=3")],
         "8 are available",

@@ -337,18 +337,21 @@ def test_tfds_text_corpus_gives_text_documents_and_no_images(tfds_dir):
         source.open_split(_corpus(tfds_dir, text_key="image"), "train")
 
 
-def test_tfds_texts_read_no_image_and_refuse_what_training_refuses(tfds_dir, monkeypatch):
-    """The tokenizer's texts of an image dataset: the images stay encoded (decoding one fails
-    the test), yet a too-small image's caption is refused as training refuses the example."""
+def test_tfds_texts_refuse_what_training_refuses(tfds_dir, monkeypatch):
+    """The tokenizer's texts of an image dataset come from the records as training reads them
+    (the image decoded: one that fails to decode fails its caption too), so a too-small
+    image's caption is refused as training refuses the example."""
     from tfx_jax.data.sources import tfds as tfds_module
 
-    def no_decoding(*args, **kwargs):
-        raise AssertionError("an image was decoded")
-
-    monkeypatch.setattr(tfds_module, "prepare_image", no_decoding)
-    monkeypatch.setattr(tfds_module, "array_to_image", no_decoding)
     cfg = _captions(tfds_dir)
+    prepare = tfds_module.prepare_image
+    calls = []
+    monkeypatch.setattr(
+        tfds_module, "prepare_image", lambda *a, **k: calls.append(1) or prepare(*a, **k)
+    )
     texts = list(TFDS.texts(cfg, "train", limit=10))
+    assert len(calls) == len(texts)  # every image of the sample decoded, as encode decodes it
+    monkeypatch.setattr(tfds_module, "prepare_image", prepare)
     assert texts[:4] == [f"train cap {i} {i}" for i in range(4)]
     assert isinstance(texts[4], sources.RecordError) and "no captions/text" in str(texts[4])
     big = list(TFDS.texts(_captions(tfds_dir, min_image_size=31), "train", limit=10))
@@ -362,6 +365,41 @@ def test_tfds_texts_read_no_image_and_refuse_what_training_refuses(tfds_dir, mon
     first = _digits(tfds_dir, max_examples=2)
     assert list(TFDS.texts(first, "train", limit=10)) == ["a digit zero", "a digit one"]
     assert len(TFDS.open_limited(first, "train")) == 2
+
+
+class TfxFakeCutImages(tfds.core.GeneratorBasedBuilder):
+    """4 train records of 30 x 40 images captioned "cut i"; record 2's PNG stops half way (its
+    header parses, its pixels do not decode)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return _info(self, image=tfds.features.Image(shape=(30, 40, 3)), text=tfds.features.Text())
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)
+        for i in range(4):
+            data = _png(noise if i == 2 else _wide(i))
+            yield i, {"image": data[: len(data) // 2] if i == 2 else data, "text": f"cut {i}"}
+
+
+def test_tfds_image_whose_pixels_are_corrupt_gives_no_tokenizer_text(tmp_path):
+    """A record whose image header parses but whose pixels do not decode: refused by the
+    examples encode and the VAE read, and by the tokenizer's texts alike."""
+    TfxFakeCutImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg = _cfg(source="tfds", tfds_name="tfx_fake_cut_images", tfds_data_dir=str(tmp_path),
+               caption_key="text", image_size=16, tfds_splits="train=train")  # fmt: skip
+    train = TFDS.open_split(cfg, "train")
+    with pytest.raises(sources.RecordError, match="record 2"):
+        train[2]
+    texts = list(TFDS.texts(cfg, "train", limit=10))
+    assert texts[:2] == ["cut 0", "cut 1"] and texts[3] == "cut 3"
+    assert isinstance(texts[2], sources.RecordError) and "record 2" in str(texts[2])
 
 
 def test_tfds_source_pickles(tfds_dir):
@@ -469,11 +507,10 @@ def test_folder_bad_records_raise_record_errors(tmp_path):
         train[3]
 
 
-def test_folder_texts_read_captions_and_image_headers_only(tmp_path, monkeypatch):
+def test_folder_texts_refuse_what_training_refuses(tmp_path):
     """The tokenizer's captions refuse the examples training refuses (undecodable, too small,
-    uncaptioned), without decoding a pixel."""
-    from tfx_jax.data.sources import folder as folder_module
-
+    uncaptioned): they are read through the same examples (tests/test_data_errors.py: an image
+    whose header parses but whose pixels do not)."""
     _save_image(tmp_path / "a.png", caption="first")
     (tmp_path / "b.png").write_bytes(b"not a png")
     (tmp_path / "b.txt").write_text("caption of a broken image")
@@ -488,7 +525,6 @@ def test_folder_texts_read_captions_and_image_headers_only(tmp_path, monkeypatch
             want.append(train[i]["text"])
         except sources.RecordError as e:
             want.append(type(e))
-    monkeypatch.setattr(folder_module, "read_image", lambda *a, **k: pytest.fail("decoded"))
     got = [t if isinstance(t, str) else type(t) for t in FOLDER.texts(cfg, "train", limit=9)]
     assert got == want == ["first", sources.RecordError, sources.RecordError,
                            sources.ImageTooSmallError, "last"]  # fmt: skip

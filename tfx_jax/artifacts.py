@@ -118,11 +118,12 @@ def vae_is_current(cfg: Config) -> bool:
 
 
 def encode_settings(cfg: Config) -> dict:
-    """What the encoded records depend on: a change makes them stale."""
-    tok = hashlib.sha256(tokenizer_path(cfg).read_bytes()).hexdigest()
+    """What the encoded records depend on: a change makes them stale. FileNotFoundError naming
+    the command to run when the tokenizer or (for images) the VAE is not made yet."""
+    tok = hashlib.sha256(_made_tokenizer(cfg).read_bytes()).hexdigest()
     vae = None
     if sources.of(cfg).has_images:
-        vae = json.loads((vae_dir(cfg) / "vae.json").read_text())
+        vae = json.loads(_made_vae(cfg).read_text())
     settings = {"source": sources.of(cfg).source_id(cfg), "tokenizer_sha256": tok, "vae": vae}
     if cfg.data.max_examples:  # a trial's records hold the first max_examples of each split
         settings["max_examples"] = cfg.data.max_examples
@@ -156,12 +157,27 @@ def encoded_is_current(cfg: Config) -> bool:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(cfg: Config) -> Tokenizer:
-    """The trained SentencePiece tokenizer, or FileNotFoundError saying how to make it."""
+def _made_tokenizer(cfg: Config) -> epath.Path:
+    """The tokenizer's path, or FileNotFoundError saying how to make it (every stage alike)."""
     path = tokenizer_path(cfg)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `python -m tfx_jax data tokenizer`.")
-    return Tokenizer.from_file(path)
+    return path
+
+
+def _made_vae(cfg: Config) -> epath.Path:
+    """The trained VAE's vae.json, or FileNotFoundError saying how to make it."""
+    path = vae_dir(cfg) / "vae.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no trained VAE in {vae_dir(cfg)}: run `python -m tfx_jax vae` first."
+        )
+    return path
+
+
+def load_tokenizer(cfg: Config) -> Tokenizer:
+    """The trained SentencePiece tokenizer, or FileNotFoundError saying how to make it."""
+    return Tokenizer.from_file(_made_tokenizer(cfg))
 
 
 def vae_model(cfg: Config) -> VAE:
@@ -175,9 +191,7 @@ def vae_model(cfg: Config) -> VAE:
 def load_vae(cfg: Config) -> Codec:
     """The trained VAE: a `Codec`, which unpacks as (model, params, scale_factor)."""
     out = vae_dir(cfg)
-    if not (out / "vae.json").exists():
-        raise FileNotFoundError(f"no trained VAE in {out}: run `python -m tfx_jax vae` first.")
-    summary = json.loads((out / "vae.json").read_text())
+    summary = json.loads(_made_vae(cfg).read_text())
     if summary["latent_channels"] != cfg.model.latent_channels or summary["downsample"] != (
         cfg.vae.downsample
     ):

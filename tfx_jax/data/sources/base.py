@@ -137,8 +137,9 @@ class Source:
         sample seeded by `seed` (`sample_indices`, read in index order).
 
         An example that cannot be used comes as its `RecordError` (not raised), so the caller
-        counts it or stops, by `data.on_error`. The default reads whole examples; sources with
-        images override it to read the text alone, without decoding any image.
+        counts it or stops, by `data.on_error`. The default reads whole examples, images
+        decoded, so an example counts exactly when encode and the VAE can use it (the sample is
+        bounded); a source may override it to read texts alone where it has no images.
         """
         return sampled_texts(_Texts(self.open_limited(cfg, split)), limit, seed)
 

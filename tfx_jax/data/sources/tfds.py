@@ -11,22 +11,20 @@ Images go through `images.prepare_image` (RGB, alpha on white, centre crop, resi
 
 A text corpus (wikipedia, c4, ...) is `data.text_key` instead: a text feature (or a sequence of
 them) whose record is one document; the source then has no images (`bind`: no VAE, no latents).
-The tokenizer's text (`Tfds.texts`) is read with the image left encoded (TFDS `SkipDecoding`):
-only the image's header is parsed, for the same unreadable / too-small checks as training.
+The tokenizer's text (`Tfds.texts`, a bounded sample) is read from the records as training
+reads them, image decoded, so the same records are refused (unreadable, too small).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import io
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
 from tfx_jax.data.embedded import builders  # noqa: F401  (its import drops TFDS's OpenCV hint)
 from tfx_jax.data.sources.base import (
@@ -41,7 +39,7 @@ from tfx_jax.data.sources.base import (
     safe_name,
     sampled_texts,
 )
-from tfx_jax.data.sources.images import array_to_image, check_size, prepare_image
+from tfx_jax.data.sources.images import array_to_image, prepare_image
 
 if TYPE_CHECKING:
     from tfx_jax.data.config import RunConfig
@@ -109,23 +107,17 @@ class Tfds(Source):
     def texts(
         self, cfg: RunConfig, split: str, limit: int, seed: int = 0
     ) -> Iterator[str | RecordError]:
-        """Captions (or documents) of a sample of `split`, the images left encoded: TFDS hands
-        over the image's bytes (`SkipDecoding`) and only its header is read, so a record is
-        refused (unreadable, too small) exactly when training would refuse it, at a fraction
-        of the cost of decoding it."""
+        """Captions (or documents) of a sample of `split`. A caption comes from the record as
+        training reads it, image decoded (`TfdsExamples`; the sample is bounded), so a record
+        is refused (unreadable, too small) exactly when encode and the VAE refuse it. A text
+        corpus's documents are read alone (it has no images)."""
         builder = _tfds_builder(cfg)
         fields = _tfds_fields(cfg, builder)
+        if not fields.text_key:
+            return super().texts(cfg, split, limit, seed)
         split_map = _tfds_split_map(cfg, builder)
         check_split(cfg, split, split_map)
-        decoders = None
-        if not fields.text_key:
-            decoders = {}
-            at = decoders
-            *parents, leaf = fields.image_key.split("/")
-            for key in parents:
-                at = at.setdefault(key, {})
-            at[leaf] = tfds.decode.SkipDecoding()
-        source = builder.as_data_source(split_map[split], decoders=decoders)
+        source = builder.as_data_source(split_map[split])
         name = f"{builder.info.full_name}[{split_map[split]}]"
         n = len(source)
         if cfg.data.max_examples:
@@ -457,9 +449,7 @@ class TfdsExamples:
 
 
 class _TfdsTexts:
-    """The caption (or document) of each of the first `n` records of a TFDS data source opened
-    with the image undecoded (`Tfds.texts`): its bytes' header is checked like
-    `prepare_image` checks the decoded image, so the same records are refused."""
+    """The document of each of the first `n` records of a text corpus (`Tfds.texts`)."""
 
     def __init__(self, source: Sequence[dict], fields: TfdsFields, name: str, n: int):
         self._source, self._fields, self._name, self._n = source, fields, name, n
@@ -468,23 +458,7 @@ class _TfdsTexts:
         return self._n
 
     def __getitem__(self, index: int) -> str:
-        index = checked_index(index, self._n)
-        f = self._fields
-        if f.text_key:
-            return _document(self._source, index, f, self._name)
-        try:
-            record = self._source[index]
-            data = _lookup(record, f.image_key)
-            with Image.open(io.BytesIO(bytes(data))) as image:  # the header only
-                width, height = image.size
-            check_size(
-                width, height, f.image_size, f.min_image_size, f"{self._name} record {index}"
-            )
-            return _caption(record, index, f, self._name)
-        except RecordError:
-            raise
-        except Exception as e:
-            raise RecordError(f"{self._name} record {index}: {type(e).__name__}: {e}") from e
+        return _document(self._source, checked_index(index, self._n), self._fields, self._name)
 
 
 def _document(source: Sequence[dict], index: int, f: TfdsFields, name: str) -> str:
