@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without the hardware: build the mesh over the abstract devices of a TPU "
         "topology, compile the real train step with libtpu (pip install 'tfx_jax[tpu]'), and "
         "report per-chip memory against the chip's HBM, FLOPs per step, parameters, the "
-        "collectives and the step time at --mfu. Without libtpu only the analytic part.",
+        "collectives and the step time at --mfu. Without libtpu the analytic part and a lower "
+        "bound of memory (the sharded train state; exit 1 when even that does not fit).",
     )
     _add_config(p)
     p.add_argument(

@@ -75,8 +75,8 @@ def build_dataset(cfg: Config) -> None:
 def build_tokenizer(cfg: Config) -> epath.Path:
     """Trains SentencePiece with `model.vocab_size` pieces on the training split's text (the
     text of the examples that can be used: an undecodable or too-small image gives none): at
-    most `data.tokenizer_sample` texts per source, a seeded sample of a larger one, read
-    without decoding images (`Source.texts`). On process 0 of a distributed job.
+    most `data.tokenizer_sample` texts per source, a seeded sample of a larger one, each
+    image decoded as encode decodes it (`Source.texts`). On process 0 of a distributed job.
 
     Raises:
       RecordError: an example cannot be read and data.on_error=raise.

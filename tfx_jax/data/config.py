@@ -106,7 +106,7 @@ class DataConfig:
     # dataset, e.g. "text" of wikipedia or c4: each record is one document (no image_key used).
     text_key: str = ""
     # The tokenizer trains on at most this many texts of the training split: a seeded sample
-    # when it has more (read without decoding images), all of them in order otherwise.
+    # when it has more (images decoded, as encode does), all of them in order otherwise.
     tokenizer_sample: int = 100_000
     # Every stage (tokenizer, VAE, encode) reads only the first N examples of each split; for
     # trials on a large source. Unset (the default, 0) = all; a value given (`--set`, a mixture

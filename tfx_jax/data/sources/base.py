@@ -16,7 +16,7 @@ example that cannot be used (`ImageTooSmallError` for an image below `data.min_i
 every stage that reads examples (tokenizer, VAE, encode) skips and counts it by its `reason`,
 or fails, by `data.on_error`: an example that cannot be used contributes nothing anywhere.
 The stages read `open_limited` (the first `data.max_examples`, for trials) and the tokenizer
-`texts` (a bounded, seeded sample; sources with images read the text without decoding them).
+`texts` (a bounded, seeded sample, read through the same examples: the same ones refused).
 A source may instead make packed batches itself (`makes_batches`): then no
 tokenizer, VAE or encoded records are made for it. A source may have a judge (`judge`, a
 `tfx_jax.data.judging.Judge`) that reads generated images and captions back: evaluation asks
