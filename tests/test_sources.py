@@ -735,7 +735,7 @@ def test_config_validation_asks_the_source(tiny_config, overrides, fragment):
 def test_synthetic_batches_come_from_the_config_and_are_global(tiny_config):
     cfg = tiny_config()
     it = sources.of(cfg).batches(cfg, "train")
-    assert it.position_is_global
+    assert sources.of(cfg).position_is_global  # the contract is declared on the Source
     first = next(it)
     assert first["tokens"].shape == (8, 128) and first["patches"].shape == (8, 128, 16)
     state = it.get_state()
