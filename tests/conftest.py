@@ -186,8 +186,11 @@ def wait_all(procs, base: float) -> list[tuple]:
     """`communicate()` with each `subprocess.Popen` of `procs` (one or a list), all at once;
     returns their (stdout, stderr) pairs. The limit is `base` seconds times the largest
     `timeout_scale()` seen while waiting (re-read every poll: a machine that gets busy mid-run
-    extends it). Past it, every process still running is killed and the test fails with each
-    one's output so far."""
+    extends it). Past it, or as soon as one of several processes (one job's) exits non-zero,
+    every process still running gets SIGABRT (a child started with PYTHONFAULTHANDLER=1, as
+    `run_processes` does, prints every thread's Python stack), then SIGKILL 10 s later, and the
+    test fails with each one's output so far."""
+    import signal
     import subprocess
     import time
 
@@ -207,19 +210,31 @@ def wait_all(procs, base: float) -> list[tuple]:
             return outs
         scale = max(scale, timeout_scale())
         waited = time.monotonic() - start
-        if waited > base * scale:
+        failed = [
+            p.args for p, out in zip(procs, outs, strict=True) if out is not None and p.returncode
+        ]
+        if waited > base * scale or failed:
             break
     tails = []
+    for proc in procs:  # stacks first, from every process still running
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGABRT)
     for i, proc in enumerate(procs):
         if outs[i] is None:
-            proc.kill()
-            outs[i] = proc.communicate()
+            try:
+                outs[i] = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                outs[i] = proc.communicate()
         text = "".join(x if isinstance(x, str) else (x or b"").decode() for x in outs[i])
-        tails.append(f"--- {proc.args!r} (exit {proc.returncode}):\n{text[-3000:]}")
-    pytest.fail(
-        f"subprocess still running after {waited:.0f} s (limit {base} s x load scale {scale:.2f};"
-        " TFX_TEST_TIMEOUT_SCALE raises it):\n" + "\n".join(tails)
+        tails.append(f"--- {proc.args!r} (exit {proc.returncode}):\n{text[-6000:]}")
+    why = (
+        f"a process of the job failed while others still ran after {waited:.0f} s"
+        if failed
+        else f"subprocess still running after {waited:.0f} s (limit {base} s x load scale "
+        f"{scale:.2f}; TFX_TEST_TIMEOUT_SCALE raises it)"
     )
+    pytest.fail(why + ":\n" + "\n".join(tails))
 
 
 def run_subprocess(cmd, *, timeout: float, capture_output: bool = False, **kwargs):

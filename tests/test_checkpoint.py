@@ -292,6 +292,9 @@ asyncio_log.error("Task was destroyed but it is pending!\\ntask: <Task coro=<x()
 asyncio_log.error("Task exception was never retrieved\\nfuture: <Task coro=<w() defined at "
                   "<string>:2> exception=OSError(28, 'No space left on device: "
                   "/ckpt/12.orbax-checkpoint-tmp/state')>")
+full = OSError(28, "No space left on device", "12.orbax-checkpoint-tmp")  # repr drops the file
+asyncio_log.error("Task exception was never retrieved\\nfuture: <Task finished coro=<full_disk() "
+                  "done, defined at <string>:11> exception=%r>", full, exc_info=full)
 asyncio_log.error("Task exception was never retrieved\\nfuture: <Task coro=<mine() defined at "
                   "/work/app.py:3>>")
 
@@ -323,5 +326,5 @@ def test_only_a_failed_saves_abandoned_writes_are_silenced(tmp_path):
     assert "orbax/checkpoint" not in proc.stderr and "orbax-checkpoint-tmp" not in proc.stderr
     assert "ValueError: an unrelated unraisable error" in proc.stderr, proc.stderr
     assert "mine() defined at /work/app.py" in proc.stderr, proc.stderr
-    assert "write_fragment" not in proc.stderr, proc.stderr
+    assert "write_fragment" not in proc.stderr and "full_disk" not in proc.stderr, proc.stderr
     assert "coroutine 'my_coroutine' was never awaited" in proc.stderr, proc.stderr

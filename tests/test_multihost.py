@@ -25,12 +25,26 @@ def free_port() -> int:
 
 def run_processes(argv: list[str], n: int, timeout: int = 400) -> list[str]:
     """Runs `python -m tfx_jax ARGV` as n processes of one job (8 / n CPU devices each, or one
-    8-device process for n = 1); returns their outputs after asserting they all exited 0."""
+    8-device process for n = 1); returns their outputs after asserting they all exited 0.
+
+    A job of several processes runs without the persistent compilation cache a test may have
+    set (`conftest.compilation_cache`): jax writes entries from process 0 only, so a later job
+    finds them on process 0 and compiles afresh on the others, and on CPU that pair of
+    executables deadlocks in the step's first cross-process collective (seen with jax 0.12.1:
+    both processes wait in the train step forever)."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}",
         JAX_PLATFORMS="cpu",
+        PYTHONFAULTHANDLER="1",  # a hung child prints its stacks on SIGABRT (`wait_all`)
     )
+    if n > 1:
+        for name in (
+            "JAX_COMPILATION_CACHE_DIR",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
+        ):
+            env.pop(name, None)
     port = free_port()
     dist = lambda i: (
         ["--distributed", "explicit", "--coordinator", f"127.0.0.1:{port}"]

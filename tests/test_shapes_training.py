@@ -18,7 +18,7 @@ from tfx_jax.train.loop import train
 @pytest.fixture
 def shapes_cache(shapes_run):
     """The compilation cache the session's reference run filled: the 1-process resume below
-    reuses its compiles, and the second 2-process job the first one's."""
+    reuses its compiles (the 2-process jobs compile afresh: `run_processes`)."""
     with compilation_cache(shapes_run.cache):
         yield
 

@@ -136,10 +136,19 @@ def _abandoned_task_of_a_failed_save(record: logging.LogRecord) -> bool:
     other task when it is garbage-collected ("Task exception was never retrieved" for one that
     failed too, "Task was destroyed but it is pending!" for one the closed loop never ran)."""
     message = record.getMessage()
-    return message.startswith(_ABANDONED_TASK_MESSAGES) and (
+    if not message.startswith(_ABANDONED_TASK_MESSAGES):
+        return False
+    # The task's own error, when it has one: its repr leaves out an OSError's file name.
+    error = record.exc_info[1] if record.exc_info else None
+    target = getattr(_os_error(error), "filename", None) if error is not None else None
+    return (
         f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in message  # an Orbax coroutine
-        or ".orbax-checkpoint-tmp" in message  # or one writing a save's temporary directory
+        or _TMP_MARK in message  # or one writing a save's temporary directory,
+        or _TMP_MARK in str(target or "")  # or failing on a file in one
     )
+
+
+_TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes a save here and renames it on commit
 
 
 _ABANDONED_TASK_MESSAGES = ("Task exception was never retrieved", "Task was destroyed but it is")
