@@ -132,6 +132,55 @@ def test_train_flops_per_step(tiny_config):
     assert flops.train_flops_per_step(accum) == flops.train_flops_per_step(cfg)
 
 
+def test_visible_pairs_count_the_masks_allowed_pairs(tiny_config):
+    """`visible_pairs` equals the dense mask's allowed (query, key) pairs over real queries, and
+    the per-pair count reproduces the causal half-square's attention FLOPs on one-document rows."""
+    from tfx_jax.data.sources import synthetic
+    from tfx_jax.models.mask import attention_mask
+
+    cfg = tiny_config()
+    batch = synthetic.config_batch(cfg, np.random.default_rng(0))
+    seg, img = batch["segment_ids"], batch["image_ids"]
+    for image_attention in ("bidirectional", "causal"):
+        dense = np.asarray(attention_mask(seg, seg, img, img, image_attention=image_attention))
+        want = int((dense.reshape(dense.shape[0], seg.shape[1], -1) & (seg > 0)[..., None]).sum())
+        assert flops.visible_pairs(seg, img, image_attention) == want
+    # By hand: a 5-token document with a 2-patch image, a 3-token one, one pad.
+    seg = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 0]])
+    img = np.array([[0, 0, 1, 1, 0, 0, 0, 0, 0]])
+    assert flops.visible_pairs(seg, img) == 15 + 1 + 6
+    assert flops.visible_pairs(seg, img, "causal") == 15 + 6
+    B, T = cfg.data.global_batch_size, cfg.data.seq_len
+    causal = B * T * (T + 1) // 2  # one document per row
+    by_pairs = flops.train_flops_per_step(cfg, images_per_step=0, attention_pairs=causal)
+    halves = flops.train_flops_per_step(cfg, images_per_step=0)
+    assert by_pairs == pytest.approx(halves, rel=2 / T)  # n(n+1)/2 vs the n^2/2 convention
+    assert by_pairs > halves
+
+
+def test_paper_mix_is_half_text_in_long_tailed_documents():
+    """Transfusion §4.1's mix for the step benchmark: half the tokens text, 256-patch images
+    whole (BOI ... EOI inside one document), full rows, some text documents long."""
+    from tfx_jax.data.sources import synthetic
+    from tfx_jax.data.tokenizer import BOI_ID, EOI_ID
+
+    B, T, I = 8, 4096, 256
+    b = synthetic.paper_mix_batch(np.random.default_rng(0), B, T, 32000, 32, 8, 2, 15)
+    seg, img, tok = b["segment_ids"], b["image_ids"], b["tokens"]
+    assert (seg > 0).all()  # rows filled
+    assert 0.45 <= (img > 0).mean() <= 0.55
+    lengths = []
+    for r in range(B):
+        starts = np.flatnonzero(img[r, 1:] > img[r, :-1]) + 1
+        for s in starts:  # every image whole: BOI, 256 patches, EOI, one document
+            assert tok[r, s - 1] == BOI_ID and tok[r, s + I] == EOI_ID
+            assert (img[r, s : s + I] > 0).all() and len(set(seg[r, s - 1 : s + I + 1])) == 1
+        assert np.abs(b["patches"][r][img[r] == 0]).sum() == 0
+        _, n = np.unique(seg[r][img[r] == 0], return_counts=True)
+        lengths += n.tolist()
+    assert max(lengths) > T / 2 and np.median(lengths) < 600
+
+
 def test_paper_sizes_are_plausible():
     # 0.16b: 6N with N = 138.7M matmul params plus causal attention 6·L·T·D = 302M.
     tok = flops.flops_per_token(_paper("0.16b").model, 4096)

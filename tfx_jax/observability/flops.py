@@ -171,7 +171,10 @@ def flops_per_image(m: ModelConfig) -> dict[str, float]:
 
 
 def train_flops_per_step(
-    cfg: Config, images_per_step: int | None = None, attention: str = "causal"
+    cfg: Config,
+    images_per_step: int | None = None,
+    attention: str = "causal",
+    attention_pairs: int | None = None,
 ) -> float:
     """Model FLOPs of one optimizer step over the global batch (all devices together).
 
@@ -183,6 +186,9 @@ def train_flops_per_step(
         (`global_batch_size x cfg.max_images_per_row`, empty slots included); pass the real
         count (e.g. from the batch's image ids) to count only useful image work.
       attention: "causal" or "full" (see `flops_per_token`).
+      attention_pairs: the (query, key) pairs the batch's mask lets attend, summed over the
+        global batch (`visible_pairs`); when given, attention is counted on those pairs alone
+        instead of by `attention` (the useful work of documents packed into a row).
 
     Returns:
       FLOPs per step (float).
@@ -190,8 +196,32 @@ def train_flops_per_step(
     B, T = cfg.data.global_batch_size, cfg.data.seq_len
     if images_per_step is None:
         images_per_step = B * cfg.max_images_per_row
-    per_token = flops_per_token(cfg.model, T, attention)["total"]
-    return B * T * per_token + images_per_step * flops_per_image(cfg.model)["total"]
+    per_token = flops_per_token(cfg.model, T, attention)
+    total = B * T * per_token["total"] + images_per_step * flops_per_image(cfg.model)["total"]
+    if attention_pairs is not None:
+        total += (
+            attention_pairs * _attention_flops_per_pair(cfg.model) - B * T * per_token["attention"]
+        )
+    return total
+
+
+def _attention_flops_per_pair(m: ModelConfig) -> float:
+    """QKᵀ and AV of one (query, key) pair in every layer and head, for training (x3)."""
+    return 3 * 4 * m.n_layers * m.head_dim * m.n_heads
+
+
+def visible_pairs(segment_ids: Any, image_ids: Any, image_attention: str = "bidirectional") -> int:
+    """(query, key) pairs the Transfusion mask lets attend in a batch ([B, T] ids), from the
+    mask's own per-query key ranges (`models.mask.key_ranges`): causal inside each document,
+    both ways inside each image (Zhou et al. 2024 §3.2). Padding queries (segment 0) count
+    nothing: they attend only to themselves so that no softmax row is empty."""
+    import numpy as np
+
+    from tfx_jax.models.mask import key_ranges
+
+    seg = np.asarray(segment_ids)
+    k_start, k_end = key_ranges(seg, np.asarray(image_ids), image_attention)
+    return int(np.where(seg > 0, np.asarray(k_end) - np.asarray(k_start), 0).sum())
 
 
 # ----------------------------------------------------------------------------- MFU

@@ -194,3 +194,77 @@ def packed_batch(
             cursor += n
             images_in_row += len(lats)
     return out
+
+
+# Transfusion §4.1's training mix, for throughput benchmarks: half of the tokens text, from
+# documents of long-tailed length (most a few hundred tokens, some whole rows), half image
+# patches, from image-caption documents with the caption first 80% of the time.
+PAPER_TEXT_MEDIAN = 400  # tokens; lognormal lengths, clipped to [16, seq_len]
+PAPER_TEXT_SIGMA = 1.2
+PAPER_CAPTION = (8, 64)  # caption length, uniform in [8, 64)
+PAPER_CAPTION_FIRST = 0.8
+
+
+def paper_mix_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    seq_len: int,
+    vocab_size: int,
+    latent_size: int,
+    latent_channels: int,
+    patch_size: int,
+    max_images_per_row: int | None = None,
+    text_fraction: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """Rows packed with the paper's mix of documents (`PAPER_*` above), in the batch format of
+    `tfx_jax.layout`. Each next document is text while the batch's text tokens are below
+    `text_fraction` of all its tokens, else an image-caption pair; one that does not fit the
+    row's remaining space is cut to it (a text document, or an image's caption after it, as the
+    packer continues a long document across rows), and an image that does not fit ends the row
+    with a text document filling the rest. Token ids are random (throughput only), latents
+    Gaussian."""
+    P = patch_size * patch_size * latent_channels
+    n_patches = (latent_size // patch_size) ** 2
+    max_images = max_images_per_row or seq_len // (n_patches + 2)
+    out = {
+        "tokens": np.zeros((batch_size, seq_len), np.int32),
+        "segment_ids": np.zeros((batch_size, seq_len), np.int32),
+        "positions": np.zeros((batch_size, seq_len), np.int32),
+        "image_ids": np.zeros((batch_size, seq_len), np.int32),
+        "patches": np.zeros((batch_size, seq_len, P), np.float32),
+    }
+    text_tokens = image_tokens = 0
+
+    def words(n: int) -> list[int]:
+        return rng.integers(FIRST_TEXT_ID, vocab_size, n).tolist()
+
+    for b in range(batch_size):
+        cursor, seg, images = 0, 0, 0
+        while seq_len - cursor >= 2:
+            room = seq_len - cursor
+            caption = words(int(rng.integers(*PAPER_CAPTION)))
+            first = rng.random() < PAPER_CAPTION_FIRST
+            # BOS, the caption if first, BOI, the patches and EOI must fit; the rest may be cut.
+            image_fits = images < max_images and 3 + n_patches + len(caption) * first <= room
+            if text_tokens < text_fraction * (text_tokens + image_tokens) or not image_fits:
+                length = int(rng.lognormal(np.log(PAPER_TEXT_MEDIAN), PAPER_TEXT_SIGMA))
+                toks = [BOS_ID, *words(max(16, min(length, seq_len)) - 2), EOS_ID][:room]
+                ids = [0] * len(toks)
+            else:
+                image = [BOI_ID, *[-1] * n_patches, EOI_ID]
+                toks = [BOS_ID, *(caption + image if first else image + caption), EOS_ID][:room]
+                ids = [1 if t == -1 else 0 for t in toks]
+                images += 1
+            n, sl = len(toks), slice(cursor, cursor + len(toks))
+            seg += 1
+            toks_np, ids_np = np.asarray(toks), np.asarray(ids, np.int32)
+            out["tokens"][b, sl] = np.where(toks_np < 0, 0, toks_np)
+            out["segment_ids"][b, sl] = seg
+            out["positions"][b, sl] = np.arange(n)
+            out["image_ids"][b, sl] = ids_np
+            k = np.flatnonzero(ids_np) + cursor
+            out["patches"][b, k] = rng.standard_normal((len(k), P), np.float32)
+            image_tokens += len(k)
+            text_tokens += n - len(k)
+            cursor += n
+    return out
