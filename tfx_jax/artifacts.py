@@ -27,9 +27,9 @@ import numpy as np
 from etils import epath
 
 from tfx_jax.config import Config
-from tfx_jax.data import encoded, pipeline, sequence, sources
+from tfx_jax.data import batches as data_batches
+from tfx_jax.data import encoded, sources
 from tfx_jax.data.encoded import EncodedSource, OnTheFlySource
-from tfx_jax.data.sources import mixture
 from tfx_jax.data.tokenizer import Tokenizer
 from tfx_jax.models.vae import VAE, Codec
 
@@ -246,22 +246,6 @@ class CpuImageEncoder:
 # ----------------------------------------------------------------------------- batches
 
 
-def sequence_spec(cfg: Config) -> sequence.SequenceSpec:
-    """How the config lays out and packs examples (also what `data encode` reports against)."""
-    d, m = cfg.data, cfg.model
-    return sequence.SequenceSpec(
-        seq_len=d.seq_len,
-        patch_size=m.patch_size,
-        latent_channels=m.latent_channels,
-        caption_first_prob=d.caption_first_prob,
-        overlong=d.overlong,
-        on_error=d.on_error,
-        caption_drop_prob=cfg.diffusion.p_uncond,
-        mark_image_first=cfg.diffusion.noise_limit_image_first,
-        max_lost_fraction=d.max_lost_fraction,
-    )
-
-
 def _records(cfg: Config, split: str, tokenizer: Tokenizer):
     """One source's encoded records of `split`: read from `data encode`'s files, or made as they
     are read (data.latents=on_the_fly)."""
@@ -284,48 +268,16 @@ def _records(cfg: Config, split: str, tokenizer: Tokenizer):
 
 
 def batches(cfg: Config, split: str = "train", **kw) -> Iterator[dict[str, np.ndarray]]:
-    """This process's packed batches of `split` of the configured source: a checkpointable
-    iterator. A source that makes batches itself gives them; otherwise a Grain pipeline over
-    the encoded records (or, with data.latents=on_the_fly, over examples tokenized and encoded
-    as they are read). `kw`: `pipeline.packed_dataset` options (shuffle, num_epochs, ...).
-
-    Iterating raises `DataLossError` (one line: how many, why, the settings that fix it) when no
-    example can be packed or more than data.max_lost_fraction of them are lost."""
-    source = sources.of(cfg)
-    if source.makes_batches:
-        return source.batches(cfg, split)
-    d, m = cfg.data, cfg.model
+    """This process's packed batches of `split` of the configured source (`data.batches`, the
+    pipeline's entry point), over `data encode`'s records or, with data.latents=on_the_fly,
+    examples tokenized and encoded as they are read. `kw`: `pipeline.packed_dataset` options."""
+    if sources.of(cfg).makes_batches:
+        return data_batches.batches(cfg, split, records=None)
     tokenizer = load_tokenizer(cfg)
-    if tokenizer.vocab_size > m.vocab_size:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"{tokenizer_path(cfg)} has {tokenizer.vocab_size} pieces but "
-            f"model.vocab_size={m.vocab_size}."
+            f"model.vocab_size={cfg.model.vocab_size}."
         )
-    named = source.components(cfg)
-    if named:  # a mixture: the components end to end, drawn at their weights
-        records = [_records(part, split, tokenizer) for _, _, part in named]
-        records = mixture.Concat(records, [name for name, _, _ in named])
-        parts = [
-            pipeline.MixturePart(name, offset, size, weight)
-            for (name, weight, _), offset, size in zip(
-                named, records.offsets[:-1], map(len, records.items), strict=True
-            )
-        ]
-        kw = {"parts": parts, "mix_by": d.mix_by, **kw}
-    else:
-        records = _records(cfg, split, tokenizer)
-    ds = pipeline.packed_dataset(
-        records,
-        sequence_spec(cfg),
-        batch_size=d.global_batch_size,
-        seed=d.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        num_packing_bins=d.packing_bins,
-        worker_count=d.worker_count,
-        read_threads=d.read_threads,
-        **kw,
-    )
-    # Every process plans the same global batches (`pipeline.packed_dataset`): the iterator's
-    # position is global, as `Source.position_is_global` declares.
-    return iter(ds)
+    records = lambda part, s: _records(part, s, tokenizer)  # noqa: E731
+    return data_batches.batches(cfg, split, records, **kw)

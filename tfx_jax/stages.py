@@ -206,7 +206,7 @@ def encode(cfg: Config) -> None:
             print(f"mixture component {name}:")
             encode(part)
         return
-    spec = artifacts.sequence_spec(cfg)
+    spec = sequence.SequenceSpec.of(cfg)
     out_dir = artifacts.made_by_path(cfg).parent
     if _agree(artifacts.encoded_is_current(cfg)):
         _say(

@@ -15,12 +15,16 @@ unreadable; `lost_message` / `fixes` turn them into the one-line errors of `Data
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tfx_jax.data.encoded import CAPTION, Record
 from tfx_jax.data.tokenizer import BOI_ID, BOS_ID, EOI_ID, EOS_ID
 from tfx_jax.layout import IMAGE_FIRST_MARK, patchify_np
+
+if TYPE_CHECKING:
+    from tfx_jax.data.config import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,22 @@ class SequenceSpec:
     caption_drop_prob: float = 0.0
     mark_image_first: bool = False
     max_lost_fraction: float = 0.01
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> SequenceSpec:
+        """How a run lays out and packs examples (also what `data encode` reports against)."""
+        d, m = cfg.data, cfg.model
+        return cls(
+            seq_len=d.seq_len,
+            patch_size=m.patch_size,
+            latent_channels=m.latent_channels,
+            caption_first_prob=d.caption_first_prob,
+            overlong=d.overlong,
+            on_error=d.on_error,
+            caption_drop_prob=cfg.diffusion.p_uncond,
+            mark_image_first=cfg.diffusion.noise_limit_image_first,
+            max_lost_fraction=d.max_lost_fraction,
+        )
 
 
 @dataclasses.dataclass

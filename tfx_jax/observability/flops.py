@@ -34,8 +34,11 @@ import logging
 import re
 from typing import Any
 
+import numpy as np
+
 from tfx_jax.config import Config
 from tfx_jax.models.config import ModelConfig
+from tfx_jax.models.mask import key_ranges
 from tfx_jax.models.patch import TimestepEmbedding
 
 log = logging.getLogger("tfx_jax")
@@ -215,10 +218,6 @@ def visible_pairs(segment_ids: Any, image_ids: Any, image_attention: str = "bidi
     mask's own per-query key ranges (`models.mask.key_ranges`): causal inside each document,
     both ways inside each image (Zhou et al. 2024 §3.2). Padding queries (segment 0) count
     nothing: they attend only to themselves so that no softmax row is empty."""
-    import numpy as np
-
-    from tfx_jax.models.mask import key_ranges
-
     seg = np.asarray(segment_ids)
     k_start, k_end = key_ranges(seg, np.asarray(image_ids), image_attention)
     return int(np.where(seg > 0, np.asarray(k_end) - np.asarray(k_start), 0).sum())
