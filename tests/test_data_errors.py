@@ -233,17 +233,17 @@ def test_generate_prepares_images_as_training_does(tiny_config, tmp_path, monkey
     rgba[:, 25:35] = (10, 200, 10, 255)  # a green stripe in the middle, transparent around it
     path = tmp_path / "logo.png"
     Image.fromarray(rgba).save(path)
-    (got,) = command.encode_image_files(cfg, (None, None, 1.0), [str(path)])
+    (got,) = command.encode_image_files(cfg.data, (None, None, 1.0), [str(path)])
     np.testing.assert_array_equal(got, images.read_image(path, 32, cfg.data.min_image_side))
     assert (got[:, 0] == 255).all()  # transparent: white; cropped, not squashed
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(ConfigError, match=rf"--image {bad}: cannot decode the image"):
-        command.encode_image_files(cfg, (None, None, 1.0), [str(path), str(bad)])
+        command.encode_image_files(cfg.data, (None, None, 1.0), [str(path), str(bad)])
     dot = tmp_path / "dot.png"
     Image.new("RGB", (2, 2)).save(dot)
     with pytest.raises(ConfigError, match=r"dot\.png: 2x2 pixels is smaller than data.min_image"):
-        command.encode_image_files(cfg, (None, None, 1.0), [str(dot)])
+        command.encode_image_files(cfg.data, (None, None, 1.0), [str(dot)])
 
 
 # ----------------------------------------------------------------------------- stages

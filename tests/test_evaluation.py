@@ -169,8 +169,8 @@ def test_every_evaluation_reads_the_same_batches(tiny_config):
 
     batches = _Batches()
     next(batches)  # an iterator already moved before its first evaluation starts there
-    first = losses.loss_metrics(step, batches, 2, cfg)
-    second = losses.loss_metrics(step, batches, 2, cfg)
+    first = losses.loss_metrics(step, batches, 2, cfg.diffusion)
+    second = losses.loss_metrics(step, batches, 2, cfg.diffusion)
     assert seen == [2, 3, 2, 3] and first == second
     assert first["eval/perplexity"] == pytest.approx(np.e)
 
@@ -193,6 +193,6 @@ def test_diffusion_loss_by_patch_row(tiny_config, mode):
         np.testing.assert_allclose(m["row_loss_sum"].sum() / rows, m["bucket_loss_sum"].sum(), 1e-5)
     else:
         assert (m["row_count"] <= images).all() and m["row_count"].sum() > 0
-    out = losses.loss_metrics(lambda b, r: m, iter([batch]), 1, cfg)
+    out = losses.loss_metrics(lambda b, r: m, iter([batch]), 1, cfg.diffusion)
     keys = [f"eval/diffusion_loss_row{r:02d}" for r in range(rows) if m["row_count"][r] > 0]
     assert keys and all(np.isfinite(out[k]) for k in keys)

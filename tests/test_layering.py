@@ -32,6 +32,11 @@ counts as importing `tfx_jax.a.b`, relative imports are resolved first):
 
 A failure lists `file:line: <the import>  [rule]: <what the rule says>` for every violation.
 
+Config slices (`test_components_take_their_section`): models and diffusion code take their own
+section, never the run's `Config`; data code takes `DataConfig` or the `RunConfig` protocol, never
+`Config`; a private helper that reads one section of a run config it does not pass on takes
+that section.
+
 Besides the rules, the modules' import graph (every project import, TYPE_CHECKING ones and
 function-local ones included; an import names the module it reaches, not the packages above it)
 has no cycle: `test_no_import_cycles` names each cycle it finds, module by module, except those
@@ -427,3 +432,71 @@ def test_no_choice_by_name():
                 if pattern in code and rel not in owners:
                     found.append(f"{rel}:{n}: {line.strip()}  [ask the registry, not {pattern}]")
     assert not found, "choices made by name:\n  " + "\n  ".join(found)
+
+
+# ----------------------------------------------------------------------------- config slices
+
+WHOLE_CONFIG = ("Config", "RunConfig")  # annotations naming the whole run config
+
+
+def config_readers(source: str, file: str) -> list[tuple[str, int, str, str, set[str], bool]]:
+    """Every function with a parameter annotated as the whole run config (`Config` or the data
+    code's `RunConfig` protocol): (file, line, name, annotation, the sections it reads as
+    `param.section`, whether it uses the parameter otherwise — passes it on, stores it)."""
+    out = []
+    tree = ast.parse(source, filename=file)
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for arg in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]:
+            ann = ast.unparse(arg.annotation).strip("'\"") if arg.annotation else ""
+            if ann not in WHOLE_CONFIG:
+                continue
+            parents = {c: n for n in ast.walk(fn) for c in ast.iter_child_nodes(n)}
+            sections, whole = set(), False
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Name) and node.id == arg.arg:
+                    parent = parents.get(node)
+                    if isinstance(parent, ast.Attribute) and parent.value is node:
+                        sections.add(parent.attr)
+                    elif isinstance(node.ctx, ast.Load):
+                        whole = True
+            out.append((file, fn.lineno, fn.name, ann, sections, whole))
+    return out
+
+
+def test_components_take_their_section():
+    """Models and diffusion code take their own section (`ModelConfig`, `DiffusionConfig`),
+    never the run's config; data code takes `DataConfig` or, where a source's interface needs
+    the image geometry, the `RunConfig` protocol — never `Config`; and a private helper that
+    reads one section of a run config it does not pass on takes that section instead. (The
+    public interfaces — a `Source` method, an artifact path — keep one signature for every
+    implementation.)"""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(REPO))
+        for file, line, name, ann, sections, whole in config_readers(path.read_text(), rel):
+            where = f"{file}:{line}: {name}({ann})"
+            if rel.startswith(("tfx_jax/models/", "tfx_jax/diffusion/")):
+                found.append(f"{where}  [take the section, not the run's config]")
+            elif rel.startswith("tfx_jax/data/") and ann == "Config":
+                found.append(f"{where}  [data code takes DataConfig or RunConfig]")
+            elif name.startswith("_") and not whole and len(sections) == 1:
+                found.append(f"{where} reads only .{sections.pop()}  [take that section]")
+    assert not found, "whole configs where a section does:\n  " + "\n  ".join(found)
+
+
+def test_the_section_checker_sees_what_it_must():
+    source = (
+        "def _one(cfg: Config):\n    return cfg.data.seq_len + cfg.data.seed\n"
+        "def _passes(cfg: 'Config'):\n    return f(cfg) + cfg.data.seed\n"
+        "def _two(cfg: RunConfig):\n    return cfg.data.seed, cfg.model.d_model\n"
+    )
+    got = {
+        name: (sections, whole) for _, _, name, _, sections, whole in config_readers(source, "x")
+    }
+    assert got == {
+        "_one": ({"data"}, False),
+        "_passes": ({"data"}, True),
+        "_two": ({"data", "model"}, False),
+    }

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from tfx_jax.config import Config
+from tfx_jax.config import Config, ModelConfig
 from tfx_jax.data import batches as data_batches
 from tfx_jax.data import encoded, sources
 from tfx_jax.data.encoded import EncodedSource, OnTheFlySource
@@ -59,8 +59,8 @@ def made_by_path(cfg: Config) -> epath.Path:
     return encoded_path(cfg, "train").parent / "made_by.json"
 
 
-def latent_shape(cfg: Config) -> tuple[int, int, int]:
-    return (cfg.model.latent_size, cfg.model.latent_size, cfg.model.latent_channels)
+def latent_shape(m: ModelConfig) -> tuple[int, int, int]:
+    return (m.latent_size, m.latent_size, m.latent_channels)
 
 
 # ----------------------------------------------------------------------------- staleness
@@ -255,7 +255,7 @@ def _records(cfg: Config, split: str, tokenizer: Tokenizer):
             source.open_limited(cfg, split),
             tokenizer.encode,
             CpuImageEncoder(cfg) if source.has_images else None,
-            latent_shape(cfg),
+            latent_shape(cfg.model),
         )
     if encoded_is_current(cfg):
         return EncodedSource(encoded_path(cfg, split))

@@ -41,7 +41,7 @@ from etils import epath
 
 from tfx_jax import artifacts
 from tfx_jax import params as params_lib
-from tfx_jax.config import Config, ModelConfig, from_dict
+from tfx_jax.config import Config, DataConfig, ModelConfig, from_dict
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 FORMAT_VERSION = 1
@@ -440,7 +440,7 @@ def hf_llama_config(cfg: Config, dtype: str = "float32") -> dict[str, Any]:
     }
 
 
-def hf_tokenizer_config(cfg: Config) -> dict[str, Any]:
+def hf_tokenizer_config(d: DataConfig) -> dict[str, Any]:
     """A minimal `tokenizer_config.json` for HF's SentencePiece `LlamaTokenizer`.
 
     `add_bos_token` because every training document starts with BOS (tfx_jax.data.sequence);
@@ -457,7 +457,7 @@ def hf_tokenizer_config(cfg: Config) -> dict[str, Any]:
         "add_eos_token": False,
         "legacy": True,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg.data.seq_len,
+        "model_max_length": d.seq_len,
         "sp_model_kwargs": {},
     }
 
@@ -511,7 +511,7 @@ def export_hf_llama(
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)
         (out / HF_TOKENIZER_CONFIG_FILE).write_text(
-            json.dumps(hf_tokenizer_config(cfg), indent=2, sort_keys=True)
+            json.dumps(hf_tokenizer_config(cfg.data), indent=2, sort_keys=True)
         )
     (out / CONFIG_FILE).write_text(
         json.dumps(hf_llama_config(cfg, dtype), indent=2, sort_keys=True)

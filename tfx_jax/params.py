@@ -65,14 +65,14 @@ def put_params(cfg: Config, params: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, nn.meta.unbox(params), param_shardings(cfg, mesh))
 
 
-def inference_mesh(cfg: Config) -> Mesh:
+def inference_mesh(mesh: MeshConfig) -> Mesh:
     """The saved config's mesh over this job's devices, or all-data when it no longer fits
     (a checkpoint from a pod sampled on one host): parameters then shard by `tensor`/`fsdp`
     = 1, i.e. they are replicated."""
     try:
-        return sharding.make_mesh(cfg.mesh)
+        return sharding.make_mesh(mesh)
     except ConfigError:
-        return sharding.make_mesh(MeshConfig(rules=cfg.mesh.rules))
+        return sharding.make_mesh(MeshConfig(rules=mesh.rules))
 
 
 def checkpoint_root(path: str | epath.PathLike) -> epath.Path:
@@ -104,7 +104,7 @@ def restore_params(
         if step not in ckpt.all_steps():
             raise ConfigError(f"{root}: no step {step}; complete steps: {ckpt.all_steps()}.")
         cfg = saved_config(ckpt.read_meta(step))
-        mesh = mesh or inference_mesh(cfg)
+        mesh = mesh or inference_mesh(cfg.mesh)
         params = ckpt.restore_params(step, abstract_on_mesh(cfg, mesh))
     finally:
         ckpt.close()

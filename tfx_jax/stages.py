@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from tfx_jax import artifacts
-from tfx_jax.config import Config, ConfigError, replace_path
+from tfx_jax.config import Config, ConfigError, DataConfig, replace_path
 from tfx_jax.data import encoded, sequence, sources
 from tfx_jax.data.encoded import IMAGE_PLACEHOLDER, write_encoded
 from tfx_jax.data.sources import mixture
@@ -100,7 +100,7 @@ def _build_tokenizer(cfg: Config) -> None:
             character_coverage=cfg.data.character_coverage,
         )
     except VocabularyTooSmallError as e:
-        raise ConfigError(_vocabulary_message(cfg, e)) from e
+        raise ConfigError(_vocabulary_message(cfg.data, e)) from e
     path = artifacts.tokenizer_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     Tokenizer(proto).save(path)
@@ -147,14 +147,14 @@ def _sentences(text: str, max_bytes: int = _MAX_SENTENCE_BYTES) -> list[str]:
     return [text[i : i + cut] for i in range(0, len(text), cut)]
 
 
-def _vocabulary_message(cfg: Config, e: VocabularyTooSmallError) -> str:
+def _vocabulary_message(d: DataConfig, e: VocabularyTooSmallError) -> str:
     fixed = NUM_RESERVED + NUM_BYTE_PIECES
     if e.distinct_chars is None:
         return f"model.vocab_size={e.vocab_size}: {e}. Set model.vocab_size >= {e.required}."
     return (
         f"model.vocab_size={e.vocab_size} is too small for the tokenizer's text: its "
         f"{e.distinct_chars} distinct characters at data.character_coverage="
-        f"{cfg.data.character_coverage} need {e.required} pieces with the {fixed} reserved and "
+        f"{d.character_coverage} need {e.required} pieces with the {fixed} reserved and "
         f"byte pieces. Fix: set model.vocab_size >= {e.required}, or lower "
         "data.character_coverage (e.g. 0.9995, or less for text with many rare characters) so "
         "the rarest characters are spelled in bytes."
@@ -335,7 +335,7 @@ def _encode_shard(
         examples,
         encode_text,
         encode_images,
-        artifacts.latent_shape(cfg),
+        artifacts.latent_shape(cfg.model),
         on_error=cfg.data.on_error,
         batch_size=ENCODE_FLUSH,
         observe=lambda record: sequence.survey(record, spec, counters),

@@ -251,7 +251,7 @@ def evaluate_run(
         batches = artifacts.batches(cfg, LOSS_SPLIT, shuffle=False, num_epochs=None)
         pure_step = make_eval_step(Transfusion(cfg.model), cfg)
         step_fn = functools.partial(LossEval(cfg, mesh, pure_step), params)
-        metrics.update(loss_metrics(step_fn, batches, num_batches, cfg))
+        metrics.update(loss_metrics(step_fn, batches, num_batches, cfg.diffusion))
         report["loss_batches"] = num_batches
 
     if source.has_images:

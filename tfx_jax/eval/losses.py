@@ -6,7 +6,8 @@ parameter (`EvalStep`, `LossEval`), so the eval package never imports the traine
 evaluator (`train/evaluators.py`) and the `eval` command aggregate the same numbers.
 
     rewind(batches)                              every evaluation reads the same batches
-    loss_metrics(eval_step, batches, num, cfg)   any eval step: the trainer's or `LossEval`'s
+    loss_metrics(eval_step, batches, num, diffusion)
+                                                 any eval step: the trainer's or `LossEval`'s
     LossEval(cfg, mesh, pure_step)(params, ...)  the pure eval step jitted with the trainer's
                                                  shardings onto restored params
 """
@@ -23,7 +24,7 @@ from jax.sharding import Mesh
 
 from tfx_jax import layout, sharding
 from tfx_jax import params as params_lib
-from tfx_jax.config import Config
+from tfx_jax.config import Config, DiffusionConfig
 from tfx_jax.sharding import mesh_context
 
 # `(batch, rng) -> metrics`: lm_loss, diffusion_loss, bucket_loss_sum/bucket_count [buckets],
@@ -58,7 +59,7 @@ def loss_metrics(
     eval_step: EvalStep,
     batches: Iterator[dict[str, np.ndarray]],
     num: int,
-    cfg: Config,
+    diffusion: DiffusionConfig,
 ) -> dict[str, float]:
     """Held-out text perplexity and diffusion loss (overall, per timestep bucket, per patch row),
     averaged over `num` batches of `batches` (rewound: the same batches every time).
@@ -68,7 +69,7 @@ def loss_metrics(
         or a `LossEval` bound to params).
       batches: this process's validation batches.
       num: batches to average over.
-      cfg: the run's config.
+      diffusion: the run's diffusion section (its timesteps set the buckets).
     """
     rewind(batches)
     totals: dict[str, Any] = {}
@@ -82,7 +83,7 @@ def loss_metrics(
     }
     out["eval/perplexity"] = float(math.exp(min(out["eval/lm_loss"], 50.0)))
     n_buckets = len(totals["bucket_count"])
-    T = cfg.diffusion.num_timesteps
+    T = diffusion.num_timesteps
     for b in range(n_buckets):
         if totals["bucket_count"][b] > 0:
             lo = b * T // n_buckets

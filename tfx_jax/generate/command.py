@@ -2,7 +2,7 @@
 
 generate_cli(cfg, params, prompts, out_dir, options, input_images=...) -> written paths
 plan_prompt_images(prompts, n)   which --image files go to which prompt (checked up front)
-encode_image_files(cfg, vae, files)  --image files prepared as training prepared its images
+encode_image_files(d, vae, files)    --image files prepared as training prepared its images
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from tfx_jax import artifacts
-from tfx_jax.config import Config, ConfigError
+from tfx_jax.config import Config, ConfigError, DataConfig
 from tfx_jax.data.sources import RecordError
 from tfx_jax.data.sources.images import read_image
 from tfx_jax.diffusion import modes
@@ -68,7 +68,7 @@ def generate_cli(
             f"input images need the VAE: none in {artifacts.vae_dir(cfg)} (python -m tfx_jax vae)"
         )
     plan = plan_prompt_images(prompts, len(input_images))
-    lats = list(encode_image_files(cfg, vae, input_images)) if input_images else []
+    lats = list(encode_image_files(cfg.data, vae, input_images)) if input_images else []
     reqs = []
     for text, k in plan:
         imgs, lats = tuple(lats[:k]), lats[k:]
@@ -119,15 +119,15 @@ def plan_prompt_images(prompts: Sequence[str], num_images: int) -> list[tuple[st
     return plan
 
 
-def encode_image_files(cfg: Config, vae: Codec, files: Sequence[str]) -> np.ndarray:
+def encode_image_files(d: DataConfig, vae: Codec, files: Sequence[str]) -> np.ndarray:
     """The --image files prepared exactly as training prepared its images (`read_image`: RGB,
     16-bit scaled, transparency on white, centre crop, Lanczos resize; smaller than
     data.min_image_size refused), then VAE-encoded. A file that cannot be used: ConfigError."""
-    size = cfg.data.image_size
+    size = d.image_size
     pix = []
     for f in files:
         try:
-            pix.append(read_image(f, size, cfg.data.min_image_side))
+            pix.append(read_image(f, size, d.min_image_side))
         except RecordError as e:
             why = str(e).removeprefix(f"{f}: ")
             raise ConfigError(f"--image {f}: {why}") from e

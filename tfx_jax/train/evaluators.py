@@ -47,7 +47,7 @@ class Evaluated(Protocol):
 def evaluate(trainer: Evaluated, batches: Iterator[dict[str, np.ndarray]], num: int) -> dict:
     """Held-out text perplexity and diffusion loss (per timestep bucket and patch row),
     averaged over `num` batches (`eval.losses.loss_metrics` with the trainer's eval step)."""
-    return loss_metrics(trainer.eval_step, batches, num, trainer.cfg)
+    return loss_metrics(trainer.eval_step, batches, num, trainer.cfg.diffusion)
 
 
 class SampleGrid:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from tfx_jax import artifacts, layout, sharding
 from tfx_jax.checkpoint import Checkpointer, abstract_like, config_differences, decide_resume
-from tfx_jax.config import Config, ConfigError, validate
+from tfx_jax.config import Config, ConfigError, TrainConfig, validate
 from tfx_jax.data import sources
 from tfx_jax.layout import ModelInputs
 from tfx_jax.models.transformer import Transfusion
@@ -397,7 +397,7 @@ def _loop(cfg, workdir, trainer, data_iter, ckpt, writer, after_step, preempt) -
     if cfg.train.eval_every and cfg.train.eval_samples and sources.of(cfg).has_images:
         sampler = SampleGrid(cfg, cfg.train.eval_samples)
     flops_per_step, peak = _flops_and_peak(cfg)
-    profiler = _profiler(cfg, workdir, is_main)
+    profiler = _profiler(cfg.train, workdir, is_main)
     start = int(trainer.state.step)
     if start >= cfg.train.steps:
         log.warning(
@@ -503,8 +503,7 @@ def _flops_and_peak(cfg: Config) -> tuple[float, float]:
     return flops.train_flops_per_step(cfg), peak or 0.0
 
 
-def _profiler(cfg: Config, workdir: epath.Path, is_main: bool):
-    if not cfg.train.profile_steps or not is_main:
+def _profiler(t: TrainConfig, workdir: epath.Path, is_main: bool):
+    if not t.profile_steps or not is_main:
         return None
-
-    return ProfileWindow(str(workdir / "profile"), cfg.train.profile_start, cfg.train.profile_steps)
+    return ProfileWindow(str(workdir / "profile"), t.profile_start, t.profile_steps)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
-from tfx_jax.data.config import DataConfigError
+from tfx_jax.data.config import DataConfig, DataConfigError
 from tfx_jax.data.judging import Judge
 
 if TYPE_CHECKING:
@@ -109,20 +109,20 @@ class Source:
         Everything that changes the examples is in it (directly or through a short hash), so a
         tokenizer or encoded records made for other settings are never reused by mistake.
         """
-        raise no_files(cfg)
+        raise no_files(cfg.data)
 
     def splits(self, cfg: RunConfig) -> tuple[str, ...]:
         """The splits this source has, among `SPLITS` (always "train"; "validation" if any)."""
-        raise no_files(cfg)
+        raise no_files(cfg.data)
 
     def build(self, cfg: RunConfig) -> None:
         """Makes the source readable (renders generated data; for data that must exist,
         checks that it does and says what to run if not)."""
-        raise no_files(cfg)
+        raise no_files(cfg.data)
 
     def open_split(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         """Random access to the raw examples of `split` (see the module docstring)."""
-        raise no_files(cfg)
+        raise no_files(cfg.data)
 
     def open_limited(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         """`open_split` cut to its first `data.max_examples` (all when 0): what every stage
@@ -201,16 +201,16 @@ def of(cfg: RunConfig) -> Source:
 # ---------------------------------------------------------------------------------------------
 
 
-def no_files(cfg: RunConfig) -> ValueError:
+def no_files(d: DataConfig) -> ValueError:
     with_files = [name for name in names() if not _REGISTRY[name].makes_batches]
     listing = ", ".join(with_files[:-1]) + f" or {with_files[-1]}" if with_files else "none"
-    return ValueError(f"data.source={cfg.data.source!r} has no files (use {listing}).")
+    return ValueError(f"data.source={d.source!r} has no files (use {listing}).")
 
 
-def check_split(cfg: RunConfig, split: str, available: dict[str, Any]) -> None:
+def check_split(d: DataConfig, split: str, available: dict[str, Any]) -> None:
     if split not in available:
         raise ValueError(
-            f"data.source={cfg.data.source} has no split {split!r}; it has {tuple(available)}."
+            f"data.source={d.source} has no split {split!r}; it has {tuple(available)}."
         )
 
 

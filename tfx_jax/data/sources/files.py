@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tfx_jax.data.sources.base import DataConfigError, Source, check_split, safe_name
 
 if TYPE_CHECKING:
-    from tfx_jax.data.config import RunConfig
+    from tfx_jax.data.config import DataConfig, RunConfig
 
 VALIDATION_PERCENT = 5  # without split directories: crc32(rel path) % 100 < this
 _GLOB_CHARS = "*?["
@@ -37,7 +37,7 @@ class FileSource(Source):
 
     def validate(self, cfg: RunConfig) -> None:
         if not cfg.data.path:
-            raise DataConfigError(_needs_path(cfg))
+            raise DataConfigError(_needs_path(cfg.data))
 
     def splits(self, cfg: RunConfig) -> tuple[str, ...]:
         return tuple(s for s, files in self.files(cfg).items() if files)
@@ -54,7 +54,7 @@ class FileSource(Source):
 
     def open_split(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         files = self.files(cfg)
-        check_split(cfg, split, {s: f for s, f in files.items() if f})
+        check_split(cfg.data, split, {s: f for s, f in files.items() if f})
         return self.examples(cfg, files[split])
 
     def files(self, cfg: RunConfig) -> dict[str, list[str]]:
@@ -62,7 +62,7 @@ class FileSource(Source):
         split by hash."""
         path = cfg.data.path
         if not path:
-            raise ValueError(_needs_path(cfg))
+            raise ValueError(_needs_path(cfg.data))
         root = epath.Path(path)
         if self.split_dirs and not is_glob(path) and (root / "train").is_dir():
             listed = {
@@ -80,8 +80,8 @@ class FileSource(Source):
         return out
 
 
-def _needs_path(cfg: RunConfig) -> str:
-    return f"data.source={cfg.data.source} needs data.path (a directory or a glob)."
+def _needs_path(d: DataConfig) -> str:
+    return f"data.source={d.source} needs data.path (a directory or a glob)."
 
 
 def path_name(path: str) -> str:

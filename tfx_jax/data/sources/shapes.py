@@ -16,11 +16,11 @@ from tfx_jax.data.judging import Judge
 from tfx_jax.data.sources.base import SPLITS, Source, register
 
 if TYPE_CHECKING:
-    from tfx_jax.data.config import RunConfig
+    from tfx_jax.data.config import DataConfig, RunConfig
 
 
-def _tfds_dir(cfg: RunConfig) -> str:
-    return str(epath.Path(cfg.data.data_dir) / "tfds")
+def _tfds_dir(d: DataConfig) -> str:
+    return str(epath.Path(d.data_dir) / "tfds")
 
 
 @register
@@ -35,11 +35,11 @@ class Shapes(Source):
         return SPLITS
 
     def build(self, cfg: RunConfig) -> None:
-        builders.build(_tfds_dir(cfg), cfg.data.tfds_config, cfg.data.image_size)
+        builders.build(_tfds_dir(cfg.data), cfg.data.tfds_config, cfg.data.image_size)
 
     def open_split(self, cfg: RunConfig, split: str) -> Sequence[dict]:
         return builders.data_source(
-            _tfds_dir(cfg), split, cfg.data.tfds_config, cfg.data.image_size
+            _tfds_dir(cfg.data), split, cfg.data.tfds_config, cfg.data.image_size
         )
 
     def prompts(self, cfg: RunConfig, num: int, seed: int = 0) -> list[str]:

@@ -51,7 +51,7 @@ class Text(FileSource):
         if not cfg.data.max_examples:
             return self.open_split(cfg, split)
         files = self.files(cfg)
-        check_split(cfg, split, {s: f for s, f in files.items() if f})
+        check_split(cfg.data, split, {s: f for s, f in files.items() if f})
         return TextExamples(files[split], limit=cfg.data.max_examples)
 
     def texts(
@@ -63,7 +63,7 @@ class Text(FileSource):
         if cfg.data.max_examples:
             return super().texts(cfg, split, limit, seed)
         files = self.files(cfg)
-        check_split(cfg, split, {s: f for s, f in files.items() if f})
+        check_split(cfg.data, split, {s: f for s, f in files.items() if f})
         return _sampled_file_texts(files[split], limit, seed)
 
     def prompts(self, cfg: RunConfig, num: int, seed: int = 0) -> list[str]:

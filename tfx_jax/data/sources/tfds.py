@@ -42,7 +42,7 @@ from tfx_jax.data.sources.base import (
 from tfx_jax.data.sources.images import array_to_image, prepare_image
 
 if TYPE_CHECKING:
-    from tfx_jax.data.config import RunConfig
+    from tfx_jax.data.config import DataConfig, RunConfig
 
 
 @register
@@ -84,12 +84,12 @@ class Tfds(Source):
         return f"tfds_{safe_name(d.tfds_name)}_{d.image_size}px_{crc_hex(repr(fields))}"
 
     def splits(self, cfg: RunConfig) -> tuple[str, ...]:
-        return tuple(s for s in SPLITS if s in _tfds_split_map(cfg, _tfds_builder(cfg)))
+        return tuple(s for s in SPLITS if s in _tfds_split_map(cfg.data, _tfds_builder(cfg.data)))
 
     def build(self, cfg: RunConfig) -> None:
-        builder = _tfds_builder(cfg)
-        _tfds_fields(cfg, builder)
-        split_map = _tfds_split_map(cfg, builder)
+        builder = _tfds_builder(cfg.data)
+        _tfds_fields(cfg.data, builder)
+        split_map = _tfds_split_map(cfg.data, builder)
         counts = ", ".join(
             f"{ours} = {theirs} ({len(builder.as_data_source(theirs))} records)"
             for ours, theirs in split_map.items()
@@ -97,10 +97,10 @@ class Tfds(Source):
         print(f"TFDS {builder.info.full_name} in {builder.data_dir}: {counts}")
 
     def open_split(self, cfg: RunConfig, split: str) -> Sequence[dict]:
-        builder = _tfds_builder(cfg)
-        fields = _tfds_fields(cfg, builder)
-        split_map = _tfds_split_map(cfg, builder)
-        check_split(cfg, split, split_map)
+        builder = _tfds_builder(cfg.data)
+        fields = _tfds_fields(cfg.data, builder)
+        split_map = _tfds_split_map(cfg.data, builder)
+        check_split(cfg.data, split, split_map)
         name = f"{builder.info.full_name}[{split_map[split]}]"
         return TfdsExamples(builder.as_data_source(split_map[split]), fields, name)
 
@@ -111,12 +111,12 @@ class Tfds(Source):
         training reads it, image decoded (`TfdsExamples`; the sample is bounded), so a record
         is refused (unreadable, too small) exactly when encode and the VAE refuse it. A text
         corpus's documents are read alone (it has no images)."""
-        builder = _tfds_builder(cfg)
-        fields = _tfds_fields(cfg, builder)
+        builder = _tfds_builder(cfg.data)
+        fields = _tfds_fields(cfg.data, builder)
         if not fields.text_key:
             return super().texts(cfg, split, limit, seed)
-        split_map = _tfds_split_map(cfg, builder)
-        check_split(cfg, split, split_map)
+        split_map = _tfds_split_map(cfg.data, builder)
+        check_split(cfg.data, split, split_map)
         source = builder.as_data_source(split_map[split])
         name = f"{builder.info.full_name}[{split_map[split]}]"
         n = len(source)
@@ -129,7 +129,7 @@ class Tfds(Source):
         the first validation (else train) examples (none for a text corpus: nothing to draw)."""
         if cfg.data.text_key:
             return []
-        fields = _tfds_fields(cfg, _tfds_builder(cfg))
+        fields = _tfds_fields(cfg.data, _tfds_builder(cfg.data))
         if fields.label_names:
             names = fields.label_names
             return [
@@ -148,8 +148,8 @@ class _TfdsText(Tfds):
 _TEXT_ONLY = _TfdsText()
 
 
-def _tfds_data_dir(cfg: RunConfig) -> str:
-    return cfg.data.tfds_data_dir or str(epath.Path(cfg.data.data_dir) / "tfds")
+def _tfds_data_dir(d: DataConfig) -> str:
+    return d.tfds_data_dir or str(epath.Path(d.data_dir) / "tfds")
 
 
 def _prepare_command(name: str, data_dir: str) -> str:
@@ -160,15 +160,15 @@ def _prepare_command(name: str, data_dir: str) -> str:
     )
 
 
-def _tfds_builder(cfg: RunConfig):
+def _tfds_builder(d: DataConfig):
     """The prepared dataset's read-only builder (from its dataset_info.json and features.json).
 
     Loading from files rather than the registered builder class never downloads anything,
     works for datasets whose builder code needs TensorFlow (coco_captions) or is not
     installed, and pickles by directory for Grain worker processes.
     """
-    name = cfg.data.tfds_name
-    data_dir = _tfds_data_dir(cfg)
+    name = d.tfds_name
+    data_dir = _tfds_data_dir(d)
     if not name:
         raise ValueError("data.source=tfds needs data.tfds_name (e.g. mnist, cifar10).")
     try:
@@ -177,7 +177,7 @@ def _tfds_builder(cfg: RunConfig):
         _check_known_tfds_name(name, data_dir)
         raise FileNotFoundError(
             f"TFDS dataset {name!r} (data.tfds_name) is not prepared in {data_dir} "
-            f"({'data.tfds_data_dir' if cfg.data.tfds_data_dir else '<data.data_dir>/tfds'})."
+            f"({'data.tfds_data_dir' if d.tfds_data_dir else '<data.data_dir>/tfds'})."
             " Nothing is downloaded here. On a machine with internet access (and TensorFlow, "
             "which many TFDS builders need to prepare), run\n"
             f"{_prepare_command(name, data_dir)}\n"
@@ -278,10 +278,9 @@ class TfdsFields:
     text_key: str = ""
 
 
-def _tfds_fields(cfg: RunConfig, builder) -> TfdsFields:
+def _tfds_fields(d: DataConfig, builder) -> TfdsFields:
     """Checks data.image_key / caption_key / label_key (or text_key) against the dataset's
     features."""
-    d = cfg.data
     name = builder.info.full_name
     paths = _feature_paths(builder.info.features)
     listing = ", ".join(f"{path} ({type(_leaf(f)[0]).__name__})" for path, f in paths.items())
@@ -355,10 +354,9 @@ def _split_bases(split: str) -> list[str]:
     return [part.split("[", 1)[0].strip() for part in split.split("+")]
 
 
-def _tfds_split_map(cfg: RunConfig, builder) -> dict[str, str]:
+def _tfds_split_map(d: DataConfig, builder) -> dict[str, str]:
     """Our split name -> the dataset's split (expression), from data.tfds_splits or the
     default train -> train, validation -> validation (or test)."""
-    d = cfg.data
     available = list(builder.info.splits)
     name = builder.info.full_name
     spec = d.tfds_splits.strip()
