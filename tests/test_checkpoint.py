@@ -1,5 +1,6 @@
 """A run never loses work: exact resume after SIGKILL, SIGTERM saves, resharding, bad inputs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -181,6 +182,26 @@ def test_incompatible_config_names_the_keys(tiny_config, tmp_path):
     train(tiny_config(overrides=["train.steps=1"]), tmp_path)
     with pytest.raises(ConfigError, match=r"model.d_model: 64 -> 96"):
         train(tiny_config(overrides=["train.steps=2", "model.d_model=96"]), tmp_path)
+
+
+def test_a_key_added_since_the_checkpoint_reads_as_that_runs_value(tiny_config):
+    """A checkpoint written before a setting existed resumes under the same settings: the key
+    it lacks reads as today's default (a new setting defaults to the old behaviour), or as
+    the old default where that changed since (`_OLD_DEFAULTS`)."""
+    from tfx_jax.checkpoint import config_differences
+
+    cfg = tiny_config()
+    old = json.loads(cfg.to_json())
+    del old["model"]["image_attention"]  # a newer setting; its default is the old behaviour
+    assert config_differences(old, cfg) == []
+    causal = tiny_config(overrides=["model.image_attention=causal"])
+    assert config_differences(old, causal) == [
+        "model.image_attention: 'bidirectional' -> 'causal'"
+    ]
+    rolling = tiny_config(overrides=["diffusion.mode=rolling"])
+    old = json.loads(rolling.to_json())
+    del old["diffusion"]["rolling_context_noise"]  # written when it was 0.0 (now 0.1)
+    assert config_differences(old, rolling) == ["diffusion.rolling_context_noise: 0.0 -> 0.1"]
 
 
 def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):

@@ -69,8 +69,22 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
-    """Keys whose values differ in ways that make resuming unsafe, as 'key: saved -> current'."""
-    return differences(saved, _jsonable(current.to_dict()), ignore=RESUMABLE_DIFFERENCES)
+    """Keys whose values differ in ways that make resuming unsafe, as 'key: saved -> current'.
+    A key the saved config lacks (written before the setting existed) reads as the value that
+    run had: `_OLD_DEFAULTS`' where the default changed since, else today's default (a new
+    setting's default is the behaviour from before it). So an upgrade alone refuses no run."""
+    return differences(
+        of_its_time(saved), _jsonable(current.to_dict()), ignore=RESUMABLE_DIFFERENCES
+    )
+
+
+def of_its_time(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (flattened) with every key it lacks filled as `config_differences` says."""
+    flat = _flatten(saved)
+    for key, value in _flatten(_jsonable(Config().to_dict())).items():
+        section, _, name = key.partition(".")
+        flat.setdefault(key, _OLD_DEFAULTS.get((section, name), value))
+    return flat
 
 
 def differences(
@@ -392,6 +406,8 @@ _OLD_DEFAULTS = {("diffusion", "rolling_context_noise"): 0.0}
 
 
 def saved_config(meta: dict[str, Any]) -> Config:
+    """The config a checkpoint was made with; keys it lacks as `config_differences` reads them
+    (`from_dict` gives today's defaults, `_OLD_DEFAULTS` the changed ones)."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in meta["config"].items()}
     for (section, key), old in _OLD_DEFAULTS.items():
         if isinstance(d.get(section), dict):
