@@ -8,6 +8,17 @@ image blocks, bf16), and the largest deviation of its output and gradients from 
 reference (fp32 softmax). `cudnn_causal` is cuDNN's plain causal kernel on the same q/k/v (the
 wrong mask for Transfusion: the yardstick for speed only). `pallas_gpu[X]` rows are tile-size
 variants of the `pallas_gpu` kernel (`--pallas-variants`). Prints one table. No grain/TFDS needed.
+
+Layouts (`--layout`): `short` (the synthetic source's rows: documents of a few hundred tokens,
+~95% image patches), `paper` (Transfusion §4.1's mix, `synthetic.paper_mix_batch`: half text
+from long-tailed documents, 256-patch images), `one-doc` (every row one causal document: the
+case where a masked kernel should match cuDNN's causal one).
+
+"useful TFLOP/s" counts only the (query, key) pairs the mask lets attend (all causal pairs for
+`cudnn_causal`), at 4·H FLOPs per pair and head forward and 2.5 times that backward (the
+FlashAttention-2 convention: the backward's five matmuls, one a recompute of QKᵀ), over the
+fwd+bwd time; "÷ cuDNN" divides it by `cudnn_causal`'s — the kernel's efficiency on the work
+that matters, whatever the mask's density.
 """
 
 from __future__ import annotations
@@ -35,6 +46,18 @@ VARIANTS = {
 }
 
 
+def _one_document_per_row(rng: np.random.Generator, B: int, T: int) -> dict[str, np.ndarray]:
+    return {"segment_ids": np.ones((B, T), np.int32), "image_ids": np.zeros((B, T), np.int32)}
+
+
+LAYOUTS = {
+    # Images of 16x16 patches (a 32x32x4 latent, patch 2), as many per row as fit.
+    "short": lambda rng, B, T: synthetic.packed_batch(rng, B, T, 100, 32, 4, 2, T // (256 + 2)),
+    "paper": lambda rng, B, T: synthetic.paper_mix_batch(rng, B, T, 100, 32, 8, 2),
+    "one-doc": _one_document_per_row,
+}
+
+
 def _time(fn, *args, repeats: int = 50) -> float:
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
@@ -53,11 +76,19 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--impls", default="xla,cudnn_causal,cudnn,tokamax,pallas_gpu")
     p.add_argument("--pallas-variants", default=",".join(VARIANTS), help="'' for none")
+    p.add_argument("--layout", choices=LAYOUTS, default="short")
     args = p.parse_args()
     B, T, N, K, H = args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim
-    # Images of 16x16 patches (a 32x32x4 latent, patch 2), as many per row as fit.
-    layout = synthetic.packed_batch(np.random.default_rng(0), B, T, 100, 32, 4, 2, T // (256 + 2))
+    layout = LAYOUTS[args.layout](np.random.default_rng(0), B, T)
     seg, img = jnp.asarray(layout["segment_ids"]), jnp.asarray(layout["image_ids"])
+    ks, ke = key_ranges(seg, img)
+    visible = float(jnp.where(seg > 0, ke - ks, 0).sum())
+    causal = B * T * (T + 1) / 2
+
+    def useful_tflops(name: str, ms: float) -> float:
+        pairs = causal if name == "cudnn_causal" else visible
+        return pairs * N * H * 4 * 3.5 / (ms * 1e-3) / 1e12
+
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (B, T, N, H), jnp.bfloat16)
     k = jax.random.normal(keys[1], (B, T, K, H), jnp.bfloat16)
@@ -89,7 +120,7 @@ def main() -> None:
     ref_out, ref_grads = ref_fb(q, k, v)
     names = args.impls.split(",")
     names += [f"pallas_gpu[{v}]" for v in args.pallas_variants.split(",") if v]
-    rows, causal_ms = [], None
+    rows, causal_ms, causal_rate = [], None, None
     for name in names:
         try:
             fwd, fb = programs(name)
@@ -97,10 +128,14 @@ def main() -> None:
             t_fwd, t_fb = _time(fwd, q, k, v), _time(fb, q, k, v)
         except Exception as e:  # e.g. cudnn off GPU, tokamax not installed
             msg = " ".join(str(e).split())[:160]
-            rows.append(f"| {name} | n/a | n/a | n/a | n/a | {type(e).__name__}: {msg} |")
+            rows.append(
+                f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a | {type(e).__name__}: {msg} |"
+            )
             print(rows[-1], flush=True)
             continue
-        causal_ms = t_fb if name == "cudnn_causal" else causal_ms
+        rate = useful_tflops(name, t_fb)
+        if name == "cudnn_causal":
+            causal_ms, causal_rate = t_fb, rate
         if name == "cudnn_causal":
             err = "(other mask)"
         else:
@@ -116,17 +151,23 @@ def main() -> None:
             )
             err = f"{float(abs_o.max()):.3g} / {err_g:.3g} (rel {rel:.2g})"
         ratio = f"{t_fb / causal_ms:.2f}" if causal_ms else "n/a"
-        rows.append(f"| {name} | {t_fwd:.3f} | {t_fb:.3f} | {ratio} | {err} | |")
+        of_cudnn = f"{rate / causal_rate:.2f}" if causal_rate else "n/a"
+        rows.append(
+            f"| {name} | {t_fwd:.3f} | {t_fb:.3f} | {ratio} | {rate:.0f} | {of_cudnn} | {err} | |"
+        )
         print(rows[-1], flush=True)
-    ks, ke = key_ranges(seg, img)
-    density = float((ke - ks).sum()) / (B * T * (T + 1) / 2)
-    print(f"\nB={B} T={T} heads={N} kv_heads={K} head_dim={H} bf16, {jax.devices()[0].device_kind}")
-    print(f"visible (query, key) pairs: {density:.3f} of a causal mask's; pallas_gpu default tiles")
+    print(
+        f"\nlayout {args.layout}: B={B} T={T} heads={N} kv_heads={K} head_dim={H} bf16, "
+        f"{jax.devices()[0].device_kind}"
+    )
+    print(
+        f"visible (query, key) pairs: {visible / causal:.3f} of a causal mask's; pallas_gpu tiles"
+    )
     print(f"{gpu_attention.BlockSizes()}")
-    cols = ["impl", "fwd ms", "fwd+bwd ms", "fwd+bwd / cudnn_causal"]
+    cols = ["impl", "fwd ms", "fwd+bwd ms", "fwd+bwd / cudnn_causal", "useful TFLOP/s", "÷ cuDNN"]
     cols += ["max abs err vs xla (out / grads)", "note"]
     print("| " + " | ".join(cols) + " |")
-    print("|---|---|---|---|---|---|")
+    print("|" + "---|" * len(cols))
     print("\n".join(rows))
     print(f"jax {jax.__version__}, {datetime.date.today()}")
 
