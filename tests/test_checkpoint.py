@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_subprocess, wait_all
+from conftest import REPO, run_subprocess
 
 from tfx_jax import sharding
 from tfx_jax.checkpoint import Checkpointer
@@ -124,25 +124,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path, compile
         assert_bitwise_equal(got, want)
 
 
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(tmp_path):
-    proc = run_cli(
-        tmp_path, "--set", "train.steps=100000", "--set", "checkpoint.every_steps=1000", wait=False
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step      3"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    ((out, _),) = wait_all([proc], 120)
-    assert proc.returncode == 0, "".join(seen) + out
-    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False, create=False)
-    assert ckpt.latest_step() is not None and 3 <= ckpt.latest_step() < 1000
-    ckpt.close()
-
-
-def test_restore_onto_other_meshes_and_continue(tiny_config, tmp_path, compile_cache):
+def test_restore_onto_other_meshes_and_continue(tiny_config, tmp_path, compile_cache, fast_compile):
+    # fast_compile: what is compared is restored bytes, not computed values (bitwise below).
     cfg = tiny_config(overrides=["mesh.data=2", "mesh.fsdp=4", "train.steps=4"])
     history = train(cfg, tmp_path)
     assert history[-1]["step"] == 4
@@ -195,9 +178,7 @@ def test_a_key_added_since_the_checkpoint_reads_as_that_runs_value(tiny_config):
     del old["model"]["image_attention"]  # a newer setting; its default is the old behaviour
     assert config_differences(old, cfg) == []
     causal = tiny_config(overrides=["model.image_attention=causal"])
-    assert config_differences(old, causal) == [
-        "model.image_attention: 'bidirectional' -> 'causal'"
-    ]
+    assert config_differences(old, causal) == ["model.image_attention: 'bidirectional' -> 'causal'"]
     rolling = tiny_config(overrides=["diffusion.mode=rolling"])
     old = json.loads(rolling.to_json())
     del old["diffusion"]["rolling_context_noise"]  # written when it was 0.0 (now 0.1)

@@ -70,6 +70,8 @@ def test_shapes_pipeline_trains_and_evaluates(tmp_path, shapes_run, shapes_cache
     ckpt = Checkpointer(tmp_path / "two/checkpoints", async_save=False, create=False)
     assert ckpt.all_steps() == [4]
     ckpt.close()
+    data_files = sorted(p.name for p in (tmp_path / "two/checkpoints/4/data").glob("*.json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
     # Every process plans the same global batches, so two processes train on exactly the data
     # of one, and evaluate on it: the same losses and eval metrics.
     for x in lines:

@@ -34,7 +34,12 @@ def run(workdir, fault: str, steps: int = 6, timeout: int = 300):
     argv = ["train", "--config", TINY, "--workdir", str(workdir)]
     for s in [*SETS, f"train.steps={steps}"]:
         argv += ["--set", s]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # Unoptimized compiles: these tests check what a run says and saves, not its numbers.
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    )
     code = WRAPPER.replace("FAULT", fault)
     return run_subprocess(
         [sys.executable, "-c", code, *argv],
