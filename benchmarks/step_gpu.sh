@@ -8,7 +8,8 @@
 # OUT gets step_<size>.txt and attention_<layout>.txt (markdown tables, appended as each run
 # ends, so a call cut by its limit keeps what finished). Optional: SIZES ("0.16b:8 0.76b:4
 # 1.4b:4", size:batch), LAYOUTS ("short paper one-doc"), IMPL (pallas_gpu), MIX (paper),
-# PER_RUN_S (150). Estimate (not measured): ~90 s a size (compile + 3 x 10 steps) and ~40 s a
+# PER_RUN_S (150), LEVER_SIZES ("0.16b:8": those sizes again with
+# model.remat_policy=dots_no_batch_attention, the saved-residuals lever). Estimate (not measured): ~90 s a size (compile + 3 x 10 steps) and ~40 s a
 # layout on an H100: ~6 min.
 set -euo pipefail
 OUT=${1:?usage: step_gpu.sh OUT}
@@ -27,6 +28,15 @@ for spec in $SIZES; do
     --config "experiments/transfusion.py:$size,synthetic" --mix "$MIX" --steps 10 --warmup 3 \
     --set data.seq_len=4096 --set "data.global_batch_size=$B" --set "model.attention_impl=$IMPL" \
     2>&1 | grep -E '^\||÷|compile|Error' | tee "$OUT/step_$size.txt" || true
+done
+for spec in ${LEVER_SIZES-"0.16b:8"}; do
+  size=${spec%:*} B=${spec#*:}
+  echo "== $size B=$B remat dots_no_batch_attention ($SECONDS s)"
+  timeout "$PER_RUN_S" python3 benchmarks/train_step.py --no-text-only \
+    --config "experiments/transfusion.py:$size,synthetic" --mix "$MIX" --steps 10 --warmup 3 \
+    --set data.seq_len=4096 --set "data.global_batch_size=$B" --set "model.attention_impl=$IMPL" \
+    --set model.remat_policy=dots_no_batch_attention \
+    2>&1 | grep -E '^\||compile|Error' | tee "$OUT/step_${size}_saved_residuals.txt" || true
 done
 for layout in $LAYOUTS; do
   echo "== attention $layout ($SECONDS s)"

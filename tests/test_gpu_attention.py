@@ -195,3 +195,48 @@ def test_kernels_lower_to_triton_for_a_hopper_gpu(monkeypatch):
 
     text = jax.jit(fwd_bwd).trace(q, k, k, r, r).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+def _kernel_calls(jaxpr, found=None) -> list[str]:
+    """The names of the Pallas kernels a jaxpr calls (not looking inside the kernels)."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(
+                str(eqn.params.get("name_and_src_info", eqn.params.get("name"))).split()[0]
+            )
+            continue
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, list | tuple) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _kernel_calls(inner, found)
+    return found
+
+
+def test_saving_the_residuals_skips_the_forward_in_the_backward():
+    """Under `model.remat_policy=dots_no_batch_attention` the rematerialised backward reuses
+    the forward kernel's named output and log-sum-exp (one forward kernel in the gradient's
+    program, against two under `dots_no_batch`), with the same gradients."""
+    from tfx_jax.models.remat import REMAT_POLICIES
+
+    B, T, N, H = 1, 64, 2, 16
+    q, k, v = jax.random.normal(jax.random.key(0), (3, B, T, N, H), jnp.float32)
+    ks = jnp.zeros((B, T), jnp.int32)
+    ke = jnp.broadcast_to(jnp.arange(1, T + 1, dtype=jnp.int32), (B, T))
+    w = jax.random.normal(jax.random.key(1), (H, H), jnp.float32)
+
+    def layer(q, k, v):
+        o = gpu_attention.attention(q, k, v, (ks, ke), blocks=BLOCKS, interpret=True)
+        return jnp.sum((o @ w) ** 2)
+
+    grads, calls = {}, {}
+    for name in ("dots_no_batch", "dots_no_batch_attention"):
+        fn = jax.grad(jax.checkpoint(layer, policy=REMAT_POLICIES[name]), argnums=(0, 1, 2))
+        calls[name] = _kernel_calls(jax.make_jaxpr(fn)(q, k, v).jaxpr)
+        grads[name] = fn(q, k, v)
+    fwd = "transfusion_attention_fwd"
+    assert calls["dots_no_batch"].count(fwd) == 2, calls
+    assert calls["dots_no_batch_attention"].count(fwd) == 1, calls
+    for a, b in zip(grads["dots_no_batch"], grads["dots_no_batch_attention"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

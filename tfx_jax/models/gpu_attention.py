@@ -40,8 +40,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from tfx_jax.models.remat import ATTENTION_RESIDUALS
 
 # A large finite negative (not -inf: a query whose first blocks are all masked would give
 # exp2(-inf - -inf) = NaN). exp2(MASK - lse) is exactly 0.
@@ -384,6 +387,9 @@ def _attention(s: _Static, q, k, v, ks, ke):
 
 def _attention_fwd(s, q, k, v, ks, ke):
     o, lse = _forward(s, q, k, v, ks, ke)
+    # Named, so that a remat policy may keep them (model.remat_policy=dots_no_batch_attention)
+    # and the backward then needs no second forward kernel.
+    o, lse = (checkpoint_name(x, n) for x, n in zip((o, lse), ATTENTION_RESIDUALS, strict=True))
     return o, (q, k, v, ks, ke, o, lse)
 
 
