@@ -35,10 +35,6 @@ def run_processes(argv: list[str], n: int, timeout: int = 400) -> list[str]:
         XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}",
         JAX_PLATFORMS="cpu",
         PYTHONFAULTHANDLER="1",  # a hung child prints its stacks on SIGABRT (`wait_all`)
-        # Compiling is most of a child's time here; unoptimized executables compute the same
-        # functions (last-bit rounding: the comparisons below are within tolerances, or between
-        # children compiled alike).
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
     )
     if n > 1:
         for name in (
