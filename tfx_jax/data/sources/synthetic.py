@@ -151,6 +151,15 @@ class SyntheticIterator:
         """Grain's checkpoint handler calls this after restoring; nothing to prefetch here."""
 
 
+def _empty_batch(batch_size: int, seq_len: int, patch_dim: int) -> dict[str, np.ndarray]:
+    """All-padding rows in the batch format of `tfx_jax.layout`."""
+    ids = {k: np.zeros((batch_size, seq_len), np.int32) for k in LAYOUT_IDS}
+    return {**ids, "patches": np.zeros((batch_size, seq_len, patch_dim), np.float32)}
+
+
+LAYOUT_IDS = ("tokens", "segment_ids", "positions", "image_ids")
+
+
 def packed_batch(
     rng: np.random.Generator,
     batch_size: int,
@@ -165,13 +174,7 @@ def packed_batch(
     P = patch_size * patch_size * latent_channels
     n_patches = (latent_size // patch_size) ** 2
     max_images = max_images_per_row or seq_len // (n_patches + 2)
-    out = {
-        "tokens": np.zeros((batch_size, seq_len), np.int32),
-        "segment_ids": np.zeros((batch_size, seq_len), np.int32),
-        "positions": np.zeros((batch_size, seq_len), np.int32),
-        "image_ids": np.zeros((batch_size, seq_len), np.int32),
-        "patches": np.zeros((batch_size, seq_len, P), np.float32),
-    }
+    out = _empty_batch(batch_size, seq_len, P)
     for b in range(batch_size):
         cursor, seg, images_in_row = 0, 0, 0
         while True:
@@ -226,13 +229,7 @@ def paper_mix_batch(
     P = patch_size * patch_size * latent_channels
     n_patches = (latent_size // patch_size) ** 2
     max_images = max_images_per_row or seq_len // (n_patches + 2)
-    out = {
-        "tokens": np.zeros((batch_size, seq_len), np.int32),
-        "segment_ids": np.zeros((batch_size, seq_len), np.int32),
-        "positions": np.zeros((batch_size, seq_len), np.int32),
-        "image_ids": np.zeros((batch_size, seq_len), np.int32),
-        "patches": np.zeros((batch_size, seq_len, P), np.float32),
-    }
+    out = _empty_batch(batch_size, seq_len, P)
     text_tokens = image_tokens = 0
 
     def words(n: int) -> list[int]:
